@@ -1,0 +1,6 @@
+"""Everything that touches PostgreSQL: the pool, the schema and every SQL statement.
+
+Modules: `pool` (connect, DatabaseUnavailable), `migrate` (versioned schema),
+`embedded` (a private PostgreSQL when no DSN is given), `chatts` (the public
+board) and `conversations` (per-appID LLM history).
+"""

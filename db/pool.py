@@ -1,0 +1,64 @@
+"""The asyncpg pool, and the one exception handlers need to know about."""
+
+import contextlib
+import time
+from typing import AsyncIterator
+
+import asyncpg
+
+import jsonfmt
+import metrics
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL could not be reached or the connection broke (clients get 503)."""
+
+
+# Errors that mean "the database is not there", as opposed to "this statement is wrong".
+CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+)
+
+
+async def _init_connection(con: asyncpg.Connection) -> None:
+    for typename in ("json", "jsonb"):
+        await con.set_type_codec(typename, schema="pg_catalog", format="text",
+                                 encoder=jsonfmt.dumps, decoder=jsonfmt.loads)
+
+
+async def create_pool(dsn: str, *, max_size: int = 10, timeout: float = 10.0) -> asyncpg.Pool:
+    """Create the pool on the running loop.  No connection is opened until first use,
+    so chatterd starts (and reports 503) even while PostgreSQL is down."""
+    return await asyncpg.create_pool(
+        dsn, min_size=0, max_size=max_size, init=_init_connection,
+        command_timeout=timeout, timeout=timeout, max_inactive_connection_lifetime=60.0)
+
+
+@contextlib.asynccontextmanager
+async def connection(pool: asyncpg.Pool, operation: str,
+                     timeout: float = 10.0) -> AsyncIterator[asyncpg.Connection]:
+    """`async with connection(pool, "name") as con:` — a pooled connection, timed under
+    *operation* in the metrics, with connection failures turned into DatabaseUnavailable."""
+    started = time.monotonic()
+    try:
+        async with pool.acquire(timeout=timeout) as con:
+            yield con
+    except CONNECTION_ERRORS as e:
+        raise DatabaseUnavailable(f"database unavailable: {type(e).__name__}: {e}") from e
+    finally:
+        metrics.DB_LATENCY.labels(operation=operation).observe(time.monotonic() - started)
+
+
+async def ping(pool: asyncpg.Pool) -> None:
+    """Raise DatabaseUnavailable unless a trivial query succeeds."""
+    async with connection(pool, "ping", timeout=3.0) as con:
+        try:
+            await con.fetchval("SELECT 1", timeout=3.0)
+        except CONNECTION_ERRORS as e:
+            raise DatabaseUnavailable(f"database unavailable: {e}") from e

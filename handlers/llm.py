@@ -1,0 +1,56 @@
+"""POST /llmprompt (a verbatim relay to /api/generate) and POST /llmprep (set the system prompt)."""
+
+from tornado.iostream import StreamClosedError
+
+import jsonfmt
+from db import conversations
+from handlers.base import ClientError, JSONBodyHandler, UpstreamHandler
+from handlers.llm_request import parse_llm_request
+from ollama_client import OllamaAborted, OllamaError
+
+
+class LLMPromptHandler(UpstreamHandler):
+    """Ollama's generate stream, passed through line by line.  Nothing is stored.
+
+    NDJSON has no comment lines, so there is no heartbeat: the status waits for
+    Ollama, and an error after the stream started is one Ollama-style
+    {"error": ...} line.
+    """
+
+    async def post(self) -> None:
+        self.refuse_when_draining()
+        self.json_object()  # refuse what is not a JSON object; forward the bytes untouched
+        self.call = self.ollama.post("/api/generate", bytes(self._body), self._relay)
+        await self.call.wait_status(timeout=None)
+        if self.call.status != 200:
+            try:
+                await self.call.finished()
+            except OllamaError as e:
+                raise ClientError(e.status, e.message) from None
+        self.set_header("Content-Type", self.call.content_type)
+        self.set_header("X-Accel-Buffering", "no")
+        try:
+            await self.call.finished()
+        except OllamaAborted:
+            return
+        except OllamaError as e:
+            await self._relay([jsonfmt.dumpb({"error": e.message})])
+
+    async def _relay(self, lines: list[bytes]) -> None:
+        if self.client_gone:
+            return
+        try:
+            self.write(b"\n".join(lines) + b"\n")
+            await self.flush()
+        except StreamClosedError:
+            self.on_connection_close()
+
+
+class LLMPrepHandler(JSONBodyHandler):
+    """Start the appID's conversation over with the given (system) messages."""
+
+    async def post(self) -> None:
+        request = parse_llm_request(self.json_object(), allow_empty_messages=True)
+        self.app_id = request.app_id
+        await conversations.replace_conversation(self.pool, request.app_id, request.messages)
+        self.send_json({})

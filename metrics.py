@@ -1,0 +1,27 @@
+"""Prometheus metrics, served at GET /metrics.
+
+A private registry keeps each Application's numbers its own (tests build many);
+in production there is one per process, which Prometheus scrapes per process.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REQUESTS = Counter("chatterd_requests_total", "HTTP requests by route and status",
+                   ["route", "method", "status"], registry=REGISTRY)
+ACTIVE_STREAMS = Gauge("chatterd_active_streams", "Chat turns being relayed now", registry=REGISTRY)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "chatterd_time_to_first_token_seconds", "From the request to the first reply text",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=REGISTRY)
+STREAM_DURATION = Histogram(
+    "chatterd_stream_duration_seconds", "Whole chat turn, by how it ended", ["outcome"],
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800), registry=REGISTRY)
+TOKENS = Counter("chatterd_tokens_relayed_total", "Reply tokens relayed to clients", registry=REGISTRY)
+UPSTREAM_ERRORS = Counter("chatterd_upstream_errors_total", "Failed Ollama requests", ["kind"],
+                          registry=REGISTRY)
+CLIENT_DISCONNECTS = Counter("chatterd_client_disconnects_total",
+                             "Chat turns whose client left before the end", registry=REGISTRY)
+DB_LATENCY = Histogram("chatterd_db_query_seconds", "Database operation latency", ["operation"],
+                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+                       registry=REGISTRY)

@@ -1,0 +1,296 @@
+"""The Ollama client: one POST whose NDJSON body arrives line by line, and can be cancelled.
+
+Tornado's AsyncHTTPClient has no public way to abort a fetch, and 6.6.1 hangs until
+`request_timeout` when the upstream resets the connection mid-body.  Both are
+mended here, and only here, by a small subclass of the private `_HTTPConnection`
+(re-check it on every Tornado upgrade; tests/test_ollama_client.py covers both).
+"""
+
+import asyncio
+import socket
+import time
+from typing import Awaitable, Callable, Optional
+from urllib.parse import urlsplit
+
+from tornado import httputil
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.simple_httpclient import (
+    HTTPStreamClosedError,
+    HTTPTimeoutError,
+    SimpleAsyncHTTPClient,
+    _HTTPConnection,
+)
+
+import jsonfmt
+
+MAX_LINE = 8 * 1024 * 1024  # Ollama's own Go client allows 8 MB per line
+MAX_ERROR_BODY = 64 * 1024
+
+LinesCallback = Callable[[list[bytes]], Awaitable[None]]
+
+
+class OllamaError(Exception):
+    """A failed Ollama request; `status` is what a client should see before streaming."""
+
+    status = 502
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class OllamaUnreachable(OllamaError):
+    status = 502
+
+
+class OllamaHTTPError(OllamaError):
+    """Ollama answered with a non-200 status and (usually) {"error": "..."}."""
+
+
+class OllamaTimeout(OllamaError):
+    status = 504
+
+
+class OllamaBroken(OllamaError):
+    """The connection failed after Ollama had started answering."""
+
+
+class OllamaAborted(OllamaError):
+    """We cancelled the request ourselves (the client left, or the turn ended)."""
+
+
+def api_base(url: str) -> str:
+    """Normalise an Ollama URL: "http://h:11434", ".../" and ".../api" all mean the same."""
+    url = url.rstrip("/")
+    if url.endswith("/api"):
+        url = url[: -len("/api")]
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    return url
+
+
+class LineSplitter:
+    """Cuts a byte stream into NDJSON lines; chunk boundaries mean nothing."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if b"\n" not in chunk:
+            self.pending += chunk
+            if len(self.pending) > MAX_LINE:
+                raise OllamaBroken(f"Ollama sent a line longer than {MAX_LINE} bytes")
+            return []
+        parts = (self.pending + chunk).split(b"\n")
+        self.pending = parts.pop()
+        return [p.rstrip(b"\r") for p in parts if p and not p.isspace()]
+
+    def rest(self) -> list[bytes]:
+        rest, self.pending = self.pending.strip(), b""
+        return [rest] if rest else []
+
+
+class _AbortableConnection(_HTTPConnection):
+    """_HTTPConnection that its OllamaCall can abort, and that fails fast on a reset."""
+
+    def __init__(self, client, request, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.call: Optional[OllamaCall] = getattr(request.request, "ollama_call", None)
+        super().__init__(client, request, *args, **kwargs)
+        if self.call is not None:
+            self.call._connection = self
+            if self.call._abort_error is not None:  # aborted while queued for a slot
+                self.abort(self.call._abort_error)
+
+    def abort(self, error: OllamaError) -> None:
+        if self.final_callback is not None:
+            self._handle_exception(type(error), error, None)
+
+    def on_connection_close(self) -> None:
+        # Tornado 6.6.1 re-raises the socket error here before reporting a result,
+        # which leaves fetch() pending until request_timeout.  Report it instead.
+        if self.final_callback is not None and getattr(self, "stream", None) is not None \
+                and self.stream.error is not None:
+            self.abort(OllamaBroken(f"connection to Ollama failed: {self.stream.error}"))
+            return
+        super().on_connection_close()
+
+
+class _AbortableHTTPClient(SimpleAsyncHTTPClient):
+    def _connection_class(self) -> type:
+        return _AbortableConnection
+
+
+class OllamaClient:
+    """Talks to one Ollama server.  Create it on the running IOLoop."""
+
+    def __init__(self, url: str, *, connect_timeout: float = 5.0, request_timeout: float = 1800.0,
+                 idle_timeout: float = 300.0, max_streams: int = 2048) -> None:
+        self.base = api_base(url)
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        # A private instance: max_clients (default 10) would otherwise queue the 11th chat.
+        self.http = _AbortableHTTPClient(force_instance=True, max_clients=max_streams)
+
+    def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback]) -> "OllamaCall":
+        """Start POST *path*; each chunk's complete lines go to `await on_lines(lines)`.
+
+        With on_lines None the whole body is kept in `call.body` instead.
+        """
+        return OllamaCall(self, path, body, on_lines)
+
+    async def version(self, timeout: float = 2.0) -> str:
+        """Ollama's version string; raises OllamaError when it does not answer."""
+        call = OllamaCall(self, "/api/version", None, None, timeout=timeout)
+        await call.finished()
+        return jsonfmt.loads(bytes(call.body)).get("version", "?")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class OllamaCall:
+    """One request to Ollama.
+
+    `wait_status()` tells the status as soon as the headers arrive; `finished()`
+    waits for the end and raises an OllamaError subclass saying what went wrong;
+    `abort()` closes the connection at once, which is how Ollama is told to stop.
+    """
+
+    def __init__(self, client: OllamaClient, path: str, body: Optional[bytes],
+                 on_lines: Optional[LinesCallback], timeout: Optional[float] = None) -> None:
+        self.client = client
+        self.url = client.base + path
+        self.on_lines = on_lines
+        self.status: Optional[int] = None
+        self.content_type = "application/json"
+        self.body = bytearray()  # the error body, or the whole body when on_lines is None
+        self.started_at = time.monotonic()
+        self._splitter = LineSplitter()
+        self._status_known: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._connection: Optional[_AbortableConnection] = None
+        self._abort_error: Optional[OllamaError] = None
+        self._busy = False
+        self._last_activity = time.monotonic()
+        self._idle = client.idle_timeout if timeout is None else timeout
+        request = HTTPRequest(
+            self.url, method="POST" if body is not None else "GET", body=body,
+            headers={"Content-Type": "application/json", "Accept": "application/x-ndjson"},
+            header_callback=self._on_header, streaming_callback=self._on_chunk,
+            connect_timeout=min(client.connect_timeout, self._idle),
+            request_timeout=client.request_timeout if timeout is None else timeout,
+            decompress_response=False)
+        request.ollama_call = self  # type: ignore[attr-defined]
+        self._fetch = asyncio.ensure_future(client.http.fetch(request, raise_error=False))
+        self._idle_timer = asyncio.get_running_loop().call_later(self._idle, self._check_idle)
+
+    async def wait_status(self, timeout: float) -> Optional[int]:
+        """The HTTP status, or None if it is not known within *timeout* seconds.
+
+        Also returns (None) early when the request fails before any status.
+        """
+        if self.status is None:
+            await asyncio.wait([self._status_known, self._fetch], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        return self.status
+
+    @property
+    def failed_early(self) -> bool:
+        return self.status is None and self._fetch.done()
+
+    def abort(self, error: OllamaError) -> None:
+        """End the request now; finished() will raise *error*."""
+        if self._abort_error is None:
+            self._abort_error = error
+        if self._connection is not None:
+            self._connection.abort(self._abort_error)
+
+    async def finished(self) -> None:
+        """Wait for the end of the response; raise OllamaError unless it was a clean 200."""
+        try:
+            response = await self._fetch
+        except Exception as e:  # noqa: BLE001 - mapped to what a client should be told
+            raise self._explain(e) from None
+        finally:
+            self._idle_timer.cancel()
+        if self._abort_error is not None:
+            raise self._abort_error
+        if response.code != 200:
+            raise self._http_error(response.code)
+        rest = self._splitter.rest()
+        if rest and self.on_lines is not None:
+            await self.on_lines(rest)
+
+    def _on_header(self, line: str) -> None:
+        if self.status is None and line.startswith("HTTP/"):
+            self.status = httputil.parse_response_start_line(line.rstrip("\r\n")).code
+            self._last_activity = time.monotonic()
+            if not self._status_known.done():
+                self._status_known.set_result(self.status)
+        elif line.lower().startswith("content-type:"):
+            self.content_type = line.split(":", 1)[1].strip()
+
+    def _on_chunk(self, chunk: bytes) -> Optional[Awaitable[None]]:
+        self._last_activity = time.monotonic()
+        if self.status != 200 or self.on_lines is None:
+            if self.status != 200 and len(self.body) >= MAX_ERROR_BODY:
+                return None
+            self.body += chunk
+            return None
+        try:
+            lines = self._splitter.feed(chunk)
+        except OllamaBroken as e:
+            self.abort(e)
+            return None
+        if not lines:
+            return None
+        return self._deliver(lines)
+
+    async def _deliver(self, lines: list[bytes]) -> None:
+        # While we wait on the client (back-pressure), Ollama is not idle: we are.
+        self._busy = True
+        try:
+            await self.on_lines(lines)  # type: ignore[misc]
+        finally:
+            self._busy = False
+            self._last_activity = time.monotonic()
+
+    def _check_idle(self) -> None:
+        quiet = time.monotonic() - self._last_activity
+        if self._busy or quiet < self._idle:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                max(self._idle - quiet, 0.01) if not self._busy else self._idle, self._check_idle)
+            return
+        self.abort(OllamaTimeout(f"Ollama sent nothing for {self._idle:g} s"))
+
+    def _http_error(self, code: int) -> OllamaHTTPError:
+        text = bytes(self.body).decode("utf-8", "replace").strip()
+        try:
+            message = jsonfmt.loads(text).get("error") or text
+        except (ValueError, AttributeError):
+            message = text or f"HTTP {code}"
+        return OllamaHTTPError(f"Ollama: {message}", status=code)
+
+    def _explain(self, e: Exception) -> OllamaError:
+        if self._abort_error is not None:
+            return self._abort_error
+        if isinstance(e, OllamaError):
+            return e
+        if isinstance(e, HTTPTimeoutError):
+            if "connecting" in str(e):
+                return OllamaUnreachable(f"cannot reach Ollama at {self.client.base} (connect timed out)")
+            return OllamaTimeout(f"Ollama request exceeded {self.client.request_timeout:g} s")
+        if isinstance(e, HTTPStreamClosedError):
+            if self.status is None:
+                return OllamaBroken(f"Ollama at {self.client.base} closed the connection without answering")
+            return OllamaBroken("Ollama closed the connection mid-response")
+        if isinstance(e, HTTPClientError) and e.code != 599:
+            return self._http_error(e.code)
+        if isinstance(e, (ConnectionError, socket.gaierror, OSError)) and self.status is None:
+            return OllamaUnreachable(f"cannot reach Ollama at {self.client.base}: {e}")
+        return OllamaBroken(f"Ollama request failed: {e}")

@@ -1,0 +1,86 @@
+"""Every chatterd setting, declared once with its default and help text.
+
+Each setting is a `tornado.options` option (``--name=value`` on the command line)
+and can also come from the environment as ``CHATTERD_<NAME>`` (upper case, ``-``
+becomes ``_``).  The command line wins over the environment, which wins over the
+default.
+"""
+
+import os
+import sys
+from typing import Any, NamedTuple
+
+from tornado.options import OptionParser
+
+
+class Setting(NamedTuple):
+    name: str
+    default: Any
+    type: type
+    help: str
+
+
+SETTINGS = (
+    Setting("address", "127.0.0.1", str, "Address to listen on (keep loopback behind nginx)"),
+    Setting("port", 8000, int, "TCP port to listen on"),
+    Setting("database-url", "", str,
+            "PostgreSQL DSN; empty starts an embedded PostgreSQL whose data lives in --data-dir"),
+    Setting("data-dir", "./var", str, "Directory for the embedded PostgreSQL's data"),
+    Setting("ollama-url", "http://localhost:11434",
+            str, "Ollama base URL (a trailing /api, as the course writes it, is accepted)"),
+    Setting("connect-timeout", 5.0, float, "Seconds to wait for a TCP connection to Ollama"),
+    Setting("status-grace", 2.0, float,
+            "Seconds to wait for Ollama's status before committing a chat stream to 200 and heartbeats"),
+    Setting("heartbeat", 15.0, float, "Seconds of silence after which a ': keepalive' SSE comment is sent"),
+    Setting("idle-timeout", 300.0, float,
+            "Seconds Ollama may send nothing (model loading included) before the turn is ended"),
+    Setting("request-timeout", 1800.0, float, "Hard limit in seconds on one Ollama request"),
+    Setting("max-body-size", 1048576, int, "Largest accepted request body in bytes (larger gets 413)"),
+    Setting("max-streams", 2048, int, "Concurrent Ollama requests per process before new ones queue"),
+    Setting("db-pool-size", 10, int, "Maximum PostgreSQL connections per process"),
+    Setting("db-timeout", 10.0, float, "Seconds a database operation may take before it fails"),
+    Setting("xheaders", False, bool,
+            "Trust X-Real-IP/X-Forwarded-For/-Proto (turn on only behind nginx that sets them)"),
+    Setting("shutdown-grace", 30.0, float,
+            "On SIGTERM, seconds in-flight streams may run before they are ended"),
+)
+
+
+def env_name(setting_name: str) -> str:
+    return "CHATTERD_" + setting_name.upper().replace("-", "_")
+
+
+def define_settings(parser: OptionParser) -> None:
+    for s in SETTINGS:
+        parser.define(s.name, default=s.default, type=s.type, help=s.help)
+
+
+def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> OptionParser:
+    """Return a fresh OptionParser filled from defaults, environment and argv.
+
+    Environment values are fed to the parser as if they were given first on the
+    command line, so the parser's own type checking and error messages apply to them.
+    """
+    argv = sys.argv if argv is None else argv
+    environ = os.environ if environ is None else environ
+    parser = OptionParser()
+    define_settings(parser)
+    from_env = [f"--{s.name}={environ[env_name(s.name)]}" for s in SETTINGS if env_name(s.name) in environ]
+    parser.parse_command_line([argv[0], *from_env, *_join_values(argv[1:])])
+    return parser
+
+
+def _join_values(args: list[str]) -> list[str]:
+    """Accept `--port 8000` as well as tornado's own `--port=8000`."""
+    takes_value = {f"--{s.name}" for s in SETTINGS if s.type is not bool}
+    takes_value |= {name.replace("-", "_") for name in takes_value}
+    joined: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] in takes_value and i + 1 < len(args):
+            joined.append(f"{args[i]}={args[i + 1]}")
+            i += 2
+        else:
+            joined.append(args[i])
+            i += 1
+    return joined

@@ -1,0 +1,102 @@
+"""Server-Sent Events framing and the per-response event stream.
+
+Everything that knows what an SSE byte looks like lives here.  One event is one
+write; several events produced together are joined and flushed once.
+"""
+
+import asyncio
+import time
+from typing import Iterable
+
+from tornado.web import RequestHandler
+
+import jsonfmt
+
+KEEPALIVE = b": keepalive\n\n"
+
+HEADERS = (
+    ("Content-Type", "text/event-stream"),
+    ("Cache-Control", "no-cache"),
+    # nginx honours this even when its location forgot `proxy_buffering off`.
+    ("X-Accel-Buffering", "no"),
+)
+
+
+def data_events(lines: Iterable[bytes]) -> bytes:
+    """Frame each NDJSON line as one `data:` event.
+
+    JSON text never holds a raw newline, so a line needs no further splitting.
+    """
+    return b"".join([b"data: " + line + b"\n\n" for line in lines])
+
+
+def error_event(message: str) -> bytes:
+    return b"event: error\ndata: " + jsonfmt.dumpb({"error": message}) + b"\n\n"
+
+
+class EventStream:
+    """Writes events to one handler's response, flushing each write.
+
+    Awaiting every flush is what bounds memory: a client that stops reading
+    stops us (and, through the awaited streaming_callback, the upstream read).
+    Heartbeats fill silences longer than `heartbeat` seconds so proxies keep the
+    connection open while the model loads or thinks.  Writes are serialized:
+    Tornado tracks only one pending flush, and an overtaken one never resolves.
+    """
+
+    def __init__(self, handler: RequestHandler, heartbeat: float) -> None:
+        self.handler = handler
+        self.heartbeat = heartbeat
+        self.opened = False
+        self._flushing: asyncio.Future | None = None
+        self._last_write = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def set_headers(self) -> None:
+        for name, value in HEADERS:
+            self.handler.set_header(name, value)
+
+    async def open(self, first: bytes = b"") -> None:
+        """Send the status line and headers now (with *first*, if any) and start heartbeats."""
+        self.opened = True
+        self._arm(self.heartbeat)
+        await self.send(first)
+
+    async def send(self, data: bytes) -> None:
+        """Write *data* and wait until it is handed to the kernel.
+
+        Raises tornado.iostream.StreamClosedError when the client has gone.
+        """
+        while self._flushing is not None:
+            await self._flushing
+        if data:
+            self.handler.write(data)
+        future = self._flushing = self.handler.flush()
+        try:
+            await future
+        finally:
+            self._flushing = None
+            self._last_write = time.monotonic()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self, delay: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay, self._beat)
+
+    def _beat(self) -> None:
+        quiet = time.monotonic() - self._last_write
+        if quiet < self.heartbeat or self._flushing is not None:
+            self._arm(max(self.heartbeat - quiet, 0.05))
+            return
+        self._arm(self.heartbeat)
+        asyncio.ensure_future(self._send_keepalive())
+
+    async def _send_keepalive(self) -> None:
+        try:
+            await self.send(KEEPALIVE)
+        except Exception:
+            # The client left; the relay notices through on_connection_close.
+            self.close()
