@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any, NamedTuple
 
-from tornado.options import OptionParser
+from tornado.options import Error, OptionParser
 
 
 class Setting(NamedTuple):
@@ -66,7 +66,10 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     parser = OptionParser()
     define_settings(parser)
     from_env = [f"--{s.name}={environ[env_name(s.name)]}" for s in SETTINGS if env_name(s.name) in environ]
-    parser.parse_command_line([argv[0], *from_env, *_join_values(argv[1:])])
+    try:
+        parser.parse_command_line([argv[0], *from_env, *_join_values(argv[1:])])
+    except ValueError as e:  # tornado lets the type's own error escape
+        raise Error(f"invalid setting value: {e}") from None
     return parser
 
 

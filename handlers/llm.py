@@ -27,8 +27,6 @@ class LLMPromptHandler(UpstreamHandler):
                 await self.call.finished()
             except OllamaError as e:
                 raise ClientError(e.status, e.message) from None
-        self.set_header("Content-Type", self.call.content_type)
-        self.set_header("X-Accel-Buffering", "no")
         try:
             await self.call.finished()
         except OllamaAborted:
@@ -39,6 +37,9 @@ class LLMPromptHandler(UpstreamHandler):
     async def _relay(self, lines: list[bytes]) -> None:
         if self.client_gone:
             return
+        if not self._headers_written:
+            self.set_header("Content-Type", self.call.content_type)
+            self.set_header("X-Accel-Buffering", "no")
         try:
             self.write(b"\n".join(lines) + b"\n")
             await self.flush()

@@ -1,0 +1,103 @@
+"""Shared test machinery: one real PostgreSQL per test run, and a base test case that
+serves chatterd and an Ollama double on the test's IOLoop."""
+
+import atexit
+import asyncio
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import asyncpg
+from tornado.testing import AsyncHTTPTestCase
+
+import jsonfmt
+from chatterd import Application
+from db import conversations, embedded, migrate, pool as db_pool
+from ollama_client import OllamaClient
+from tests.ollama_double import OllamaDouble
+
+_dsn: Optional[str] = None
+
+
+def database_url() -> str:
+    """DSN of a migrated test database on an embedded PostgreSQL, started once per run."""
+    global _dsn
+    if _dsn is None:
+        root = tempfile.mkdtemp(prefix="chatterd-test-")
+        atexit.register(shutil.rmtree, root, True)
+        admin = embedded.start(root)
+        _dsn = asyncio.run(embedded.ensure_database(admin, "chatterd_test"))
+
+        async def prepare() -> None:
+            pool = await db_pool.create_pool(_dsn, max_size=2)
+            await migrate.migrate(pool)
+            await pool.close()
+
+        asyncio.run(prepare())
+    return _dsn
+
+
+class ChatterdTestCase(AsyncHTTPTestCase):
+    """chatterd (real HTTP server, real PostgreSQL) in front of an Ollama double.
+
+    Override the class attributes to change settings; `self.double` is the double,
+    `self.pool` chatterd's pool.
+    """
+
+    heartbeat = 15.0
+    status_grace = 2.0
+    idle_timeout = 30.0
+    request_timeout = 60.0
+    max_body_size = 1048576
+
+    def dsn(self) -> str:
+        return database_url()
+
+    def get_app(self) -> Application:
+        self.double = OllamaDouble()
+        self.double.listen()
+        dsn = self.dsn()
+        self.pool = self.io_loop.run_sync(lambda: db_pool.create_pool(dsn, max_size=20))
+        self.io_loop.run_sync(self.truncate)
+        self.ollama = self.io_loop.run_sync(self._make_client)
+        return Application(self.pool, self.ollama, max_body_size=self.max_body_size,
+                           heartbeat=self.heartbeat, status_grace=self.status_grace)
+
+    async def _make_client(self) -> OllamaClient:
+        return OllamaClient(self.double.url, idle_timeout=self.idle_timeout,
+                            request_timeout=self.request_timeout)
+
+    async def truncate(self) -> None:
+        try:
+            con = await asyncpg.connect(database_url())
+        except OSError:
+            return
+        try:
+            await con.execute("TRUNCATE chatts, messages")
+        finally:
+            await con.close()
+
+    def tearDown(self) -> None:
+        self.io_loop.run_sync(self.double.stop)
+        self.io_loop.run_sync(lambda: asyncio.wait_for(self.pool.close(), 10))
+        self.ollama.close()
+        super().tearDown()
+
+    # -- helpers -------------------------------------------------------------------
+
+    def post_json(self, path: str, body: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        data = body if isinstance(body, (bytes, str)) else jsonfmt.dumps(body)
+        return self.fetch(path, method="POST", body=data, raise_error=False, **kwargs)
+
+    def rows(self, app_id: str) -> list:
+        """The stored conversation (from a synchronous test)."""
+        return self.io_loop.run_sync(lambda: self.conversation(app_id))
+
+    async def conversation(self, app_id: str) -> list:
+        """The stored conversation (from a gen_test)."""
+        return await conversations.conversation(self.pool, app_id)
+
+
+def chat_body(app_id: str, content: str, model: str = "llama3.2", **extra: Any) -> dict:
+    return {"appID": app_id, "model": model, "stream": True,
+            "messages": [{"role": "user", "content": content}], **extra}
