@@ -47,7 +47,7 @@ class LLMChatHandler(UpstreamHandler):
         self.reply = Reply(model=request.model)
         self.failure: Optional[str] = None
         self.done_seen = False
-        self.chunks = 0
+        self.parts: list[str] = []  # the reply's text, joined once at the end
         self.started = time.monotonic()
         self.first_token_at: Optional[float] = None
         self.application.active_streams.add(self)
@@ -113,6 +113,7 @@ class LLMChatHandler(UpstreamHandler):
     async def _on_lines(self, lines: list[bytes]) -> None:
         """The hot path: light bookkeeping per line, one write and one flush per chunk."""
         reply = self.reply
+        parts = self.parts
         relayed = lines
         for i, line in enumerate(lines):
             try:
@@ -129,8 +130,7 @@ class LLMChatHandler(UpstreamHandler):
             if message:
                 content = message.get("content")
                 if content:
-                    reply.content += content
-                    self.chunks += 1
+                    parts.append(content)
                     if self.first_token_at is None:
                         self.first_token_at = time.monotonic()
                 if "tool_calls" in message:
@@ -160,6 +160,7 @@ class LLMChatHandler(UpstreamHandler):
     async def _store_reply(self) -> None:
         """Commit the reply before the response ends, so the next request sees it."""
         reply = self.reply
+        reply.content = "".join(self.parts)
         try:
             await self._store_with_retry()
         except Exception as e:  # noqa: BLE001 - any failure must reach the client as an event
@@ -184,7 +185,7 @@ class LLMChatHandler(UpstreamHandler):
             self.client_gone = True
 
     def _observe(self) -> None:
-        self.tokens = self.reply.tokens if self.reply.tokens is not None else self.chunks
+        self.tokens = self.reply.tokens if self.reply.tokens is not None else len(self.parts)
         self.outcome = self.reply.status
         metrics.TOKENS.inc(self.tokens)
         if self.first_token_at is not None:

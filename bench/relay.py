@@ -1,0 +1,134 @@
+"""Relay benchmark: how many SSE events per second chatterd moves, and at what CPU cost.
+
+    .venv/bin/python bench/relay.py [--streams 200] [--tokens 500] [--burst-tokens 50000]
+
+Starts a real chatterd process (embedded PostgreSQL in a temporary directory) in front of a
+minimal upstream that answers /api/chat with pre-encoded Ollama NDJSON as fast as the socket
+takes it, then drives it with raw-socket clients that count `data:` events.  The upstream and
+the clients share this process; chatterd has its own.  Reported per scenario: wall time,
+events/s, and events per CPU-second of the chatterd process (its utime+stime), which is the
+number that does not depend on what else the machine is doing.
+"""
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tornado.testing import bind_unused_port  # noqa: E402
+
+import jsonfmt  # noqa: E402
+
+LINE = (b'{"model":"bench","created_at":"2026-11-21T16:10:01.123456Z",'
+        b'"message":{"role":"assistant","content":"tok "},"done":false}\n')
+DONE = (b'{"model":"bench","created_at":"2026-11-21T16:10:02Z","message":{"role":"assistant",'
+        b'"content":""},"done":true,"done_reason":"stop","eval_count":%d}\n')
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def upstream(reader, writer):
+    """Answer one POST /api/chat: `tokens` lines, written `per_write` lines at a time."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0]
+                 .split(b":")[1])
+    body = jsonfmt.loads(await reader.readexactly(length))
+    tokens, per_write = body["options"]["tokens"], body["options"]["per_write"]
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    block = chunk(LINE * per_write)
+    for _ in range(tokens // per_write):
+        writer.write(block)
+        await writer.drain()
+    writer.write(chunk(DONE % tokens) + b"0\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+async def client(port: int, app_id: str, tokens: int, per_write: int) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = jsonfmt.dumpb({"appID": app_id, "model": "bench", "stream": True,
+                          "messages": [{"role": "user", "content": "go"}],
+                          "options": {"tokens": tokens, "per_write": per_write}})
+    writer.write(b"POST /llmchat HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    events = 0
+    tail = b""
+    while data := await reader.read(1 << 16):
+        events += (tail + data).count(b"data: ")
+        tail = data[-5:]
+    writer.close()
+    return events
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def scenario(name, proc, port, streams, tokens, per_write):
+    cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+    counts = await asyncio.gather(*(client(port, f"{name}-{i}", tokens, per_write)
+                                    for i in range(streams)))
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(proc.pid) - cpu0
+    events = sum(counts)
+    expected = streams * (tokens + 1)
+    print(f"{name:<28} streams={streams:<4} events={events:<7} wall={wall:6.2f}s "
+          f"events/s={events / wall:9.0f}  events/CPU-s={events / max(cpu, 1e-9):9.0f}  "
+          f"peak RSS={rss_mib(proc.pid):.0f} MiB" + ("" if events == expected else
+                                                    f"  MISSING {expected - events}"))
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=500)
+    parser.add_argument("--burst-tokens", type=int, default=50000)
+    args = parser.parse_args()
+
+    sock, up_port = bind_unused_port()
+    server = await asyncio.start_server(upstream, sock=sock)
+    sock2, port = bind_unused_port()
+    sock2.close()
+    data_dir = tempfile.mkdtemp(prefix="chatterd-bench-")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "chatterd.py"), f"--port={port}", f"--data-dir={data_dir}",
+        f"--ollama-url=http://127.0.0.1:{up_port}", stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL, cwd=ROOT)
+    while b"chatterd listening" not in (line := await proc.stderr.readline()):
+        if not line:
+            raise SystemExit("chatterd did not start")
+
+    async def discard_log():
+        while await proc.stderr.readline():
+            pass
+
+    asyncio.ensure_future(discard_log())
+    try:
+        await scenario("warm-up", proc, port, 4, 100, 1)
+        await scenario("one stream, burst", proc, port, 1, args.burst_tokens, 50)
+        await scenario("one stream, line per write", proc, port, 1, args.burst_tokens // 5, 1)
+        await scenario("concurrent, line per write", proc, port, args.streams, args.tokens, 1)
+    finally:
+        proc.terminate()
+        await proc.wait()
+        server.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
