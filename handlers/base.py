@@ -6,6 +6,7 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 import jsonfmt
 from db.pool import DatabaseUnavailable
+from ollama_client import OllamaAborted
 
 
 class ClientError(HTTPError):
@@ -135,6 +136,4 @@ class UpstreamHandler(JSONBodyHandler):
     def on_connection_close(self) -> None:
         self.client_gone = True
         if self.call is not None:
-            from ollama_client import OllamaAborted
-
             self.call.abort(OllamaAborted("client disconnected"))
