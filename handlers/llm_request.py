@@ -74,4 +74,8 @@ def parse_llm_request(body: dict, *, allow_empty_messages: bool = False,
     elif not isinstance(stream, bool):
         raise invalid("stream must be true or false")
     passthrough = {k: v for k, v in body.items() if k not in OWN_FIELDS}
+    try:
+        jsonfmt.dumps([passthrough, checked])  # what we will send must be standard JSON
+    except (OverflowError, ValueError):
+        raise invalid("the body holds NaN or Infinity, which JSON does not allow") from None
     return LLMRequest(app_id, model, checked, stream, passthrough)

@@ -18,7 +18,8 @@ class LLMChatTest(ChatterdTestCase):
         return response, events, comments
 
     def test_streams_sse_and_stores_reply_verbatim(self):
-        response, events, _ = self.chat(chat_body("app1", "Hello\n  there"))
+        with self.assertLogs("chatterd.access") as logs:
+            response, events, _ = self.chat(chat_body("app1", "Hello\n  there"))
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers["Content-Type"], "text/event-stream")
         self.assertEqual(response.headers["Cache-Control"], "no-cache")
@@ -35,6 +36,9 @@ class LLMChatTest(ChatterdTestCase):
                          [("user", "Hello\n  there", "complete"), ("assistant", expected, "complete")])
         self.assertEqual(rows[1]["tokens"], chunks[-1]["eval_count"])
         self.assertEqual(rows[1]["model"], "llama3.2")
+        (line,) = logs.output
+        self.assertRegex(line, r"200 127\.0\.0\.1 POST /llmchat \d+\.\dms appID='app1' "
+                               f"tokens={rows[1]['tokens']} outcome='complete'")
 
     def test_each_event_is_the_upstream_line_verbatim(self):
         response, events, _ = self.chat(chat_body("app1", "<b>&</b>"))
@@ -152,6 +156,8 @@ class LLMChatRejectionTest(ChatterdTestCase):
             ({**ok, "messages": [{"role": "user"}]}, "messages[0].content is missing"),
             ({**ok, "messages": [{"role": "user", "content": "a\u0000b"}]}, "NUL"),
             ({**ok, "stream": "yes"}, "stream must be true or false"),
+            ('{"appID": "r", "model": "m", "messages": [{"role": "user", "content": "x"}],'
+             ' "options": {"temperature": NaN}}', "NaN"),
         ]
         for body, fragment in cases:
             with self.subTest(fragment=fragment):
@@ -169,6 +175,11 @@ class LLMChatRejectionTest(ChatterdTestCase):
     def test_busy_ollama_is_503(self):
         self.double.behave("busy", status=503, error="server busy, please try again.")
         self.assert_rejected(chat_body("r", "hi", model="busy"), 503, "server busy")
+
+    def test_stream_false_timeout_is_504(self):
+        self.double.behave("cold", header_delay=5)
+        self.ollama.idle_timeout = 0.5
+        self.assert_rejected(chat_body("r", "hi", model="cold", stream=False), 504, "sent nothing")
 
     def test_ollama_400_passes_through(self):
         self.double.behave("nothink", status=400, error='"nothink" does not support thinking')
