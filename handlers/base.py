@@ -133,6 +133,13 @@ class UpstreamHandler(JSONBodyHandler):
     call: Any = None
     client_gone = False
 
+    def start_call(self, path: str, body: bytes, on_lines: Any) -> Any:
+        """Start the Ollama call (see OllamaClient.post); a client already gone cancels it."""
+        self.call = self.ollama.post(path, body, on_lines)
+        if self.client_gone:
+            self.call.abort(OllamaAborted("client disconnected"))
+        return self.call
+
     def on_connection_close(self) -> None:
         self.client_gone = True
         if self.call is not None:

@@ -12,7 +12,6 @@ The life of a turn:
 """
 
 import logging
-import time
 from typing import Optional
 
 from tornado.iostream import StreamClosedError
@@ -48,8 +47,7 @@ class LLMChatHandler(UpstreamHandler):
         self.failure: Optional[str] = None
         self.done_seen = False
         self.parts: list[str] = []  # the reply's text, joined once at the end
-        self.started = time.monotonic()
-        self.first_token_at: Optional[float] = None
+        self.time_to_first_token: Optional[float] = None
         self.application.active_streams.add(self)
         metrics.ACTIVE_STREAMS.inc()
         try:
@@ -66,7 +64,7 @@ class LLMChatHandler(UpstreamHandler):
     async def _stream(self, request: LLMRequest, history: list[dict], turn: list[int]) -> None:
         self.events = sse.EventStream(self, self.settings["heartbeat"])
         self.events.set_headers()
-        self.call = self.ollama.post("/api/chat", request.upstream_body(history), self._on_lines)
+        self.start_call("/api/chat", request.upstream_body(history), self._on_lines)
         status = await self.call.wait_status(self.settings["status_grace"])
         if (status is not None and status != 200) or self.call.failed_early:
             await self._refuse(turn)  # still before the stream: a real status
@@ -131,8 +129,8 @@ class LLMChatHandler(UpstreamHandler):
                 content = message.get("content")
                 if content:
                     parts.append(content)
-                    if self.first_token_at is None:
-                        self.first_token_at = time.monotonic()
+                    if self.time_to_first_token is None:
+                        self.time_to_first_token = self.request.request_time()
                 if "tool_calls" in message:
                     reply.extra.setdefault("tool_calls", []).extend(message["tool_calls"])
             if chunk.get("done"):
@@ -188,10 +186,9 @@ class LLMChatHandler(UpstreamHandler):
         self.tokens = self.reply.tokens if self.reply.tokens is not None else len(self.parts)
         self.outcome = self.reply.status
         metrics.TOKENS.inc(self.tokens)
-        if self.first_token_at is not None:
-            metrics.TIME_TO_FIRST_TOKEN.observe(self.first_token_at - self.started)
-        metrics.STREAM_DURATION.labels(outcome=self.reply.status).observe(
-            time.monotonic() - self.started)
+        if self.time_to_first_token is not None:
+            metrics.TIME_TO_FIRST_TOKEN.observe(self.time_to_first_token)
+        metrics.STREAM_DURATION.labels(outcome=self.reply.status).observe(self.request.request_time())
 
     def end_for_shutdown(self) -> None:
         """The shutdown grace is over: end this turn now, as failed."""
@@ -202,7 +199,7 @@ class LLMChatHandler(UpstreamHandler):
 
     async def _once(self, request: LLMRequest, history: list[dict], turn: list[int]) -> None:
         """Ollama's single JSON object, passed through; the reply stored the same way."""
-        self.call = self.ollama.post("/api/chat", request.upstream_body(history), None)
+        self.start_call("/api/chat", request.upstream_body(history), None)
         try:
             await self.call.finished()
         except OllamaAborted as e:

@@ -20,7 +20,7 @@ class LLMPromptHandler(UpstreamHandler):
     async def post(self) -> None:
         self.refuse_when_draining()
         self.json_object()  # refuse what is not a JSON object; forward the bytes untouched
-        self.call = self.ollama.post("/api/generate", bytes(self._body), self._relay)
+        self.start_call("/api/generate", bytes(self._body), self._relay)
         await self.call.wait_status(timeout=None)
         if self.call.status != 200:
             try:

@@ -20,18 +20,23 @@ async def streams_finished(app, timeout=10.0):
         await app.stream_ended.wait(timeout=remaining)
 
 
+async def chat_and_leave(port, body, wait_for=b"data: "):
+    """A raw-socket client: send the chat, read until *wait_for*, then drop the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = jsonfmt.dumpb(body)
+    writer.write(b"POST /llmchat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    await writer.drain()
+    seen = b""
+    while wait_for not in seen:
+        seen += await asyncio.wait_for(reader.read(4096), 10)
+    writer.transport.abort()
+    return seen
+
+
 class DisconnectTest(ChatterdTestCase):
-    async def open_chat_and_leave(self, body, wait_for=b"data: "):
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.get_http_port())
-        payload = jsonfmt.dumpb(body)
-        writer.write(b"POST /llmchat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        await writer.drain()
-        seen = b""
-        while wait_for not in seen:
-            seen += await asyncio.wait_for(reader.read(4096), 10)
-        writer.transport.abort()
-        return seen
+    async def open_chat_and_leave(self, body):
+        return await chat_and_leave(self.get_http_port(), body)
 
     @gen_test(timeout=20)
     async def test_disconnect_mid_stream_stops_upstream_and_keeps_partial(self):
@@ -119,6 +124,23 @@ class HeartbeatTest(ChatterdTestCase):
         events, _ = parse(response.body)
         self.assertTrue(jsonfmt.loads(events[-1].data)["done"])
         self.assertEqual(self.rows("hb")[-1]["status"], "complete")
+
+    @gen_test(timeout=20)
+    async def test_leaving_while_the_model_loads_stops_it(self):
+        self.double.behave("cold", header_delay=5)
+        await chat_and_leave(self.get_http_port(), chat_body("hb3", "hi", model="cold"),
+                             wait_for=b": keepalive")
+        await asyncio.wait_for(self.double.chat_requests()[0].closed.wait(), 1.0)
+        await streams_finished(self._app)
+        rows = await self.conversation("hb3")
+        self.assertEqual([(r["role"], r["status"], r["content"]) for r in rows],
+                         [("user", "complete", "hi"), ("assistant", "interrupted", "")])
+        # An empty interrupted reply is not shown to the model on the next turn.
+        self.double.behave("cold", header_delay=0)
+        await self.http_client.fetch(self.get_url("/llmchat"), method="POST",
+                                     body=jsonfmt.dumps(chat_body("hb3", "again", model="cold")))
+        self.assertEqual([m["role"] for m in self.double.chat_requests()[1].body["messages"]],
+                         ["user", "user"])
 
     def test_late_error_status_arrives_as_error_event(self):
         self.double.behave("gone", header_delay=0.8, status=404, error="model 'gone' not found")
