@@ -20,11 +20,11 @@ async def streams_finished(app, timeout=10.0):
         await app.stream_ended.wait(timeout=remaining)
 
 
-async def chat_and_leave(port, body, wait_for=b"data: "):
+async def chat_and_leave(port, body, wait_for=b"data: ", path=b"/llmchat"):
     """A raw-socket client: send the chat, read until *wait_for*, then drop the connection."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = jsonfmt.dumpb(body)
-    writer.write(b"POST /llmchat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
     await writer.drain()
     seen = b""

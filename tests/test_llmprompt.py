@@ -1,9 +1,13 @@
 """POST /llmprompt: Ollama's /api/generate NDJSON passed through verbatim, nothing stored."""
 
+import asyncio
 import time
+
+from tornado.testing import gen_test
 
 import jsonfmt
 from tests.support import ChatterdTestCase
+from tests.test_llmchat_lifecycle import chat_and_leave
 
 
 class LLMPromptTest(ChatterdTestCase):
@@ -38,3 +42,10 @@ class LLMPromptTest(ChatterdTestCase):
         response = self.post_json("/llmprompt", {"model": "close", "prompt": "hi"})
         last = jsonfmt.loads(response.body.split(b"\n")[-2])
         self.assertIn("closed the connection", last["error"])
+
+    @gen_test(timeout=20)
+    async def test_client_leaving_stops_generation(self):
+        self.double.behave("slow", token_delay=0.1)
+        await chat_and_leave(self.get_http_port(), {"model": "slow", "prompt": "hi"},
+                             wait_for=b'"response"', path=b"/llmprompt")
+        await asyncio.wait_for(self.double.requests[-1].closed.wait(), 1.0)

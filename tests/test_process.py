@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -86,3 +87,6 @@ class ProcessTest(AsyncTestCase):
             proc.send_signal(signal.SIGTERM)
             self.assertEqual(await asyncio.wait_for(proc.wait(), 30), 0)
             await double.stop()
+        # The embedded PostgreSQL stopped with its last chatterd.
+        self.assertFalse((Path(data_dir) / "pgdata" / "postmaster.pid").exists())
+        shutil.rmtree(data_dir, ignore_errors=True)
