@@ -8,30 +8,7 @@ from tornado.testing import gen_test
 
 import jsonfmt
 from tests.sse_parser import parse
-from tests.support import ChatterdTestCase, chat_body
-
-
-async def streams_finished(app, timeout=10.0):
-    """Wait until chatterd has finished (and stored) every turn in flight."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while app.active_streams:
-        remaining = deadline - asyncio.get_running_loop().time()
-        assert remaining > 0, "streams did not finish"
-        await app.stream_ended.wait(timeout=remaining)
-
-
-async def chat_and_leave(port, body, wait_for=b"data: ", path=b"/llmchat"):
-    """A raw-socket client: send the chat, read until *wait_for*, then drop the connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    payload = jsonfmt.dumpb(body)
-    writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-    await writer.drain()
-    seen = b""
-    while wait_for not in seen:
-        seen += await asyncio.wait_for(reader.read(4096), 10)
-    writer.transport.abort()
-    return seen
+from tests.support import ChatterdTestCase, chat_and_leave, chat_body, streams_finished
 
 
 class DisconnectTest(ChatterdTestCase):

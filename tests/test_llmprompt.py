@@ -6,8 +6,7 @@ import time
 from tornado.testing import gen_test
 
 import jsonfmt
-from tests.support import ChatterdTestCase
-from tests.test_llmchat_lifecycle import chat_and_leave
+from tests.support import ChatterdTestCase, chat_and_leave
 
 
 class LLMPromptTest(ChatterdTestCase):
