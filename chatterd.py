@@ -102,7 +102,10 @@ def raise_open_file_limit() -> None:
 
 
 async def main() -> None:
-    opts = settings.parse_settings()
+    try:
+        opts = settings.parse_settings()
+    except settings.Error as e:
+        raise SystemExit(f"chatterd: {e} (see --help)") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_file_limit()
     dsn = opts.database_url

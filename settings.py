@@ -52,7 +52,7 @@ def env_name(setting_name: str) -> str:
 
 def define_settings(parser: OptionParser) -> None:
     for s in SETTINGS:
-        parser.define(s.name, default=s.default, type=s.type, help=s.help)
+        parser.define(s.name, default=s.default, type=s.type, help=f"{s.help} [${env_name(s.name)}]")
 
 
 def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> OptionParser:
