@@ -49,30 +49,36 @@ class Application(tornado.web.Application):
         self.pool = pool
         self.ollama = ollama
         self.draining = False
-        self.active_streams: set = set()
-        self.stream_ended = tornado.locks.Condition()
+        self.in_flight: set = set()  # every request being handled, streams included
+        self.request_finished = tornado.locks.Condition()
         super().__init__(ROUTES, default_handler_class=NotFoundHandler, log_function=log_request,
                          max_body_size=max_body_size, heartbeat=heartbeat,
                          status_grace=status_grace)
 
-    def forget_stream(self, handler: Any) -> None:
-        self.active_streams.discard(handler)
-        self.stream_ended.notify_all()
+    def request_started(self, handler: Any) -> None:
+        self.in_flight.add(handler)
+
+    def request_done(self, handler: Any) -> None:
+        self.in_flight.discard(handler)
+        self.request_finished.notify_all()
 
     async def drain(self, grace: float) -> None:
-        """Refuse new turns, let running ones finish for *grace* seconds, then end the rest."""
+        """Refuse new turns, let requests in flight finish for *grace* seconds, then end
+        the streams still running (their partial replies are stored)."""
         self.draining = True
-        deadline = asyncio.get_running_loop().time() + grace
-        while self.active_streams and asyncio.get_running_loop().time() < deadline:
-            await self.stream_ended.wait(timeout=deadline - asyncio.get_running_loop().time())
-        if self.active_streams:
-            log.warning("ending %d stream(s) still running after %g s", len(self.active_streams), grace)
-            for handler in list(self.active_streams):
-                handler.end_for_shutdown()
-            # Their replies are being stored; give that a bounded moment.
-            deadline = asyncio.get_running_loop().time() + 10
-            while self.active_streams and asyncio.get_running_loop().time() < deadline:
-                await self.stream_ended.wait(timeout=deadline - asyncio.get_running_loop().time())
+        if not await self._all_finished(within=grace):
+            log.warning("ending %d request(s) still running after %g s", len(self.in_flight), grace)
+            for handler in list(self.in_flight):
+                if hasattr(handler, "end_for_shutdown"):
+                    handler.end_for_shutdown()
+            await self._all_finished(within=10)  # time to store what they have
+
+    async def _all_finished(self, within: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while self.in_flight and loop.time() < deadline:
+            await self.request_finished.wait(timeout=deadline - loop.time())
+        return not self.in_flight
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -128,7 +134,7 @@ async def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: no new connections; %d stream(s) in flight", len(app.active_streams))
+    log.info("shutting down: no new connections; %d request(s) in flight", len(app.in_flight))
     server.stop()
     await app.drain(opts.shutdown_grace)
     await asyncio.wait_for(server.close_all_connections(), 10)

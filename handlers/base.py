@@ -6,7 +6,7 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 import jsonfmt
 from db.pool import DatabaseUnavailable
-from ollama_client import OllamaAborted
+from ollama_client import OllamaAborted, OllamaError
 
 
 class ClientError(HTTPError):
@@ -36,10 +36,15 @@ class BaseHandler(RequestHandler):
     tokens: Optional[int] = None
 
     def prepare(self) -> None:
+        # Registered until on_finish, so a graceful shutdown waits for this request.
+        self.application.request_started(self)
         if self.application.draining and hasattr(self.request.connection, "_disconnect_on_finish"):
             # Close each connection after its answer, so a proxy's next request opens a
             # connection to a process that is staying.  (No public switch for this in Tornado.)
             self.request.connection._disconnect_on_finish = True
+
+    def on_finish(self) -> None:
+        self.application.request_done(self)
 
     @property
     def pool(self) -> Any:
@@ -141,6 +146,12 @@ class UpstreamHandler(JSONBodyHandler):
         return self.call
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()  # fails a body still being received
         self.client_gone = True
         if self.call is not None:
             self.call.abort(OllamaAborted("client disconnected"))
+
+    def end_for_shutdown(self) -> None:
+        """The shutdown grace is over: end this request's Ollama call now."""
+        if self.call is not None:
+            self.call.abort(OllamaError("chatterd is shutting down; the reply was cut short"))

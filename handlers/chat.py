@@ -48,7 +48,6 @@ class LLMChatHandler(UpstreamHandler):
         self.done_seen = False
         self.parts: list[str] = []  # the reply's text, joined once at the end
         self.time_to_first_token: Optional[float] = None
-        self.application.active_streams.add(self)
         metrics.ACTIVE_STREAMS.inc()
         try:
             if request.stream:
@@ -56,7 +55,6 @@ class LLMChatHandler(UpstreamHandler):
             else:
                 await self._once(request, history, turn)
         finally:
-            self.application.forget_stream(self)
             metrics.ACTIVE_STREAMS.dec()
 
     # -- streaming ------------------------------------------------------------------
@@ -189,11 +187,6 @@ class LLMChatHandler(UpstreamHandler):
         if self.time_to_first_token is not None:
             metrics.TIME_TO_FIRST_TOKEN.observe(self.time_to_first_token)
         metrics.STREAM_DURATION.labels(outcome=self.reply.status).observe(self.request.request_time())
-
-    def end_for_shutdown(self) -> None:
-        """The shutdown grace is over: end this turn now, as failed."""
-        if self.call is not None:
-            self.call.abort(OllamaError("chatterd is shutting down; the reply was cut short"))
 
     # -- stream: false -------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from tornado.iostream import StreamClosedError
 
 import jsonfmt
+import metrics
 from db import conversations
 from handlers.base import ClientError, JSONBodyHandler, UpstreamHandler
 from handlers.llm_request import parse_llm_request
@@ -21,6 +22,13 @@ class LLMPromptHandler(UpstreamHandler):
         self.refuse_when_draining()
         self.json_object()  # refuse what is not a JSON object; forward the bytes untouched
         self.start_call("/api/generate", bytes(self._body), self._relay)
+        metrics.ACTIVE_STREAMS.inc()
+        try:
+            await self._pass_through()
+        finally:
+            metrics.ACTIVE_STREAMS.dec()
+
+    async def _pass_through(self) -> None:
         await self.call.wait_status(timeout=None)
         if self.call.status != 200:
             try:

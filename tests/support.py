@@ -104,12 +104,12 @@ def chat_body(app_id: str, content: str, model: str = "llama3.2", **extra: Any) 
 
 
 async def streams_finished(app, timeout=10.0):
-    """Wait until chatterd has finished (and stored) every turn in flight."""
+    """Wait until chatterd has finished (and stored) every request in flight."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while app.active_streams:
+    while app.in_flight:
         remaining = deadline - asyncio.get_running_loop().time()
-        assert remaining > 0, "streams did not finish"
-        await app.stream_ended.wait(timeout=remaining)
+        assert remaining > 0, "requests did not finish"
+        await app.request_finished.wait(timeout=remaining)
 
 
 async def chat_and_leave(port, body, wait_for=b"data: ", path=b"/llmchat"):

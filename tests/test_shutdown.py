@@ -56,6 +56,24 @@ class DrainTest(ChatterdTestCase):
         await asyncio.wait_for(self.double.chat_requests()[0].closed.wait(), 2)
 
     @gen_test(timeout=30)
+    async def test_llmprompt_streams_are_drained_too(self):
+        self.double.behave("endless", token_delay=0.05, stall_after=5)
+        received, first_line = [], asyncio.Event()
+
+        def on_chunk(chunk):
+            received.append(chunk)
+            first_line.set()
+
+        prompt = asyncio.ensure_future(self.http_client.fetch(
+            self.get_url("/llmprompt"), method="POST", request_timeout=30, streaming_callback=on_chunk,
+            body=jsonfmt.dumps({"model": "endless", "prompt": "hi"})))
+        await asyncio.wait_for(first_line.wait(), 10)
+        await self._app.drain(grace=0.2)
+        await prompt
+        last = jsonfmt.loads(b"".join(received).rstrip(b"\n").split(b"\n")[-1])
+        self.assertIn("shutting down", last["error"])
+
+    @gen_test(timeout=30)
     async def test_new_turns_are_refused_while_draining(self):
         self._app.draining = True
         response = await self.http_client.fetch(
