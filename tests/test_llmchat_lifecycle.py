@@ -158,3 +158,36 @@ class ConcurrencyTest(ChatterdTestCase):
                                         {"role": "user", "content": f"second {i}"}])
         self.assertEqual(len(set(first)), n)
         self.assertTrue(all(second))
+
+    @gen_test(timeout=60)
+    async def test_streams_do_not_queue_behind_each_other(self):
+        # Tornado's client runs 10 requests at a time unless told otherwise; 50 stalled
+        # streams must all be streaming at once.
+        self.double.behave("stall", stall_after=1)
+        n = 50
+        streaming, all_streaming, release = [], asyncio.Event(), asyncio.Event()
+
+        async def client(i):
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.get_http_port())
+            payload = jsonfmt.dumpb(chat_body(f"q{i}", "hi", model="stall"))
+            writer.write(b"POST /llmchat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(payload), payload))
+            seen = b""
+            while b"data: " not in seen:
+                seen += await reader.read(4096)
+            streaming.append(i)
+            if len(streaming) == n:
+                all_streaming.set()
+            await release.wait()
+            writer.transport.abort()
+
+        clients = asyncio.gather(*(client(i) for i in range(n)))
+        try:
+            await asyncio.wait_for(all_streaming.wait(), 30)
+        finally:
+            release.set()
+            await clients
+        requests = self.double.chat_requests()
+        self.assertEqual(len(requests), n)
+        await asyncio.wait_for(asyncio.gather(*(r.closed.wait() for r in requests)), 10)
+        await streams_finished(self._app)
