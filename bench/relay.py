@@ -13,6 +13,7 @@ number that does not depend on what else the machine is doing.
 import argparse
 import asyncio
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -53,7 +54,8 @@ async def upstream(reader, writer):
     writer.close()
 
 
-async def client(port: int, app_id: str, tokens: int, per_write: int) -> int:
+async def client(port: int, app_id: str, tokens: int, per_write: int,
+                 pause: "asyncio.Event | None" = None) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     body = jsonfmt.dumpb({"appID": app_id, "model": "bench", "stream": True,
                           "messages": [{"role": "user", "content": "go"}],
@@ -62,6 +64,9 @@ async def client(port: int, app_id: str, tokens: int, per_write: int) -> int:
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     events = 0
     tail = b""
+    if pause is not None:  # a client that stops reading after the headers
+        await reader.readuntil(b"\r\n\r\n")
+        await pause.wait()
     while data := await reader.read(1 << 16):
         events += (tail + data).count(b"data: ")
         tail = data[-5:]
@@ -74,11 +79,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmHWM") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+async def stalled_clients(proc, port, streams, tokens):
+    """Clients that stop reading: chatterd must stop reading Ollama, not buffer the reply."""
+    before = rss_mib(proc.pid, "VmRSS")
+    resume = asyncio.Event()
+    readers = [asyncio.ensure_future(client(port, f"stalled-{i}", tokens, 50, resume))
+               for i in range(streams)]
+    await asyncio.sleep(3)  # measuring: give a buffering relay time to fill up
+    during = rss_mib(proc.pid, "VmRSS")
+    resume.set()
+    events = sum(await asyncio.gather(*readers))
+    reply_mib = streams * tokens * len(LINE) / 2**20
+    print(f"{'stalled clients':<28} streams={streams:<4} reply total={reply_mib:.0f} MiB  "
+          f"RSS {before:.0f} -> {during:.0f} MiB while stalled  "
+          f"({(during - before) * 1024 / streams:.0f} KiB per stream)  "
+          f"events={events}/{streams * (tokens + 1)} after resuming")
 
 
 async def scenario(name, proc, port, streams, tokens, per_write):
@@ -95,6 +117,8 @@ async def scenario(name, proc, port, streams, tokens, per_write):
 
 
 async def main() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2 sockets per stream here too
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=500)
@@ -124,6 +148,8 @@ async def main() -> None:
         await scenario("one stream, burst", proc, port, 1, args.burst_tokens, 50)
         await scenario("one stream, line per write", proc, port, 1, args.burst_tokens // 5, 1)
         await scenario("concurrent, line per write", proc, port, args.streams, args.tokens, 1)
+        await scenario("1000 concurrent streams", proc, port, 1000, 50, 1)
+        await stalled_clients(proc, port, 50, 20000)
     finally:
         proc.terminate()
         await proc.wait()

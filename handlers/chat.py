@@ -46,7 +46,11 @@ class LLMChatHandler(UpstreamHandler):
         self.reply = Reply(model=request.model)
         self.failure: Optional[str] = None
         self.done_seen = False
-        self.parts: list[str] = []  # the reply's text, joined once at the end
+        # The reply's text: this chunk's pieces, and earlier pieces joined into blocks
+        # (a str per token costs ~50 bytes of overhead; a long reply would pay it 10x over).
+        self.parts: list[str] = []
+        self.blocks: list[str] = []
+        self.pieces = 0
         self.time_to_first_token: Optional[float] = None
         metrics.ACTIVE_STREAMS.inc()
         try:
@@ -134,6 +138,10 @@ class LLMChatHandler(UpstreamHandler):
             if chunk.get("done"):
                 self.done_seen = True
                 reply.tokens = chunk.get("eval_count")
+        if len(parts) >= 256:
+            self.pieces += len(parts)
+            self.blocks.append("".join(parts))
+            parts.clear()
         if relayed and not self.client_gone:
             await self._open()
             try:
@@ -156,7 +164,7 @@ class LLMChatHandler(UpstreamHandler):
     async def _store_reply(self) -> None:
         """Commit the reply before the response ends, so the next request sees it."""
         reply = self.reply
-        reply.content = "".join(self.parts)
+        reply.content = "".join(self.blocks) + "".join(self.parts)
         try:
             await self._store_with_retry()
         except Exception as e:  # noqa: BLE001 - any failure must reach the client as an event
@@ -181,7 +189,7 @@ class LLMChatHandler(UpstreamHandler):
             self.client_gone = True
 
     def _observe(self) -> None:
-        self.tokens = self.reply.tokens if self.reply.tokens is not None else len(self.parts)
+        self.tokens = self.reply.tokens if self.reply.tokens is not None else self.pieces + len(self.parts)
         self.outcome = self.reply.status
         metrics.TOKENS.inc(self.tokens)
         if self.time_to_first_token is not None:

@@ -6,7 +6,7 @@ import time
 import asyncpg
 
 import jsonfmt
-from tests.ollama_double import default_reply
+from tests.ollama_double import default_reply, split_tokens
 from tests.sse_parser import parse
 from tests.support import ChatterdTestCase, chat_body
 
@@ -39,6 +39,13 @@ class LLMChatTest(ChatterdTestCase):
         (line,) = logs.output
         self.assertRegex(line, r"200 127\.0\.0\.1 POST /llmchat \d+\.\dms appID='app1' "
                                f"tokens={rows[1]['tokens']} outcome='complete'")
+
+    def test_long_reply_is_stored_exactly(self):
+        text = "".join(f"line {i}:\t{'x' * (i % 7)}  \n" for i in range(1500))  # ~4500 tokens
+        self.double.behave("long", reply=text)
+        response, events, _ = self.chat(chat_body("long", "go", model="long"))
+        self.assertEqual(len(events), len(split_tokens(text)) + 1)
+        self.assertEqual(self.rows("long")[1]["content"], text)
 
     def test_each_event_is_the_upstream_line_verbatim(self):
         response, events, _ = self.chat(chat_body("app1", "<b>&</b>"))
