@@ -6,6 +6,7 @@ Run `python chatterd.py --help` for every setting.
 """
 
 import asyncio
+from datetime import timedelta
 import logging
 import resource
 import signal
@@ -77,7 +78,7 @@ class Application(tornado.web.Application):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while self.in_flight and loop.time() < deadline:
-            await self.request_finished.wait(timeout=deadline - loop.time())
+            await self.request_finished.wait(timeout=timedelta(seconds=deadline - loop.time()))
         return not self.in_flight
 
 

@@ -22,6 +22,7 @@ from tornado.simple_httpclient import (
 )
 
 import jsonfmt
+import metrics
 
 MAX_LINE = 8 * 1024 * 1024  # Ollama's own Go client allows 8 MB per line
 MAX_ERROR_BODY = 64 * 1024
@@ -212,6 +213,14 @@ class OllamaCall:
 
     async def finished(self) -> None:
         """Wait for the end of the response; raise OllamaError unless it was a clean 200."""
+        try:
+            await self._finished()
+        except OllamaError as e:
+            if not isinstance(e, OllamaAborted):
+                metrics.UPSTREAM_ERRORS.labels(kind=type(e).__name__).inc()
+            raise
+
+    async def _finished(self) -> None:
         try:
             response = await self._fetch
         except Exception as e:  # noqa: BLE001 - mapped to what a client should be told

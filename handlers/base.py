@@ -6,7 +6,7 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 import jsonfmt
 from db.pool import DatabaseUnavailable
-from ollama_client import OllamaAborted, OllamaError
+from ollama_client import OllamaAborted
 
 
 class ClientError(HTTPError):
@@ -154,4 +154,5 @@ class UpstreamHandler(JSONBodyHandler):
     def end_for_shutdown(self) -> None:
         """The shutdown grace is over: end this request's Ollama call now."""
         if self.call is not None:
-            self.call.abort(OllamaError("chatterd is shutting down; the reply was cut short"))
+            # 503 if it is still before the stream: nginx then retries on another process.
+            self.call.abort(OllamaAborted("chatterd is shutting down; the reply was cut short", 503))

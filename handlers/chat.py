@@ -69,7 +69,10 @@ class LLMChatHandler(UpstreamHandler):
         self.start_call("/api/chat", request.upstream_body(history), self._on_lines)
         status = await self.call.wait_status(self.settings["status_grace"])
         if (status is not None and status != 200) or self.call.failed_early:
-            await self._refuse(turn)  # still before the stream: a real status
+            try:
+                await self.call.finished()  # raises: it is not a 200
+            except OllamaError as e:
+                await self._refuse(turn, e)  # still before the stream: a real status
             return
         try:
             await self._open()
@@ -87,17 +90,12 @@ class LLMChatHandler(UpstreamHandler):
             self.events.close()
             self._observe()
 
-    async def _refuse(self, turn: list[int]) -> None:
-        try:
-            await self.call.finished()
-            error = OllamaError("Ollama failed")  # unreachable: a non-200 always raises
-        except OllamaError as e:
-            error = e
+    async def _refuse(self, turn: list[int], error: OllamaError) -> None:
+        """End a turn that failed before anything was sent to the client: nothing stays stored."""
         await self._forget_turn(turn)
         if self.client_gone:  # left before anything was sent: the turn never happened
             self.set_status(499, "Client Closed Request")
             return
-        metrics.UPSTREAM_ERRORS.labels(kind=type(error).__name__).inc()
         self.clear()
         raise ClientError(error.status, error.message)
 
@@ -158,8 +156,6 @@ class LLMChatHandler(UpstreamHandler):
         self.reply.error = self.failure or error
         if status == "interrupted":
             metrics.CLIENT_DISCONNECTS.inc()
-        else:
-            metrics.UPSTREAM_ERRORS.labels(kind="mid_stream").inc()
 
     async def _store_reply(self) -> None:
         """Commit the reply before the response ends, so the next request sees it."""
@@ -203,13 +199,9 @@ class LLMChatHandler(UpstreamHandler):
         self.start_call("/api/chat", request.upstream_body(history), None)
         try:
             await self.call.finished()
-        except OllamaAborted as e:
-            self.reply.status, self.reply.error = "interrupted", e.message
-            await self._store_with_retry()
-            return
         except OllamaError as e:
-            await self._forget_turn(turn)
-            raise ClientError(e.status, e.message) from None
+            await self._refuse(turn, e)
+            return
         body = bytes(self.call.body)
         try:
             answer = jsonfmt.loads(body)

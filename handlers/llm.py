@@ -7,7 +7,7 @@ import metrics
 from db import conversations
 from handlers.base import ClientError, JSONBodyHandler, UpstreamHandler
 from handlers.llm_request import parse_llm_request
-from ollama_client import OllamaAborted, OllamaError
+from ollama_client import OllamaError
 
 
 class LLMPromptHandler(UpstreamHandler):
@@ -37,9 +37,7 @@ class LLMPromptHandler(UpstreamHandler):
                 raise ClientError(e.status, e.message) from None
         try:
             await self.call.finished()
-        except OllamaAborted:
-            return
-        except OllamaError as e:
+        except OllamaError as e:  # after the stream started: NDJSON's own way to say it
             await self._relay([jsonfmt.dumpb({"error": e.message})])
 
     async def _relay(self, lines: list[bytes]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from typing import Any, Iterable
 import tornado.httpserver
 import tornado.iostream
 import tornado.testing
+import tornado.locks
 import tornado.web
 import ujson
 
@@ -173,6 +175,7 @@ class _Handler(tornado.web.RequestHandler):
         self.rec = RecordedRequest(self.request.path, self.request.method or "", None,
                                    self.request.body or b"", time.monotonic())
         double.requests.append(self.rec)
+        double._arrival.notify_all()
         self._gone = asyncio.Event()  # the connection is closed, for whatever reason
         self._closing_ourselves = False
 
@@ -373,6 +376,7 @@ class OllamaDouble:
         self.accept_any_model = accept_any_model
         self.default = default or Behavior()  # for known models without their own Behavior
         self.requests: list[RecordedRequest] = []
+        self._arrival = tornado.locks.Condition()
         self._behaviors: dict[str, Behavior] = {}
         self._active: set[asyncio.Future] = set()
         self._stopping = False
@@ -408,6 +412,15 @@ class OllamaDouble:
 
     def chat_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.method == "POST" and r.path == "/api/chat"]
+
+    async def wait_for_chats(self, count: int = 1, timeout: float = 10.0) -> list[RecordedRequest]:
+        """Wait until `count` POST /api/chat requests have arrived; return them all."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.chat_requests()) < count:
+            remaining = datetime.timedelta(seconds=deadline - asyncio.get_running_loop().time())
+            if not await self._arrival.wait(timeout=remaining):
+                raise TimeoutError(f"{count} chat request(s) did not arrive within {timeout} s")
+        return self.chat_requests()
 
     async def stop(self) -> None:
         """Stop listening, drop every connection, and let in-flight handlers unwind."""

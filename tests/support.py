@@ -3,6 +3,7 @@ serves chatterd and an Ollama double on the test's IOLoop."""
 
 import atexit
 import asyncio
+from datetime import timedelta
 import shutil
 import tempfile
 from typing import Any, Optional
@@ -107,9 +108,8 @@ async def streams_finished(app, timeout=10.0):
     """Wait until chatterd has finished (and stored) every request in flight."""
     deadline = asyncio.get_running_loop().time() + timeout
     while app.in_flight:
-        remaining = deadline - asyncio.get_running_loop().time()
-        assert remaining > 0, "requests did not finish"
-        await app.request_finished.wait(timeout=remaining)
+        remaining = timedelta(seconds=deadline - asyncio.get_running_loop().time())
+        assert await app.request_finished.wait(timeout=remaining), "requests did not finish"
 
 
 async def chat_and_leave(port, body, wait_for=b"data: ", path=b"/llmchat"):

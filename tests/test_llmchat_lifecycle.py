@@ -41,6 +41,22 @@ class DisconnectTest(ChatterdTestCase):
         self.assertEqual(rows[-1]["status"], "interrupted")
 
 
+    @gen_test(timeout=20)
+    async def test_leaving_a_non_streaming_request_stops_ollama_and_stores_nothing(self):
+        self.double.behave("slow", token_delay=0.2)
+        body = chat_body("dc3", "hi", model="slow", stream=False)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.get_http_port())
+        payload = jsonfmt.dumpb(body)
+        writer.write(b"POST /llmchat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(payload), payload))
+        await writer.drain()
+        await self.double.wait_for_chats(1)  # the turn has reached Ollama
+        writer.transport.abort()
+        await asyncio.wait_for(self.double.chat_requests()[0].closed.wait(), 1.0)
+        await streams_finished(self._app)
+        self.assertEqual(await self.conversation("dc3"), [])
+
+
 class UpstreamFailureTest(ChatterdTestCase):
     idle_timeout = 1.0
 

@@ -74,6 +74,20 @@ class DrainTest(ChatterdTestCase):
         self.assertIn("shutting down", last["error"])
 
     @gen_test(timeout=30)
+    async def test_a_turn_still_waiting_for_ollama_is_refused_with_503(self):
+        # Nothing was sent yet, so the turn is undone and a proxy may retry it elsewhere.
+        self.double.behave("cold", header_delay=10)
+        turn = asyncio.ensure_future(self.http_client.fetch(
+            self.get_url("/llmchat"), method="POST", raise_error=False, request_timeout=30,
+            body=jsonfmt.dumps(chat_body("g4", "hi", model="cold"))))
+        await self.double.wait_for_chats(1)  # the turn has reached Ollama
+        await self._app.drain(grace=0)
+        response = await turn
+        self.assertEqual(response.code, 503)
+        self.assertIn("shutting down", jsonfmt.loads(response.body)["error"])
+        self.assertEqual(await self.conversation("g4"), [])
+
+    @gen_test(timeout=30)
     async def test_new_turns_are_refused_while_draining(self):
         self._app.draining = True
         response = await self.http_client.fetch(
