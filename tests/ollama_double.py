@@ -61,6 +61,7 @@ class Behavior:
     reset_after: int | None = None  # then abort the TCP connection with RST
     close_after: int | None = None  # then close cleanly (FIN) mid chunked body
     omit_done: bool = False  # end the body normally but without the done:true line
+    final_content: str = ""  # text carried by the done:true line itself (Ollama may do this)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class RecordedRequest:
     closed_at: float | None = None  # the peer closed before the response finished
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     chunks_sent: int = 0  # content chunks written (the done/error lines do not count)
+    lines_sent: list = field(default_factory=list)  # every NDJSON line written, as bytes
 
 
 def go_json(obj: Any) -> str:
@@ -109,9 +111,10 @@ def default_reply(messages: list[dict]) -> str:
     """
     last = next((m.get("content") for m in reversed(messages)
                  if isinstance(m, dict) and m.get("role") == "user"), "")
-    return (f"Reply #{len(messages)} to: {last or ''}\n\n"
+    # Leading and trailing whitespace too: a reply stored .strip()ped must not pass.
+    return (f" Reply #{len(messages)} to: {last or ''}\n\n"
             "```python\ndef f(x):\n    return  x * 2\n```\n\n"
-            "Two  spaces,\ttab & <tag>.")
+            "Two  spaces,\ttab & <tag>.\n")
 
 
 def split_tokens(text: str) -> list[str]:
@@ -260,7 +263,9 @@ class _Handler(tornado.web.RequestHandler):
         """Write one NDJSON line and wait until it is sent (back-pressure)."""
         if self._gone.is_set():
             return False
-        self.write(go_json(obj) + "\n")
+        line = go_json(obj).encode()
+        self.rec.lines_sent.append(line)
+        self.write(line + b"\n")
         if self.rec.first_byte_at is None:
             self.rec.first_byte_at = time.monotonic()  # headers go out with the first line
         try:
@@ -317,7 +322,8 @@ class _Handler(tornado.web.RequestHandler):
                 return
             action = self._due(b, k, len(pieces))
             if action == "error":
-                if not stream:  # non-streaming turns a generation error into a 500
+                # Non-streaming, or before any output (Ollama >= 0.12.6): a real status.
+                if not stream or k == 0:
                     return await self._error(500, b.error or "")
                 await self._line({"error": b.error})
                 break
@@ -333,7 +339,8 @@ class _Handler(tornado.web.RequestHandler):
                 final = self._final(chunk(text), b, messages, len(pieces), start, gen_start)
                 return await self._send(200, go_json(final), JSON)
             elif not b.omit_done:
-                final = self._final(chunk(""), b, messages, len(pieces), start, gen_start)
+                final = self._final(chunk(b.final_content), b, messages, len(pieces), start,
+                                    gen_start)
                 if not await self._line(final):
                     return
         await self._finish()

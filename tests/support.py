@@ -121,6 +121,8 @@ async def chat_and_leave(port, body, wait_for=b"data: ", path=b"/llmchat"):
     await writer.drain()
     seen = b""
     while wait_for not in seen:
-        seen += await asyncio.wait_for(reader.read(4096), 10)
+        data = await asyncio.wait_for(reader.read(4096), 10)
+        assert data, f"connection closed before {wait_for!r}: {seen!r}"
+        seen += data
     writer.transport.abort()
     return seen

@@ -18,12 +18,17 @@ class CurlTest(ChatterdTestCase):
             "-H", "Content-Type: application/json",
             "-d", jsonfmt.dumps(chat_body("curl", "hi", model="slow")),
             stdout=asyncio.subprocess.PIPE)
-        first = await asyncio.wait_for(proc.stdout.readuntil(b"\n\n"), 10)
-        self.assertTrue(first.startswith(b"data: {"))
-        upstream = self.double.chat_requests()[0]
-        self.assertIsNone(upstream.finished_at, "the first event reached curl only at the end")
-        rest = await asyncio.wait_for(proc.stdout.read(), 20)
-        self.assertEqual(await proc.wait(), 0)
+        try:
+            first = await asyncio.wait_for(proc.stdout.readuntil(b"\n\n"), 10)
+            self.assertTrue(first.startswith(b"data: {"))
+            upstream = self.double.chat_requests()[0]
+            self.assertIsNone(upstream.finished_at, "the first event reached curl only at the end")
+            rest = await asyncio.wait_for(proc.stdout.read(), 20)
+            self.assertEqual(await proc.wait(), 0)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
         events, _ = parse(first + rest)
         self.assertTrue(jsonfmt.loads(events[-1].data)["done"])
         self.assertEqual((await self.conversation("curl"))[-1]["status"], "complete")

