@@ -62,8 +62,8 @@ class LLMChatTest(ChatterdTestCase):
         replies = []
         for text in ("one", "two\n\n  two", "three"):
             if text == "three":
-                # Move the first turn's row to the end of the table's physical order, so
-                # only an explicit ORDER BY can still put it first.
+                # Move the first turn's row to the end of the table's physical order, so a
+                # read that relied on insertion order in the heap would put it last.
                 self.io_loop.run_sync(lambda: self.pool.execute(
                     "UPDATE messages SET content = content WHERE content = 'one'"))
             response, events, _ = self.chat(chat_body("h", text))
