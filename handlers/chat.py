@@ -30,6 +30,33 @@ from ollama_client import OllamaAborted, OllamaError
 log = logging.getLogger("chatterd")
 
 
+class ReplyText:
+    """A reply's text as it streams in.
+
+    The hot path appends each token to `recent`; `compact()`, once per upstream chunk,
+    joins them into blocks, since a str per token costs ~50 bytes of overhead.
+    """
+
+    __slots__ = ("recent", "blocks", "pieces")
+
+    def __init__(self) -> None:
+        self.recent: list[str] = []
+        self.blocks: list[str] = []
+        self.pieces = 0  # tokens in blocks
+
+    def compact(self) -> None:
+        if len(self.recent) >= 256:
+            self.pieces += len(self.recent)
+            self.blocks.append("".join(self.recent))
+            self.recent.clear()
+
+    def __len__(self) -> int:
+        return self.pieces + len(self.recent)
+
+    def __str__(self) -> str:
+        return "".join(self.blocks) + "".join(self.recent)
+
+
 class LLMChatHandler(UpstreamHandler):
     outcome: Optional[str] = None  # for the access log: complete, interrupted or failed
 
@@ -46,11 +73,7 @@ class LLMChatHandler(UpstreamHandler):
         self.reply = Reply(model=request.model)
         self.failure: Optional[str] = None
         self.done_seen = False
-        # The reply's text: this chunk's pieces, and earlier pieces joined into blocks
-        # (a str per token costs ~50 bytes of overhead; a long reply would pay it 10x over).
-        self.parts: list[str] = []
-        self.blocks: list[str] = []
-        self.pieces = 0
+        self.text = ReplyText()
         self.time_to_first_token: Optional[float] = None
         metrics.ACTIVE_STREAMS.inc()
         try:
@@ -111,7 +134,7 @@ class LLMChatHandler(UpstreamHandler):
     async def _on_lines(self, lines: list[bytes]) -> None:
         """The hot path: light bookkeeping per line, one write and one flush per chunk."""
         reply = self.reply
-        parts = self.parts
+        parts = self.text.recent
         relayed = lines
         for i, line in enumerate(lines):
             try:
@@ -136,10 +159,7 @@ class LLMChatHandler(UpstreamHandler):
             if chunk.get("done"):
                 self.done_seen = True
                 reply.tokens = chunk.get("eval_count")
-        if len(parts) >= 256:
-            self.pieces += len(parts)
-            self.blocks.append("".join(parts))
-            parts.clear()
+        self.text.compact()
         if relayed and not self.client_gone:
             await self._open()
             try:
@@ -160,7 +180,7 @@ class LLMChatHandler(UpstreamHandler):
     async def _store_reply(self) -> None:
         """Commit the reply before the response ends, so the next request sees it."""
         reply = self.reply
-        reply.content = "".join(self.blocks) + "".join(self.parts)
+        reply.content = str(self.text)
         try:
             await self._store_with_retry()
         except Exception as e:  # noqa: BLE001 - any failure must reach the client as an event
@@ -185,7 +205,7 @@ class LLMChatHandler(UpstreamHandler):
             self.client_gone = True
 
     def _observe(self) -> None:
-        self.tokens = self.reply.tokens if self.reply.tokens is not None else self.pieces + len(self.parts)
+        self.tokens = self.reply.tokens if self.reply.tokens is not None else len(self.text)
         self.outcome = self.reply.status
         metrics.TOKENS.inc(self.tokens)
         if self.time_to_first_token is not None:
@@ -211,8 +231,8 @@ class LLMChatHandler(UpstreamHandler):
                 self.reply.extra["tool_calls"] = message["tool_calls"]
             self.reply.tokens = answer.get("eval_count")
         except (ValueError, KeyError, TypeError, AttributeError):
-            await self._forget_turn(turn)
-            raise ClientError(502, "Ollama's answer is not a chat response object") from None
+            await self._refuse(turn, OllamaError("Ollama's answer is not a chat response object"))
+            return
         await self._store_with_retry()
         self.tokens, self.outcome = self.reply.tokens, "complete"
         self.set_header("Content-Type", "application/json")

@@ -62,11 +62,18 @@ class LLMChatTest(ChatterdTestCase):
         replies = []
         for text in ("one", "two\n\n  two", "three"):
             if text == "three":
-                # Move the first turn's row to the end of the table's physical order, so a
-                # read that relied on insertion order in the heap would put it last.
+                # Move the first turn's row to the end of the table's physical order and
+                # make PostgreSQL read the heap, not the (appid, seq) index: now only an
+                # explicit ORDER BY seq still puts it first.
                 self.io_loop.run_sync(lambda: self.pool.execute(
-                    "UPDATE messages SET content = content WHERE content = 'one'"))
-            response, events, _ = self.chat(chat_body("h", text))
+                    "UPDATE messages SET content = content WHERE content = 'one';"
+                    " DROP INDEX messages_appid_seq"))
+            try:
+                response, events, _ = self.chat(chat_body("h", text))
+            finally:
+                if text == "three":
+                    self.io_loop.run_sync(lambda: self.pool.execute(
+                        "CREATE INDEX messages_appid_seq ON messages (appid, seq)"))
             self.assertEqual(response.code, 200)
             replies.append("".join(jsonfmt.loads(e.data)["message"]["content"] for e in events))
         sent = self.double.chat_requests()[2].body

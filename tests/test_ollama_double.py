@@ -131,16 +131,21 @@ class InProcessTest(AsyncTestCase):
                                      raise_error=False, request_timeout=20,
                                      allow_nonstandard_methods=True, **kwargs)
 
+    async def chat_error(self, model: str, stream: bool) -> "ollama.ResponseError":
+        """The ResponseError the official client raises for this chat (streamed: on iterating)."""
+        with pytest.raises(ollama.ResponseError) as caught:
+            result = await self.client.chat(model=model, messages=MESSAGES, stream=stream)
+            if stream:
+                async for _ in result:
+                    pass
+        return caught.value
+
     @gen_test(timeout=30)
     async def test_unknown_model_is_404(self) -> None:
         for stream in (False, True):
-            with pytest.raises(ollama.ResponseError) as caught:
-                result = await self.client.chat(model="nope", messages=MESSAGES, stream=stream)
-                if stream:
-                    async for _ in result:
-                        pass
-            assert caught.value.status_code == 404
-            assert caught.value.error == "model 'nope' not found"
+            error = await self.chat_error("nope", stream)
+            assert error.status_code == 404
+            assert error.error == "model 'nope' not found"
         response = await self.raw("/api/chat", json.dumps({"model": "nope"}).encode())
         assert response.code == 404 and response.body == b'{"error":"model \'nope\' not found"}'
         assert response.headers["Content-Type"] == "application/json; charset=utf-8"
@@ -187,12 +192,8 @@ class InProcessTest(AsyncTestCase):
         busy = "server busy, please try again.  maximum pending requests exceeded"
         self.double.behave("gemma3:12b", status=503, error=busy)
         for stream in (False, True):
-            with pytest.raises(ollama.ResponseError) as caught:
-                result = await self.client.chat(model="gemma3:12b", messages=MESSAGES, stream=stream)
-                if stream:
-                    async for _ in result:
-                        pass
-            assert caught.value.status_code == 503 and caught.value.error == busy
+            error = await self.chat_error("gemma3:12b", stream)
+            assert error.status_code == 503 and error.error == busy
 
     @gen_test(timeout=30)
     async def test_raw_stream_bytes_and_header_delay(self) -> None:
