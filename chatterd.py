@@ -25,6 +25,7 @@ from handlers.chat import LLMChatHandler
 from handlers.llm import LLMPrepHandler, LLMPromptHandler
 from handlers.ops import HealthHandler, MetricsHandler, ReadyHandler
 from ollama_client import OllamaClient
+from turns import TurnKeeper
 
 log = logging.getLogger("chatterd")
 access_log = logging.getLogger("chatterd.access")
@@ -46,9 +47,11 @@ class Application(tornado.web.Application):
     """The routes plus what handlers share: the pool, the Ollama client, the live streams."""
 
     def __init__(self, pool: Any, ollama: OllamaClient, *, max_body_size: int = 1048576,
-                 heartbeat: float = 15.0, status_grace: float = 2.0) -> None:
+                 heartbeat: float = 15.0, status_grace: float = 2.0, turn_wait: float = 30.0,
+                 turn_lease: float = 10.0, store_retry: float = 15.0) -> None:
         self.pool = pool
         self.ollama = ollama
+        self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry)
         self.draining = False
         self.in_flight: set = set()  # every request being handled, streams included
         self.request_finished = tornado.locks.Condition()
@@ -124,7 +127,8 @@ async def main() -> None:
                           request_timeout=opts.request_timeout, idle_timeout=opts.idle_timeout,
                           max_streams=opts.max_streams)
     app = Application(pool, ollama, max_body_size=opts.max_body_size, heartbeat=opts.heartbeat,
-                      status_grace=opts.status_grace)
+                      status_grace=opts.status_grace, turn_wait=opts.turn_wait,
+                      turn_lease=opts.turn_lease, store_retry=opts.store_retry)
     # The server's own cap sits above ours so oversized bodies get a 413, not a dropped connection.
     server = HTTPServer(app, xheaders=opts.xheaders, max_body_size=max(opts.max_body_size * 2, 1 << 26))
     server.listen(opts.port, opts.address)
@@ -140,6 +144,7 @@ async def main() -> None:
     await app.drain(opts.shutdown_grace)
     await asyncio.wait_for(server.close_all_connections(), 10)
     ollama.close()
+    app.turns.close()
     await asyncio.wait_for(pool.close(), 10)
     log.info("stopped")
 

@@ -25,3 +25,9 @@ CLIENT_DISCONNECTS = Counter("chatterd_client_disconnects_total",
 DB_LATENCY = Histogram("chatterd_db_query_seconds", "Database operation latency", ["operation"],
                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
                        registry=REGISTRY)
+TURN_WAITS = Counter("chatterd_turn_waits_total",
+                     "Turns that found their appID busy, by how the wait ended", ["outcome"],
+                     registry=REGISTRY)
+STORE_RETRIES = Counter("chatterd_store_retries_total",
+                        "Retries of storing a turn's end while the database was away",
+                        registry=REGISTRY)

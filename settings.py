@@ -41,6 +41,13 @@ SETTINGS = (
     Setting("db-timeout", 10.0, float, "Seconds a database operation may take before it fails"),
     Setting("xheaders", False, bool,
             "Trust X-Real-IP/X-Forwarded-For/-Proto (turn on only behind nginx that sets them)"),
+    Setting("turn-wait", 30.0, float,
+            "Seconds a turn waits for a running turn of the same appID to end before it gets 409"),
+    Setting("turn-lease", 10.0, float,
+            "Seconds after which the turns of a chatterd process that died are abandoned and "
+            "their appIDs free again (the lease is renewed every third of it)"),
+    Setting("store-retry", 15.0, float,
+            "Seconds storing a turn's end is retried while the database is unreachable"),
     Setting("shutdown-grace", 30.0, float,
             "On SIGTERM, seconds in-flight streams may run before they are ended"),
 )

@@ -1,7 +1,10 @@
-"""SQL for LLM conversations, one row per message, in `seq` order.
+"""SQL for LLM conversations: turns, their messages, and the per-appID lease.
 
-Every function takes the pool and holds a connection only for its own statements:
-never across an LLM stream.  Call as `await append_messages(pool, ...)`.
+A turn's incoming messages are stored when it begins, as pending; the turn enters the
+conversation when it ends, with its reply, in one transaction (see
+db/migrations/0002_turns.sql for the functions that do it).  Every function here takes
+the pool and holds a connection only for its own statement: never across an LLM stream.
+Call as `await begin_turn(pool, ...)`.
 """
 
 from dataclasses import dataclass, field
@@ -13,6 +16,10 @@ from db.pool import connection
 
 # Ollama message fields stored verbatim in `extra` and sent back upstream.
 EXTRA_FIELDS = ("images", "tool_calls", "tool_name", "tool_call_id", "thinking")
+
+# How a turn can end, and whether it then belongs to the conversation.
+ENDED = ("complete", "interrupted", "failed")
+NOT_IN_CONVERSATION = ("rejected", "abandoned")
 
 
 @dataclass
@@ -27,67 +34,74 @@ class Reply:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _rows(app_id: str, messages: list[dict]) -> list[tuple]:
-    return [(app_id, m["role"], m["content"],
-             {k: m[k] for k in EXTRA_FIELDS if k in m} or None) for m in messages]
+def as_stored(message: dict) -> dict:
+    """The message as the conversation keeps it: role, content and the Ollama extras."""
+    stored = {"role": message["role"], "content": message["content"]}
+    for k in EXTRA_FIELDS:
+        if k in message:
+            stored[k] = message[k]
+    return stored
 
 
-_INSERT = "INSERT INTO messages (appid, role, content, extra) VALUES ($1, $2, $3, $4) RETURNING seq"
+def _pending(messages: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"],
+             "extra": {k: m[k] for k in EXTRA_FIELDS if k in m} or None} for m in messages]
 
 
-async def append_messages(pool: asyncpg.Pool, app_id: str, messages: list[dict]) -> list[int]:
-    """Store the incoming messages of one turn atomically; return their seqs."""
-    async with connection(pool, "append_messages") as con:
-        async with con.transaction():
-            return [await con.fetchval(_INSERT, *row) for row in _rows(app_id, messages)]
+async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds: float,
+                     messages: list[dict], *, replace: bool = False
+                     ) -> Optional[tuple[int, list[dict]]]:
+    """Take the appID's lease and store *messages* as a pending turn, in one round trip.
 
-
-async def delete_messages(pool: asyncpg.Pool, seqs: list[int]) -> None:
-    """Undo append_messages for a turn that was rejected before it started."""
-    async with connection(pool, "delete_messages") as con:
-        await con.execute("DELETE FROM messages WHERE seq = ANY($1::bigint[])", seqs)
-
-
-async def replace_conversation(pool: asyncpg.Pool, app_id: str, messages: list[dict]) -> None:
-    """Forget the appID's conversation and start it again with *messages* (one transaction)."""
-    async with connection(pool, "replace_conversation") as con:
-        async with con.transaction():
-            await con.execute("DELETE FROM messages WHERE appid = $1", app_id)
-            await con.executemany(_INSERT.replace(" RETURNING seq", ""), _rows(app_id, messages))
-
-
-async def load_history(pool: asyncpg.Pool, app_id: str) -> list[dict]:
-    """The conversation as Ollama messages: system prompts first, then in stored order.
-
-    Replies that ended before producing any text are skipped: they would only
-    show the model an empty assistant turn.
+    Returns (turn id, the conversation before this turn), or None when another turn of
+    the appID is running.  With *replace*, the appID's earlier turns are deleted.
     """
-    async with connection(pool, "load_history") as con:
-        rows = await con.fetch(
-            "SELECT role, content, extra FROM messages"
-            " WHERE appid = $1 AND (status = 'complete' OR content <> '')"
-            " ORDER BY role <> 'system', seq", app_id)
-    history = []
-    for r in rows:
-        message = {"role": r["role"], "content": r["content"]}
-        if r["extra"]:
-            message.update(r["extra"])
-        history.append(message)
-    return history
+    async with connection(pool, "begin_turn") as con:
+        row = await con.fetchrow("SELECT turn_id, history FROM begin_turn($1, $2, $3, $4, $5)",
+                                 app_id, owner, lease_seconds, _pending(messages), replace)
+    if row is None:
+        return None
+    return row["turn_id"], row["history"]
 
 
-async def store_reply(pool: asyncpg.Pool, app_id: str, reply: Reply) -> int:
-    async with connection(pool, "store_reply") as con:
-        return await con.fetchval(
-            "INSERT INTO messages (appid, role, content, extra, status, error, model, tokens)"
-            " VALUES ($1, 'assistant', $2, $3, $4, $5, $6, $7) RETURNING seq",
-            app_id, reply.content, reply.extra or None, reply.status, reply.error,
-            reply.model, reply.tokens)
+async def end_turn(pool: asyncpg.Pool, turn_id: int, status: str, error: Optional[str],
+                   reply: Optional[Reply]) -> str:
+    """End the turn (with its reply, if any) and release the lease, in one transaction.
+
+    Idempotent.  Returns 'stored', 'already' (an earlier call did it) or 'lost' (the
+    turn was abandoned because its lease was taken over).
+    """
+    async with connection(pool, "end_turn") as con:
+        if reply is None:
+            return await con.fetchval("SELECT end_turn($1, $2, $3, NULL, NULL, NULL, NULL, false)",
+                                      turn_id, status, error)
+        return await con.fetchval("SELECT end_turn($1, $2, $3, $4, $5, $6, $7, true)",
+                                  turn_id, status, error, reply.content, reply.extra or None,
+                                  reply.model, reply.tokens)
+
+
+async def renew_leases(pool: asyncpg.Pool, owner: str, lease_seconds: float) -> int:
+    """Extend every lease *owner* holds; return how many."""
+    async with connection(pool, "renew_leases") as con:
+        result = await con.execute(
+            "UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => $2)"
+            " WHERE owner = $1", owner, lease_seconds)
+    return int(result.split()[-1])
 
 
 async def conversation(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
-    """Every stored row of the appID, in order (for inspection and tests)."""
+    """The stored conversation of the appID, every row of its ended turns in order
+    (replies with no text included; for inspection and tests)."""
     async with connection(pool, "conversation") as con:
         return await con.fetch(
-            "SELECT seq, role, content, extra, status, error, model, tokens"
-            " FROM messages WHERE appid = $1 ORDER BY seq", app_id)
+            "SELECT m.seq, m.turn_id, m.role, m.content, m.extra, m.status, m.error, m.model,"
+            " m.tokens FROM messages m JOIN turns t ON t.id = m.turn_id"
+            " WHERE m.appid = $1 AND t.status = ANY($2::text[])"
+            " ORDER BY m.role <> 'system', m.turn_id, m.seq", app_id, list(ENDED))
+
+
+async def turns(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
+    """Every turn of the appID, ended or not, in order (for inspection and tests)."""
+    async with connection(pool, "turns") as con:
+        return await con.fetch("SELECT id, status, owner, error FROM turns"
+                               " WHERE appid = $1 ORDER BY id", app_id)

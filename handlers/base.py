@@ -1,5 +1,6 @@
 """What every chatterd handler shares: JSON errors, bounded JSON bodies, access to the app."""
 
+import asyncio
 from typing import Any, Optional
 
 from tornado.web import HTTPError, RequestHandler, stream_request_body
@@ -137,6 +138,16 @@ class UpstreamHandler(JSONBodyHandler):
 
     call: Any = None
     client_gone = False
+    _left: Optional[asyncio.Event] = None
+
+    @property
+    def left(self) -> asyncio.Event:
+        """Set when the client has gone (for waits that should end with it)."""
+        if self._left is None:
+            self._left = asyncio.Event()
+            if self.client_gone:
+                self._left.set()
+        return self._left
 
     def start_call(self, path: str, body: bytes, on_lines: Any) -> Any:
         """Start the Ollama call (see OllamaClient.post); a client already gone cancels it."""
@@ -148,6 +159,8 @@ class UpstreamHandler(JSONBodyHandler):
     def on_connection_close(self) -> None:
         super().on_connection_close()  # fails a body still being received
         self.client_gone = True
+        if self._left is not None:
+            self._left.set()
         if self.call is not None:
             self.call.abort(OllamaAborted("client disconnected"))
 

@@ -1,31 +1,36 @@
-"""POST /llmchat: store the turn, send the whole conversation to Ollama, relay the reply as SSE.
+"""POST /llmchat: one turn of an appID's conversation, the reply relayed as SSE.
 
-The life of a turn:
-1. validate and store the incoming messages (one transaction);
-2. read the conversation and release the connection: none is held while streaming;
-3. start Ollama's /api/chat and wait up to --status-grace for its status.  A non-200
-   within the grace becomes that status (and the stored messages are removed);
-   otherwise the response commits to 200 and heartbeats cover the model's silence;
-4. relay each NDJSON line as one `data:` event, flushing once per upstream chunk;
-5. store the reply exactly as streamed, marked complete, interrupted (client left)
-   or failed (upstream error, timeout, shutdown), before the response ends.
+The life of a turn (turns.py keeps the rules, db/conversations.py the SQL):
+1. validate the body, then wait until no other turn of the appID runs, store the
+   incoming messages as pending and read the conversation: one round trip, and no
+   connection is held while streaming;
+2. start Ollama's /api/chat and wait up to --status-grace for its status.  A non-200
+   within the grace becomes that status and the turn is rejected (never part of the
+   conversation); otherwise the response commits to 200 and heartbeats cover the
+   model's silence;
+3. relay each NDJSON line as one `data:` event, one write per upstream chunk;
+4. end the turn: its reply, exactly as streamed, enters the conversation with the
+   incoming messages, marked complete, interrupted (client left) or failed (upstream
+   error, timeout, shutdown).  Ollama's final `done` line is relayed only once that is
+   committed, so a client that saw `done` knows the turn is stored.  A client that
+   left before any of the answer was sent gets its turn rejected instead.
 """
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
+import asyncpg
 from tornado.iostream import StreamClosedError
 
 import jsonfmt
 import metrics
 import sse
-from db import conversations
 from db.conversations import Reply
 from db.pool import DatabaseUnavailable
 from handlers.base import ClientError, UpstreamHandler
 from handlers.llm_request import LLMRequest, parse_llm_request
 from ollama_client import OllamaAborted, OllamaError
-
+from turns import ClientLeft, Turn, TurnBusy, TurnNotStored
 
 log = logging.getLogger("chatterd")
 
@@ -57,45 +62,65 @@ class ReplyText:
         return "".join(self.blocks) + "".join(self.recent)
 
 
+def token_count(value: Any) -> Optional[int]:
+    """Ollama's eval_count if it is a sane count; an upstream's odd value is ignored."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
+    return None
+
+
+async def begin_turn(handler: UpstreamHandler, request: LLMRequest, replace: bool = False) -> Turn:
+    """Wait for the appID's turn and start it; every refusal is a real HTTP status."""
+    try:
+        return await handler.application.turns.begin(
+            request.app_id, request.messages, left=handler.left, replace=replace)
+    except TurnBusy:
+        raise ClientError(409, f"another turn of appID {request.app_id!r} is still running "
+                               f"after {handler.application.turns.wait:g} s; retry when it has "
+                               "ended") from None
+
+
 class LLMChatHandler(UpstreamHandler):
-    outcome: Optional[str] = None  # for the access log: complete, interrupted or failed
+    outcome: Optional[str] = None  # for the access log: complete, interrupted, failed, rejected
 
     async def post(self) -> None:
         self.refuse_when_draining()
         request = parse_llm_request(self.json_object())
         self.app_id = request.app_id
-        turn = await conversations.append_messages(self.pool, request.app_id, request.messages)
         try:
-            history = await conversations.load_history(self.pool, request.app_id)
-        except DatabaseUnavailable:
-            await self._forget_turn(turn)
-            raise
+            self.turn = await begin_turn(self, request)
+        except ClientLeft:
+            self.set_status(499, "Client Closed Request")
+            return
         self.reply = Reply(model=request.model)
         self.failure: Optional[str] = None
-        self.done_seen = False
+        self.done_line: Optional[bytes] = None
+        self.answer_started = False
         self.text = ReplyText()
         self.time_to_first_token: Optional[float] = None
         metrics.ACTIVE_STREAMS.inc()
         try:
             if request.stream:
-                await self._stream(request, history, turn)
+                await self._stream(request)
             else:
-                await self._once(request, history, turn)
+                await self._once(request)
         finally:
             metrics.ACTIVE_STREAMS.dec()
+            if not self.turn.ended:  # an unexpected error: never leave the turn pending here
+                await self.turn.reject("chatterd failed to handle the turn")
 
     # -- streaming ------------------------------------------------------------------
 
-    async def _stream(self, request: LLMRequest, history: list[dict], turn: list[int]) -> None:
+    async def _stream(self, request: LLMRequest) -> None:
         self.events = sse.EventStream(self, self.settings["heartbeat"])
         self.events.set_headers()
-        self.start_call("/api/chat", request.upstream_body(history), self._on_lines)
+        self.start_call("/api/chat", request.upstream_body(self.turn.history), self._on_lines)
         status = await self.call.wait_status(self.settings["status_grace"])
         if (status is not None and status != 200) or self.call.failed_early:
             try:
                 await self.call.finished()  # raises: it is not a 200
             except OllamaError as e:
-                await self._refuse(turn, e)  # still before the stream: a real status
+                await self._refuse(e)  # still before the stream: a real status
             return
         try:
             await self._open()
@@ -106,17 +131,18 @@ class LLMChatHandler(UpstreamHandler):
             except OllamaError as e:
                 self._end("failed", e.message)
             else:
-                if not self.done_seen:
+                if self.done_line is None:
                     self._end("failed", "Ollama ended the reply without its final done message")
-            await self._store_reply()
+            await self._finish_turn()
         finally:
             self.events.close()
             self._observe()
 
-    async def _refuse(self, turn: list[int], error: OllamaError) -> None:
-        """End a turn that failed before anything was sent to the client: nothing stays stored."""
-        await self._forget_turn(turn)
-        if self.client_gone:  # left before anything was sent: the turn never happened
+    async def _refuse(self, error: OllamaError) -> None:
+        """End a turn that failed before anything was sent to the client: it never happened."""
+        self.outcome = "rejected"
+        await self.turn.reject(error.message)
+        if self.client_gone:
             self.set_status(499, "Client Closed Request")
             return
         self.clear()
@@ -139,8 +165,9 @@ class LLMChatHandler(UpstreamHandler):
         for i, line in enumerate(lines):
             try:
                 chunk = jsonfmt.loads(line)
-                message = chunk.get("message")
-            except (ValueError, AttributeError):
+            except ValueError:
+                chunk = None
+            if not isinstance(chunk, dict):
                 self._fail_upstream(f"Ollama sent a line that is not a JSON object: {line[:80]!r}")
                 relayed = lines[:i]
                 break
@@ -148,24 +175,35 @@ class LLMChatHandler(UpstreamHandler):
                 self._fail_upstream(f"Ollama: {chunk['error']}")
                 relayed = lines[:i]
                 break
-            if message:
+            message = chunk.get("message")
+            if isinstance(message, dict):
                 content = message.get("content")
-                if content:
+                if content and isinstance(content, str):
                     parts.append(content)
                     if self.time_to_first_token is None:
                         self.time_to_first_token = self.request.request_time()
-                if "tool_calls" in message:
-                    reply.extra.setdefault("tool_calls", []).extend(message["tool_calls"])
-            if chunk.get("done"):
-                self.done_seen = True
-                reply.tokens = chunk.get("eval_count")
+                calls = message.get("tool_calls")
+                if calls and isinstance(calls, list):
+                    reply.extra.setdefault("tool_calls", []).extend(calls)
+            if chunk.get("done") is True:
+                # Held back until the turn is stored: `done` promises the turn is kept.
+                self.done_line = line
+                reply.tokens = token_count(chunk.get("eval_count"))
+                relayed = lines[:i]
+                break
         self.text.compact()
-        if relayed and not self.client_gone:
-            await self._open()
-            try:
-                await self.events.send(sse.data_events(relayed))
-            except StreamClosedError:
-                self.on_connection_close()
+        if relayed:
+            await self._send(sse.data_events(relayed))
+
+    async def _send(self, data: bytes) -> None:
+        if self.client_gone:
+            return
+        await self._open()
+        self.answer_started = True
+        try:
+            await self.events.send(data)
+        except StreamClosedError:
+            self.on_connection_close()
 
     def _fail_upstream(self, message: str) -> None:
         self.failure = message
@@ -177,32 +215,27 @@ class LLMChatHandler(UpstreamHandler):
         if status == "interrupted":
             metrics.CLIENT_DISCONNECTS.inc()
 
-    async def _store_reply(self) -> None:
-        """Commit the reply before the response ends, so the next request sees it."""
+    async def _finish_turn(self) -> None:
+        """End the turn (it enters the conversation), then tell the client how it went."""
         reply = self.reply
         reply.content = str(self.text)
-        try:
-            await self._store_with_retry()
-        except Exception as e:  # noqa: BLE001 - any failure must reach the client as an event
-            log.warning("storing the reply of appID %r failed: %s", self.app_id, e)
-            await self._send_error(f"storing the reply failed: {e}")
-        if reply.status != "complete" and reply.error:
-            await self._send_error(reply.error)
-
-    async def _store_with_retry(self) -> None:
-        try:
-            await conversations.store_reply(self.pool, self.app_id, self.reply)
-        except DatabaseUnavailable:
-            # A broken pooled connection is replaced on the next acquire: try once more.
-            await conversations.store_reply(self.pool, self.app_id, self.reply)
-
-    async def _send_error(self, message: str) -> None:
-        if self.client_gone:
+        if reply.status == "interrupted" and not self.answer_started:
+            # The client left before any of the answer was sent: as if never asked.
+            await self.turn.reject("the client left before the answer started")
+            reply.status = "rejected"
             return
         try:
-            await self.events.send(sse.error_event(message))
-        except StreamClosedError:
-            self.client_gone = True
+            await self.turn.end(reply.status, reply)
+        except (DatabaseUnavailable, TurnNotStored, asyncpg.PostgresError) as e:
+            log.warning("storing turn %d of appID %r failed: %s", self.turn.id, self.app_id, e)
+            await self.turn.reject(f"storing it failed: {e}")  # its lease is freed, if possible
+            reply.status = "failed"
+            await self._send(sse.error_event(f"the reply could not be stored: {e}"))
+            return
+        if reply.status == "complete":
+            await self._send(sse.data_events([self.done_line]))
+        elif reply.error:
+            await self._send(sse.error_event(reply.error))
 
     def _observe(self) -> None:
         self.tokens = self.reply.tokens if self.reply.tokens is not None else len(self.text)
@@ -214,32 +247,33 @@ class LLMChatHandler(UpstreamHandler):
 
     # -- stream: false -------------------------------------------------------------
 
-    async def _once(self, request: LLMRequest, history: list[dict], turn: list[int]) -> None:
-        """Ollama's single JSON object, passed through; the reply stored the same way."""
-        self.start_call("/api/chat", request.upstream_body(history), None)
+    async def _once(self, request: LLMRequest) -> None:
+        """Ollama's single JSON object, passed through; the turn stored the same way."""
+        self.start_call("/api/chat", request.upstream_body(self.turn.history), None)
         try:
             await self.call.finished()
         except OllamaError as e:
-            await self._refuse(turn, e)
+            await self._refuse(e)
             return
         body = bytes(self.call.body)
         try:
             answer = jsonfmt.loads(body)
             message = answer["message"]
-            self.reply.content = message.get("content", "")
+            content = message.get("content", "")
+            if not isinstance(content, str):
+                raise TypeError("content is not a string")
+            self.reply.content = content
             if message.get("tool_calls"):
                 self.reply.extra["tool_calls"] = message["tool_calls"]
-            self.reply.tokens = answer.get("eval_count")
+            self.reply.tokens = token_count(answer.get("eval_count"))
         except (ValueError, KeyError, TypeError, AttributeError):
-            await self._refuse(turn, OllamaError("Ollama's answer is not a chat response object"))
+            await self._refuse(OllamaError("Ollama's answer is not a chat response object"))
             return
-        await self._store_with_retry()
+        try:
+            await self.turn.end("complete", self.reply)
+        except (TurnNotStored, asyncpg.PostgresError) as e:
+            await self.turn.reject(f"storing it failed: {e}")
+            raise ClientError(503, f"the reply could not be stored: {e}") from None
         self.tokens, self.outcome = self.reply.tokens, "complete"
         self.set_header("Content-Type", "application/json")
         self.finish(body)
-
-    async def _forget_turn(self, turn: list[int]) -> None:
-        try:
-            await conversations.delete_messages(self.pool, turn)
-        except DatabaseUnavailable as e:
-            log.warning("could not remove the rejected turn of appID %r: %s", self.app_id, e)

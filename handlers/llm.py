@@ -4,10 +4,11 @@ from tornado.iostream import StreamClosedError
 
 import jsonfmt
 import metrics
-from db import conversations
-from handlers.base import ClientError, JSONBodyHandler, UpstreamHandler
+from handlers.base import ClientError, UpstreamHandler
+from handlers.chat import begin_turn
 from handlers.llm_request import parse_llm_request
 from ollama_client import OllamaError
+from turns import ClientLeft, TurnNotStored
 
 
 class LLMPromptHandler(UpstreamHandler):
@@ -53,11 +54,22 @@ class LLMPromptHandler(UpstreamHandler):
             self.on_connection_close()
 
 
-class LLMPrepHandler(JSONBodyHandler):
-    """Start the appID's conversation over with the given (system) messages."""
+class LLMPrepHandler(UpstreamHandler):
+    """Start the appID's conversation over with the given (system) messages.
+
+    It is a turn of its own (waiting for a running one to end), so it never cuts into one.
+    """
 
     async def post(self) -> None:
         request = parse_llm_request(self.json_object(), allow_empty_messages=True)
         self.app_id = request.app_id
-        await conversations.replace_conversation(self.pool, request.app_id, request.messages)
+        try:
+            turn = await begin_turn(self, request, replace=True)
+        except ClientLeft:
+            self.set_status(499, "Client Closed Request")
+            return
+        try:
+            await turn.end("complete")
+        except TurnNotStored as e:
+            raise ClientError(503, f"the new conversation could not be stored: {e}") from None
         self.send_json({})

@@ -50,6 +50,9 @@ class ChatterdTestCase(AsyncHTTPTestCase):
     idle_timeout = 30.0
     request_timeout = 60.0
     max_body_size = 1048576
+    turn_wait = 30.0
+    turn_lease = 10.0
+    store_retry = 15.0
 
     def dsn(self) -> str:
         return database_url()
@@ -62,7 +65,9 @@ class ChatterdTestCase(AsyncHTTPTestCase):
         self.io_loop.run_sync(self.truncate)
         self.ollama = self.io_loop.run_sync(self._make_client)
         return Application(self.pool, self.ollama, max_body_size=self.max_body_size,
-                           heartbeat=self.heartbeat, status_grace=self.status_grace)
+                           heartbeat=self.heartbeat, status_grace=self.status_grace,
+                           turn_wait=self.turn_wait, turn_lease=self.turn_lease,
+                           store_retry=self.store_retry)
 
     async def _make_client(self) -> OllamaClient:
         return OllamaClient(self.double.url, idle_timeout=self.idle_timeout,
@@ -74,7 +79,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
         except OSError:
             return
         try:
-            await con.execute("TRUNCATE chatts, messages")
+            await con.execute("TRUNCATE chatts, messages, turns, leases")
         finally:
             await con.close()
 
@@ -82,6 +87,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
         self.io_loop.run_sync(self.double.stop)
         self.io_loop.run_sync(lambda: asyncio.wait_for(self.pool.close(), 10))
         self.ollama.close()
+        self._app.turns.close()
         super().tearDown()
 
     # -- helpers -------------------------------------------------------------------
@@ -95,8 +101,12 @@ class ChatterdTestCase(AsyncHTTPTestCase):
         return self.io_loop.run_sync(lambda: self.conversation(app_id))
 
     async def conversation(self, app_id: str) -> list:
-        """The stored conversation (from a gen_test)."""
+        """The stored conversation (from a gen_test): the rows of its ended turns."""
         return await conversations.conversation(self.pool, app_id)
+
+    async def turns(self, app_id: str) -> list:
+        """Every turn of the appID with its status, ended or not."""
+        return await conversations.turns(self.pool, app_id)
 
 
 def chat_body(app_id: str, content: str, model: str = "llama3.2", **extra: Any) -> dict:

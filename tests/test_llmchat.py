@@ -260,7 +260,9 @@ class StoreFailureTest(ChatterdTestCase):
             self.io_loop.run_sync(self.drop_trigger)
         self.assertEqual(response.code, 200)
         events, _ = parse(response.body)
-        self.assertTrue(jsonfmt.loads(events[-2].data)["done"])
+        # `done` promises the turn is stored, so it never comes: the error does instead.
+        self.assertFalse(any(e.event == "message" and jsonfmt.loads(e.data).get("done")
+                             for e in events))
         self.assertEqual(events[-1].event, "error")
         self.assertIn("replies refused for this test", jsonfmt.loads(events[-1].data)["error"])
 

@@ -1,0 +1,219 @@
+"""The life of a turn: one at a time per appID, entering the conversation whole when it ends.
+
+    turn = await app.turns.begin(app_id, messages, left=client_left)   # waits its turn
+    ... relay the reply ...
+    await turn.end("complete", reply)      # or "interrupted"/"failed"; turn.reject(reason)
+
+`begin` stores the incoming messages as pending and takes the appID's lease in
+PostgreSQL, so turns of one appID never overlap, across processes and machines.  A turn
+that finds the appID busy waits (a stop-then-type turn sees the interrupted reply
+first) for up to --turn-wait seconds, then gets 409.  This process renews its leases;
+when it dies, they expire after --turn-lease seconds and the next turn marks the dead
+one abandoned.  `end` is idempotent and retried for --store-retry seconds, which
+bridges a short database outage without ever storing a reply twice.
+"""
+
+import asyncio
+import logging
+import os
+import re
+import socket
+import uuid
+from typing import Optional
+
+import asyncpg
+
+import metrics
+from db import conversations
+from db.conversations import Reply
+from db.pool import DatabaseUnavailable
+
+log = logging.getLogger("chatterd")
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class TurnBusy(Exception):
+    """Another turn of the appID kept running for the whole --turn-wait."""
+
+
+class ClientLeft(Exception):
+    """The client went away while its turn was waiting."""
+
+
+class TurnNotStored(Exception):
+    """The turn's end could not be stored (the database stayed away, or the lease was lost)."""
+
+
+class TurnKeeper:
+    """This process's turns: begins them, renews their leases, wakes local waiters."""
+
+    def __init__(self, pool: asyncpg.Pool, *, lease: float = 10.0, wait: float = 30.0,
+                 store_retry: float = 15.0) -> None:
+        self.pool = pool
+        self.lease = lease
+        self.wait = wait
+        self.store_retry = store_retry
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.running = 0
+        self._ended: dict[str, asyncio.Event] = {}  # appID -> set when a turn of it ends here
+        self._renewer: Optional[asyncio.Task] = None
+
+    def _start_renewing(self) -> None:
+        if self._renewer is None:
+            self._renewer = asyncio.ensure_future(self._renew_forever())
+
+    def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
+
+    async def begin(self, app_id: str, messages: list[dict], *,
+                    left: Optional[asyncio.Event] = None, replace: bool = False) -> "Turn":
+        """Store *messages* as a pending turn of *app_id* once no other turn of it runs.
+
+        Raises TurnBusy after --turn-wait seconds, ClientLeft when *left* is set while
+        waiting, DatabaseUnavailable when PostgreSQL is away (nothing is then stored).
+        """
+        self._start_renewing()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait
+        pause = 0.01
+        waited = False
+        while True:
+            begun = await conversations.begin_turn(self.pool, app_id, self.owner, self.lease,
+                                                   messages, replace=replace)
+            if begun is not None:
+                if waited:
+                    metrics.TURN_WAITS.labels(outcome="started").inc()
+                self.running += 1
+                turn_id, history = begun
+                return Turn(self, app_id, turn_id, with_new_messages(history, messages))
+            waited = True
+            if loop.time() >= deadline:
+                metrics.TURN_WAITS.labels(outcome="busy").inc()
+                raise TurnBusy()
+            # A turn ending in this process wakes us at once; one ending in another
+            # process is seen at the next try (pauses grow to 0.25 s).
+            ended = self._ended.setdefault(app_id, asyncio.Event())
+            waits = [asyncio.ensure_future(ended.wait())]
+            if left is not None:
+                waits.append(asyncio.ensure_future(left.wait()))
+            await asyncio.wait(waits, timeout=min(pause, max(deadline - loop.time(), 0)),
+                               return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if left is not None and left.is_set():
+                metrics.TURN_WAITS.labels(outcome="client_left").inc()
+                raise ClientLeft()
+            pause = min(pause * 2, 0.25)
+
+    def _turn_ended(self, app_id: str) -> None:
+        self.running -= 1
+        ended = self._ended.pop(app_id, None)
+        if ended is not None:
+            ended.set()
+
+    async def _renew_forever(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            if not self.running:
+                continue
+            try:
+                await conversations.renew_leases(self.pool, self.owner, self.lease)
+                if failing:
+                    log.info("turn leases renewed again")
+                failing = False
+            except DatabaseUnavailable as e:
+                if not failing:  # one line per outage, not one per beat
+                    log.warning("cannot renew turn leases: %s", e)
+                failing = True
+
+
+def with_new_messages(history: list[dict], messages: list[dict]) -> list[dict]:
+    """What the model is sent: the conversation so far, then the turn's own messages, as
+    they are stored (so later turns send exactly the same), system prompts first."""
+    new = [conversations.as_stored(m) for m in messages]
+    if not any(m["role"] == "system" for m in new):
+        return history + new
+    ordered = [m for m in history if m["role"] == "system"] + [m for m in new if m["role"] == "system"]
+    return ordered + [m for m in history if m["role"] != "system"] + \
+        [m for m in new if m["role"] != "system"]
+
+
+class Turn:
+    """One running turn: its id, the messages the model is sent, and how it ends."""
+
+    def __init__(self, keeper: TurnKeeper, app_id: str, turn_id: int, history: list[dict]) -> None:
+        self.keeper = keeper
+        self.app_id = app_id
+        self.id = turn_id
+        self.history = history  # the conversation before this turn, and its own messages
+        self.ended = False
+
+    async def end(self, status: str, reply: Optional[Reply] = None,
+                  error: Optional[str] = None) -> None:
+        """Enter the turn into the conversation as *status*, with *reply*, in one transaction.
+
+        Retried while the database is away, up to --store-retry seconds; raises
+        TurnNotStored when that did not work or the turn was taken over meanwhile.
+        """
+        if reply is not None:
+            reply.content = storable(reply.content)
+            reply.extra = storable(reply.extra)
+            reply.error = storable(reply.error)
+        error = storable(error if reply is None else reply.error)
+        try:
+            outcome = await self._store(status, error, reply)
+        finally:
+            if not self.ended:
+                self.ended = True
+                self.keeper._turn_ended(self.app_id)
+        if outcome == "lost":
+            raise TurnNotStored("the turn was taken over: its lease expired while the "
+                                "database was unreachable")
+
+    async def reject(self, reason: str) -> None:
+        """End a turn whose answer never started: it never enters the conversation.
+
+        Failing to record that is harmless (the lease expires and the turn is abandoned),
+        so it is only logged.
+        """
+        try:
+            await self.end("rejected", error=reason)
+        except (TurnNotStored, DatabaseUnavailable) as e:
+            log.warning("could not mark turn %d of appID %r rejected (%s); its lease will "
+                        "expire instead", self.id, self.app_id, e)
+
+    async def _store(self, status: str, error: Optional[str], reply: Optional[Reply]) -> str:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.keeper.store_retry
+        pause = 0.1
+        while True:
+            try:
+                return await conversations.end_turn(self.keeper.pool, self.id, status, error, reply)
+            except DatabaseUnavailable:
+                if loop.time() + pause > deadline:
+                    raise
+                metrics.STORE_RETRIES.inc()
+                await asyncio.sleep(pause)  # the database is away: try again shortly
+                pause = min(pause * 2, 1.0)
+
+
+def storable(value):  # type: ignore[no-untyped-def]
+    """*value* with every U+0000 and lone surrogate replaced by U+FFFD: PostgreSQL text and
+    jsonb cannot hold them, and a model's reply must not be lost for one character."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            value = value.replace("\x00", "\ufffd")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = _SURROGATE.sub("\ufffd", value)
+        return value
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
