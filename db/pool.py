@@ -15,14 +15,17 @@ class DatabaseUnavailable(Exception):
 
 
 # Errors that mean "the database is not there", as opposed to "this statement is wrong".
+# InternalClientError is what asyncpg raises for an idle pooled connection that had
+# already received the server's shutdown ("cannot switch to state 12").
 CONNECTION_ERRORS = (
     OSError,
     TimeoutError,
-    asyncpg.PostgresConnectionError,
+    asyncpg.PostgresConnectionError,     # ConnectionDoesNotExistError, ConnectionFailureError...
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.exceptions.InternalServerError,
 )
 
 
