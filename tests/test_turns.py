@@ -1,0 +1,196 @@
+"""The turn contract (README, "What is stored"): whole turns, one at a time per appID,
+rejected turns never seen, an idempotent end, leases that free a dead process's appIDs."""
+
+import asyncio
+
+import asyncpg
+from tornado.httpclient import AsyncHTTPClient
+from tornado.testing import gen_test
+
+import jsonfmt
+from db import conversations
+from tests.ollama_double import default_reply
+from tests.sse_parser import parse
+from tests.support import ChatterdTestCase, chat_and_leave, chat_body, streams_finished
+
+
+def contents(messages):
+    return [(m["role"], m["content"]) for m in messages]
+
+
+class TurnOrderTest(ChatterdTestCase):
+    @gen_test(timeout=30)
+    async def test_stop_then_type_sees_the_interrupted_reply_first(self):
+        """Press stop and send the next message at once: the partial reply is stored before
+        the next turn reads the conversation, and that turn is sent it."""
+        self.double.behave("slow", token_delay=0.05, reply="word " * 100)
+        for round_ in range(5):
+            await chat_and_leave(self.get_http_port(), chat_body("stt", f"q{round_}", model="slow"))
+            # No waiting: the next turn is sent the moment the client has left.
+            response = await AsyncHTTPClient().fetch(
+                self.get_url("/llmchat"), method="POST", request_timeout=20,
+                body=jsonfmt.dumps(chat_body("stt", f"next{round_}")))
+            self.assertEqual(response.code, 200)
+        await streams_finished(self._app)
+        rows = await self.conversation("stt")
+        expected_roles = ["user", "assistant"] * 10
+        self.assertEqual([r["role"] for r in rows], expected_roles)
+        self.assertEqual([r["status"] for r in rows[1::2]], ["interrupted", "complete"] * 5)
+        self.assertEqual([r["content"] for r in rows[0::2]],
+                         [c for i in range(5) for c in (f"q{i}", f"next{i}")])
+        # Every upstream request of a "next" turn carried the interrupted reply right before it.
+        for request in self.double.chat_requests():
+            sent = request.body["messages"]
+            self.assertEqual(sent[-1]["role"], "user")
+            if sent[-1]["content"].startswith("next"):
+                self.assertEqual(sent[-2]["role"], "assistant")
+                self.assertTrue(sent[-2]["content"].startswith("word"), sent)
+
+    @gen_test(timeout=60)
+    async def test_concurrent_turns_of_one_appid_are_whole_and_answer_their_own_question(self):
+        """A double send, two devices on one bundle ID: turns queue, none interleaves."""
+        self.double.behave("llama3.2", token_delay=0.002)
+        client = AsyncHTTPClient(force_instance=True, max_clients=20)
+        try:
+            responses = await asyncio.gather(*[
+                client.fetch(self.get_url("/llmchat"), method="POST", request_timeout=60,
+                             body=jsonfmt.dumps(chat_body("dbl", f"question {i}")))
+                for i in range(12)])
+        finally:
+            client.close()
+        self.assertEqual([r.code for r in responses], [200] * 12)
+        rows = await self.conversation("dbl")
+        self.assertEqual([r["role"] for r in rows], ["user", "assistant"] * 12)
+        history: list[dict] = []
+        for user, reply in zip(rows[0::2], rows[1::2]):
+            history.append({"role": "user", "content": user["content"]})
+            # The double's reply quotes the last user message and counts the messages it got.
+            self.assertEqual(reply["content"], default_reply(history))
+            history.append({"role": "assistant", "content": reply["content"]})
+        for response in responses:
+            events, _ = parse(response.body)
+            self.assertTrue(jsonfmt.loads(events[-1].data)["done"])
+        # Each upstream request held exactly the conversation before it plus its own question.
+        requests = self.double.chat_requests()
+        for request in requests:
+            sent = request.body["messages"]
+            self.assertEqual(contents(sent[:-1]), contents(history[:len(sent) - 1]))
+
+    def test_a_turn_waits_at_most_turn_wait_then_gets_409(self):
+        self._app.turns.wait = 0.3
+        self.double.behave("slow", token_delay=0.1, reply="word " * 50)
+        first = self.http_client.fetch(self.get_url("/llmchat"), method="POST", raise_error=False,
+                                       body=jsonfmt.dumps(chat_body("busy", "one", model="slow")))
+        self.io_loop.run_sync(lambda: self.double.wait_for_chats(1))
+        second = self.post_json("/llmchat", chat_body("busy", "two"))
+        self.assertEqual(second.code, 409)
+        self.assertIn("another turn of appID 'busy' is still running", jsonfmt.loads(second.body)["error"])
+        self.assertEqual(self.io_loop.run_sync(lambda: first).code, 200)
+        rows = self.rows("busy")
+        self.assertEqual([r["content"] for r in rows if r["role"] == "user"], ["one"])
+        statuses = [t["status"] for t in self.io_loop.run_sync(lambda: self.turns("busy"))]
+        self.assertEqual(statuses, ["complete"])  # the 409 stored nothing at all
+
+    @gen_test(timeout=20)
+    async def test_a_client_that_leaves_while_waiting_stores_nothing(self):
+        self.double.behave("slow", token_delay=0.05, reply="word " * 60)
+        first = AsyncHTTPClient().fetch(self.get_url("/llmchat"), method="POST", request_timeout=20,
+                                        body=jsonfmt.dumps(chat_body("wl", "one", model="slow")))
+        await self.double.wait_for_chats(1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.get_http_port())
+        payload = jsonfmt.dumpb(chat_body("wl", "waiting"))
+        writer.write(b"POST /llmchat HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(payload), payload))
+        await writer.drain()
+        # Wait until the second turn is queued behind the first (it has no turn yet).
+        while not any(getattr(h, "app_id", None) == "wl" and not hasattr(h, "turn")
+                      and b"waiting" in getattr(h, "_body", b"") for h in self._app.in_flight):
+            await asyncio.sleep(0.01)
+        writer.transport.abort()
+        await first
+        await streams_finished(self._app)
+        self.assertEqual(len(self.double.chat_requests()), 1)  # the waiting turn never reached Ollama
+        self.assertEqual([t["status"] for t in await self.turns("wl")], ["complete"])
+
+
+class RejectedTurnTest(ChatterdTestCase):
+    def test_a_rejected_turn_is_never_sent_again(self):
+        self.double.behave("missing", status=404, error="model 'missing' not found")
+        self.assertEqual(self.post_json("/llmchat", chat_body("rj", "lost", model="missing")).code, 404)
+        self.assertEqual(self.post_json("/llmchat", chat_body("rj", "kept")).code, 200)
+        sent = self.double.chat_requests()[-1].body["messages"]
+        self.assertEqual(contents(sent), [("user", "kept")])
+        statuses = [t["status"] for t in self.io_loop.run_sync(lambda: self.turns("rj"))]
+        self.assertEqual(statuses, ["rejected", "complete"])
+        # The rejected turn's message is kept (durable), but outside the conversation.
+        self.assertEqual([r["content"] for r in self.rows("rj")][0], "kept")
+
+    def test_a_resent_turn_that_was_never_answered_is_stored_once(self):
+        self.double.behave("down", status=503, error="server busy")
+        body = chat_body("rs", "say it once", model="down")
+        self.assertEqual(self.post_json("/llmchat", body).code, 503)
+        self.double.behave("down", status=200)
+        self.assertEqual(self.post_json("/llmchat", body).code, 200)
+        self.assertEqual([r["content"] for r in self.rows("rs") if r["role"] == "user"],
+                         ["say it once"])
+
+
+class LeaseTest(ChatterdTestCase):
+    async def dead_process_holds(self, app_id: str, seconds: float) -> int:
+        """What a SIGKILLed process leaves: a running turn with pending messages, a lease."""
+        got = await conversations.begin_turn(self.pool, app_id, "dead-host:1:x", seconds,
+                                             [{"role": "user", "content": "orphan"}])
+        assert got is not None
+        return got[0]
+
+    @gen_test(timeout=20)
+    async def test_a_dead_processs_turn_is_abandoned_when_its_lease_expires(self):
+        dead = await self.dead_process_holds("lz", 1.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        response = await AsyncHTTPClient().fetch(self.get_url("/llmchat"), method="POST",
+                                                 body=jsonfmt.dumps(chat_body("lz", "alive")))
+        waited = loop.time() - started
+        self.assertEqual(response.code, 200)
+        self.assertGreater(waited, 0.5)  # it waited for the lease...
+        self.assertLess(waited, 5)       # ...and not much longer
+        sent = self.double.chat_requests()[0].body["messages"]
+        self.assertEqual(contents(sent), [("user", "alive")])  # never the orphan
+        turns = await self.turns("lz")
+        self.assertEqual([(t["id"], t["status"]) for t in turns][0], (dead, "abandoned"))
+        self.assertEqual(turns[1]["status"], "complete")
+        # The dead process's late end (it was only paused, say) cannot enter it any more.
+        outcome = await conversations.end_turn(self.pool, dead, "complete", None,
+                                               conversations.Reply(content="late"))
+        self.assertEqual(outcome, "lost")
+        self.assertNotIn("late", [r["content"] for r in await self.conversation("lz")])
+
+    @gen_test(timeout=20)
+    async def test_a_live_process_renews_its_lease_while_streaming(self):
+        self._app.turns.lease = 0.6  # renewed every 0.2 s
+        self.double.behave("slow", token_delay=0.05, reply="word " * 40)  # ~2 s, > the lease
+        first = AsyncHTTPClient().fetch(self.get_url("/llmchat"), method="POST", request_timeout=20,
+                                        body=jsonfmt.dumps(chat_body("rn", "long", model="slow")))
+        await self.double.wait_for_chats(1)
+        con = await asyncpg.connect(self.dsn())
+        try:
+            # Another process tries to take the appID over while the lease should be alive.
+            for _ in range(10):
+                got = await con.fetchrow("SELECT * FROM begin_turn('rn', 'other', 5, '[]')")
+                self.assertIsNone(got)
+                await asyncio.sleep(0.15)
+        finally:
+            await con.close()
+        self.assertEqual((await first).code, 200)
+        self.assertEqual([t["status"] for t in await self.turns("rn")], ["complete"])
+
+    @gen_test(timeout=20)
+    async def test_ending_a_turn_twice_stores_the_reply_once(self):
+        got = await conversations.begin_turn(self.pool, "twice", "me", 10,
+                                             [{"role": "user", "content": "u"}])
+        reply = conversations.Reply(content="a")
+        self.assertEqual(await conversations.end_turn(self.pool, got[0], "complete", None, reply),
+                         "stored")
+        self.assertEqual(await conversations.end_turn(self.pool, got[0], "complete", None, reply),
+                         "already")
+        self.assertEqual(contents(await self.conversation("twice")), [("user", "u"), ("assistant", "a")])
