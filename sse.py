@@ -6,7 +6,6 @@ write; several events produced together are joined and flushed once.
 
 import asyncio
 import time
-from typing import Iterable
 
 from tornado.web import RequestHandler
 
@@ -22,12 +21,19 @@ HEADERS = (
 )
 
 
-def data_events(lines: Iterable[bytes]) -> bytes:
+def data_events(lines: list[bytes]) -> bytes:
     """Frame each NDJSON line as one `data:` event.
 
-    JSON text never holds a raw newline, so a line needs no further splitting.
+    JSON text never holds a raw newline, so a line needs no further splitting.  Lines
+    from ollama_client.LineSplitter also hold no raw CR, control character or
+    U+2028/U+2029 (an upstream's are escaped there); a CR from anywhere else, which
+    would end the SSE line early and could forge an `event:` line, is escaped here too
+    (one scan per write, not per line).
     """
-    return b"".join([b"data: " + line + b"\n\n" for line in lines])
+    framed = b"".join([b"data: " + line + b"\n\n" for line in lines])
+    if b"\r" in framed:
+        framed = b"".join([b"data: " + jsonfmt.one_line(line) + b"\n\n" for line in lines])
+    return framed
 
 
 def error_event(message: str) -> bytes:
