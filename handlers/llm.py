@@ -4,6 +4,7 @@ from tornado.iostream import StreamClosedError
 
 import jsonfmt
 import metrics
+import sse
 from db import conversations
 from handlers.base import ClientError, JSONBodyHandler, UpstreamHandler
 from handlers.llm_request import parse_llm_request
@@ -48,7 +49,7 @@ class LLMPromptHandler(UpstreamHandler):
             self.set_header("X-Accel-Buffering", "no")
         try:
             self.write(b"\n".join(lines) + b"\n")
-            await self.flush()
+            await sse.flush_within(self, self.settings["write_timeout"])
         except StreamClosedError:
             self.on_connection_close()
 

@@ -47,6 +47,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
 
     heartbeat = 15.0
     status_grace = 2.0
+    write_timeout = 30.0
     idle_timeout = 30.0
     request_timeout = 60.0
     max_body_size = 1048576
@@ -62,7 +63,8 @@ class ChatterdTestCase(AsyncHTTPTestCase):
         self.io_loop.run_sync(self.truncate)
         self.ollama = self.io_loop.run_sync(self._make_client)
         return Application(self.pool, self.ollama, max_body_size=self.max_body_size,
-                           heartbeat=self.heartbeat, status_grace=self.status_grace)
+                           heartbeat=self.heartbeat, status_grace=self.status_grace,
+                           write_timeout=self.write_timeout)
 
     async def _make_client(self) -> OllamaClient:
         return OllamaClient(self.double.url, idle_timeout=self.idle_timeout,
