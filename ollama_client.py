@@ -78,29 +78,27 @@ class LineSplitter:
 
     Every line it returns is safe on one line of SSE or NDJSON: a raw CR, any other
     control character or U+2028/U+2029 an upstream put in a line is escaped (see
-    jsonfmt.one_line).  The check runs once per chunk; only a chunk holding such a
+    jsonfmt.one_line).  The check runs once per chunk that completes lines, on all of
+    its bytes (a U+2028 may arrive split across chunks); only a chunk holding such a
     byte pays for a look at each of its lines.
     """
 
-    __slots__ = ("pending", "suspect")
+    __slots__ = ("pending",)
 
     def __init__(self) -> None:
         self.pending = b""
-        self.suspect = False  # pending may hold a byte one_line must see
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        suspect = self.suspect or jsonfmt.has_breakers(chunk)
         if b"\n" not in chunk:
             self.pending += chunk
-            self.suspect = suspect
             if len(self.pending) > MAX_LINE:
                 raise OllamaBroken(f"Ollama sent a line longer than {MAX_LINE} bytes")
             return []
-        parts = (self.pending + chunk).split(b"\n")
+        data = self.pending + chunk
+        parts = data.split(b"\n")
         self.pending = parts.pop()
-        if not suspect:
+        if not jsonfmt.has_breakers(data):  # the hot path
             return [p for p in parts if p and not p.isspace()]
-        self.suspect = jsonfmt.has_breakers(self.pending)
         return [jsonfmt.one_line(p.rstrip(b"\r")) for p in parts if p and not p.isspace()]
 
     def rest(self) -> list[bytes]:
