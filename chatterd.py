@@ -47,7 +47,8 @@ class Application(tornado.web.Application):
     """The routes plus what handlers share: the pool, the Ollama client, the live streams."""
 
     def __init__(self, pool: Any, ollama: OllamaClient, *, max_body_size: int = 1048576,
-                 heartbeat: float = 15.0, status_grace: float = 2.0, turn_wait: float = 30.0,
+                 heartbeat: float = 15.0, status_grace: float = 2.0,
+                 write_timeout: float = 30.0, turn_wait: float = 30.0,
                  turn_lease: float = 10.0, store_retry: float = 15.0) -> None:
         self.pool = pool
         self.ollama = ollama
@@ -57,7 +58,7 @@ class Application(tornado.web.Application):
         self.request_finished = tornado.locks.Condition()
         super().__init__(ROUTES, default_handler_class=NotFoundHandler, log_function=log_request,
                          max_body_size=max_body_size, heartbeat=heartbeat,
-                         status_grace=status_grace)
+                         status_grace=status_grace, write_timeout=write_timeout)
 
     def request_started(self, handler: Any) -> None:
         self.in_flight.add(handler)
@@ -127,8 +128,9 @@ async def main() -> None:
                           request_timeout=opts.request_timeout, idle_timeout=opts.idle_timeout,
                           max_streams=opts.max_streams)
     app = Application(pool, ollama, max_body_size=opts.max_body_size, heartbeat=opts.heartbeat,
-                      status_grace=opts.status_grace, turn_wait=opts.turn_wait,
-                      turn_lease=opts.turn_lease, store_retry=opts.store_retry)
+                      status_grace=opts.status_grace, write_timeout=opts.write_timeout,
+                      turn_wait=opts.turn_wait, turn_lease=opts.turn_lease,
+                      store_retry=opts.store_retry)
     # The server's own cap sits above ours so oversized bodies get a 413, not a dropped connection.
     server = HTTPServer(app, xheaders=opts.xheaders, max_body_size=max(opts.max_body_size * 2, 1 << 26))
     server.listen(opts.port, opts.address)

@@ -74,7 +74,14 @@ def api_base(url: str) -> str:
 
 
 class LineSplitter:
-    """Cuts a byte stream into NDJSON lines; chunk boundaries mean nothing."""
+    """Cuts a byte stream into NDJSON lines; chunk boundaries mean nothing.
+
+    Every line it returns is safe on one line of SSE or NDJSON: a raw CR, any other
+    control character or U+2028/U+2029 an upstream put in a line is escaped (see
+    jsonfmt.one_line).  The check runs once per chunk that completes lines, on all of
+    its bytes (a U+2028 may arrive split across chunks); only a chunk holding such a
+    byte pays for a look at each of its lines.
+    """
 
     __slots__ = ("pending",)
 
@@ -87,13 +94,16 @@ class LineSplitter:
             if len(self.pending) > MAX_LINE:
                 raise OllamaBroken(f"Ollama sent a line longer than {MAX_LINE} bytes")
             return []
-        parts = (self.pending + chunk).split(b"\n")
+        data = self.pending + chunk
+        parts = data.split(b"\n")
         self.pending = parts.pop()
-        return [p.rstrip(b"\r") for p in parts if p and not p.isspace()]
+        if not jsonfmt.has_breakers(data):  # the hot path
+            return [p for p in parts if p and not p.isspace()]
+        return [jsonfmt.one_line(p.rstrip(b"\r")) for p in parts if p and not p.isspace()]
 
     def rest(self) -> list[bytes]:
         rest, self.pending = self.pending.strip(), b""
-        return [rest] if rest else []
+        return [jsonfmt.one_line(rest)] if rest else []
 
 
 class _AbortableConnection(_HTTPConnection):
@@ -169,6 +179,9 @@ class OllamaCall:
         self.url = client.base + path
         self.on_lines = on_lines
         self.status: Optional[int] = None
+        self.reason = ""
+        self.location = ""  # a redirect's Location, for the error message
+        self._interim = False  # reading the header lines of a 1xx interim response
         self.content_type = "application/json"
         self.body = bytearray()  # the error body, or the whole body when on_lines is None
         self.started_at = time.monotonic()
@@ -183,6 +196,8 @@ class OllamaCall:
             self.url, method="POST" if body is not None else "GET", body=body,
             headers={"Content-Type": "application/json", "Accept": "application/x-ndjson"},
             header_callback=self._on_header, streaming_callback=self._on_chunk,
+            # A redirect is not Ollama's answer: report it (see _http_error), never follow it.
+            follow_redirects=False,
             connect_timeout=min(client.connect_timeout, self._idle),
             request_timeout=client.request_timeout if timeout is None else timeout,
             decompress_response=False)
@@ -236,13 +251,23 @@ class OllamaCall:
             await self.on_lines(rest)
 
     def _on_header(self, line: str) -> None:
-        if self.status is None and line.startswith("HTTP/"):
-            self.status = httputil.parse_response_start_line(line.rstrip("\r\n")).code
+        if line.startswith("HTTP/"):
+            start = httputil.parse_response_start_line(line.rstrip("\r\n"))
             self._last_activity = time.monotonic()
+            # 1xx (103 Early Hints, ...) are interim: Tornado reads on to the real
+            # response and reports its status line next.
+            self._interim = start.code < 200
+            if self._interim or self.status is not None:
+                return
+            self.status, self.reason = start.code, start.reason
             if not self._status_known.done():
                 self._status_known.set_result(self.status)
-        elif line.lower().startswith("content-type:"):
+        elif self._interim:
+            return
+        elif line[:13].lower() == "content-type:":
             self.content_type = line.split(":", 1)[1].strip()
+        elif line[:9].lower() == "location:":
+            self.location = line.split(":", 1)[1].strip()
 
     def _on_chunk(self, chunk: bytes) -> Optional[Awaitable[None]]:
         self._last_activity = time.monotonic()
@@ -278,6 +303,13 @@ class OllamaCall:
         self.abort(OllamaTimeout(f"Ollama sent nothing for {self._idle:g} s"))
 
     def _http_error(self, code: int) -> OllamaHTTPError:
+        if code < 400:
+            # Another 2xx has no NDJSON to relay (a 204 has no body at all) and a 3xx is
+            # not Ollama's answer: neither is the client's fault, nor a status to pass on.
+            what = f"{code} {self.reason or httputil.responses.get(code, '')}".strip()
+            if 300 <= code < 400 and self.location:
+                what += f" (redirect to {self.location[:200]})"
+            return OllamaHTTPError(f"Ollama answered {what}, expected 200", status=502)
         text = bytes(self.body).decode("utf-8", "replace").strip()
         try:
             message = jsonfmt.loads(text).get("error") or text

@@ -32,6 +32,9 @@ SETTINGS = (
     Setting("status-grace", 2.0, float,
             "Seconds to wait for Ollama's status before committing a chat stream to 200 and heartbeats"),
     Setting("heartbeat", 15.0, float, "Seconds of silence after which a ': keepalive' SSE comment is sent"),
+    Setting("write-timeout", 30.0, float,
+            "Seconds a client may take to read one write before it is disconnected and its "
+            "Ollama request ended"),
     Setting("idle-timeout", 300.0, float,
             "Seconds Ollama may send nothing (model loading included) before the turn is ended"),
     Setting("request-timeout", 1800.0, float, "Hard limit in seconds on one Ollama request"),

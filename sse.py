@@ -6,8 +6,8 @@ write; several events produced together are joined and flushed once.
 
 import asyncio
 import time
-from typing import Iterable
 
+from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
 import jsonfmt
@@ -22,16 +22,62 @@ HEADERS = (
 )
 
 
-def data_events(lines: Iterable[bytes]) -> bytes:
+def data_events(lines: list[bytes]) -> bytes:
     """Frame each NDJSON line as one `data:` event.
 
-    JSON text never holds a raw newline, so a line needs no further splitting.
+    JSON text never holds a raw newline, so a line needs no further splitting.  Lines
+    from ollama_client.LineSplitter also hold no raw CR, control character or
+    U+2028/U+2029 (an upstream's are escaped there); a CR from anywhere else, which
+    would end the SSE line early and could forge an `event:` line, is escaped here too
+    (one scan per write, not per line).
     """
-    return b"".join([b"data: " + line + b"\n\n" for line in lines])
+    framed = b"".join([b"data: " + line + b"\n\n" for line in lines])
+    if b"\r" in framed:
+        framed = b"".join([b"data: " + jsonfmt.one_line(line) + b"\n\n" for line in lines])
+    return framed
 
 
 def error_event(message: str) -> bytes:
     return b"event: error\ndata: " + jsonfmt.dumpb({"error": message}) + b"\n\n"
+
+
+async def flush_within(handler: RequestHandler, timeout: float) -> None:
+    """handler.flush(), but a client that does not take it within *timeout* seconds is cut off.
+
+    A flush waits until the kernel has taken every byte, so a client that stops reading
+    would hold the response (and, through back-pressure, its upstream call) forever.
+    On timeout the client's connection is closed, which makes Tornado call the
+    handler's on_connection_close, and StreamClosedError is raised, as for a client
+    that left.  A flush the kernel takes at once (the usual case) arms no timer.
+    """
+    await bounded(handler, handler.flush(), timeout)
+
+
+async def bounded(handler: RequestHandler, future: "asyncio.Future[None]", timeout: float) -> None:
+    """Await *future*, a flush of *handler*, as flush_within() says."""
+    if future.done():
+        future.result()
+        return
+    timed_out = False
+
+    def cut() -> None:
+        nonlocal timed_out
+        timed_out = True
+        connection = handler.request.connection
+        stream = getattr(connection, "stream", None)
+        if stream is not None:
+            stream.close()  # fails the pending write; the close callback reaches the handler
+        elif connection is not None:
+            connection.close()
+
+    timer = asyncio.get_running_loop().call_later(timeout, cut)
+    try:
+        await future  # Tornado resolves a write cut short by a close without an error
+    finally:
+        timer.cancel()
+    if timed_out:
+        raise StreamClosedError(real_error=TimeoutError(
+            f"the client did not read a write within {timeout:g} s"))
 
 
 class EventStream:
@@ -39,6 +85,8 @@ class EventStream:
 
     Awaiting every flush is what bounds memory: a client that stops reading
     stops us (and, through the awaited streaming_callback, the upstream read).
+    A client that does not take a write within `write_timeout` seconds (handler
+    setting "write_timeout", default 30) is disconnected, so it costs bounded time too.
     Heartbeats fill silences longer than `heartbeat` seconds so proxies keep the
     connection open while the model loads or thinks.  Writes are serialized:
     Tornado tracks only one pending flush, and an overtaken one never resolves.
@@ -47,6 +95,7 @@ class EventStream:
     def __init__(self, handler: RequestHandler, heartbeat: float) -> None:
         self.handler = handler
         self.heartbeat = heartbeat
+        self.write_timeout = float(handler.settings.get("write_timeout", 30.0))
         self.opened = False
         self._flushing: asyncio.Future | None = None
         self._last_write = time.monotonic()
@@ -65,7 +114,8 @@ class EventStream:
     async def send(self, data: bytes) -> None:
         """Write *data* and wait until it is handed to the kernel.
 
-        Raises tornado.iostream.StreamClosedError when the client has gone.
+        Raises tornado.iostream.StreamClosedError when the client has gone, or has
+        not taken the write within `write_timeout` seconds (then its connection is closed).
         """
         while self._flushing is not None:
             await self._flushing
@@ -73,7 +123,7 @@ class EventStream:
             self.handler.write(data)
         future = self._flushing = self.handler.flush()
         try:
-            await future
+            await bounded(self.handler, future, self.write_timeout)
         finally:
             self._flushing = None
             self._last_write = time.monotonic()

@@ -4,6 +4,7 @@ from tornado.iostream import StreamClosedError
 
 import jsonfmt
 import metrics
+import sse
 from handlers.base import ClientError, UpstreamHandler
 from handlers.chat import begin_turn
 from handlers.llm_request import parse_llm_request
@@ -49,7 +50,7 @@ class LLMPromptHandler(UpstreamHandler):
             self.set_header("X-Accel-Buffering", "no")
         try:
             self.write(b"\n".join(lines) + b"\n")
-            await self.flush()
+            await sse.flush_within(self, self.settings["write_timeout"])
         except StreamClosedError:
             self.on_connection_close()
 

@@ -26,7 +26,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import tornado.httpserver
 import tornado.iostream
@@ -62,6 +62,12 @@ class Behavior:
     close_after: int | None = None  # then close cleanly (FIN) mid chunked body
     omit_done: bool = False  # end the body normally but without the done:true line
     final_content: str = ""  # text carried by the done:true line itself (Ollama may do this)
+    # Hostile upstreams (real Ollama does none of these):
+    raw_chars: str = ""  # these characters go out raw inside JSON strings, not escaped
+    interim: int | None = None  # an informational status (e.g. 103) before the real one
+    location: str = "/"  # the Location of a 3xx `status` (GET / answers 200 here)
+    content_value: Callable[[str], Any] | None = None  # message.content = content_value(piece)
+    eval_count: Any = None  # the done line's eval_count instead of the real count
 
 
 @dataclass
@@ -180,6 +186,7 @@ class _Handler(tornado.web.RequestHandler):
         double.requests.append(self.rec)
         double._arrival.notify_all()
         self._gone = asyncio.Event()  # the connection is closed, for whatever reason
+        self._raw_chars = ""  # Behavior.raw_chars of the answer being written
         self._closing_ourselves = False
 
     def set_default_headers(self) -> None:
@@ -263,7 +270,10 @@ class _Handler(tornado.web.RequestHandler):
         """Write one NDJSON line and wait until it is sent (back-pressure)."""
         if self._gone.is_set():
             return False
-        line = go_json(obj).encode()
+        text = go_json(obj)
+        for char in self._raw_chars:  # the reply text holds no backslashes of its own
+            text = text.replace(go_json(char)[1:-1], char)
+        line = text.encode()
         self.rec.lines_sent.append(line)
         self.write(line + b"\n")
         if self.rec.first_byte_at is None:
@@ -301,14 +311,24 @@ class _Handler(tornado.web.RequestHandler):
         start = time.monotonic_ns()
         text = b.reply if b.reply is not None else default_reply(messages)
         pieces = split_tokens(text)
+        self._raw_chars = b.raw_chars
 
-        def chunk(content: str) -> dict:
+        def chunk(content: Any) -> dict:
             key, value = ("message", {"role": "assistant", "content": content}) if chat \
                 else ("response", content)
             return {"model": model, "created_at": go_time(), key: value, "done": False}
 
         if await self._pause(b.header_delay):
             return
+        if b.interim is not None:  # Tornado cannot send a 1xx itself: nothing is written yet
+            self.request.connection.stream.write(  # type: ignore[union-attr]
+                b"HTTP/1.1 %d Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n" % b.interim)
+        if b.status in (204, 304) or 300 <= b.status < 400:
+            self.set_status(b.status)  # no body (Go's http.Redirect writes none for a POST)
+            if b.status != 204 and b.status != 304:
+                self.set_header("Location", b.location)
+            self.rec.first_byte_at = time.monotonic()
+            return await self._finish()
         if b.status != 200:
             # Errors raised inside Ollama's streamResponse carry no charset (§3.3).
             return await self._send(b.status, go_json({"error": b.error or "an error was "
@@ -333,7 +353,8 @@ class _Handler(tornado.web.RequestHandler):
             if action in ("reset", "close"):
                 return self._drop(reset=action == "reset")
             if k < len(pieces):
-                if stream and not await self._line(chunk(pieces[k]), content=True):
+                piece = pieces[k] if b.content_value is None else b.content_value(pieces[k])
+                if stream and not await self._line(chunk(piece), content=True):
                     return
             elif not stream:
                 final = self._final(chunk(text), b, messages, len(pieces), start, gen_start)
@@ -366,7 +387,8 @@ class _Handler(tornado.web.RequestHandler):
         eval_duration = max(now - gen_start, 1)
         metrics = {"total_duration": max(now - start, load + prompt_eval + eval_duration),
                    "load_duration": load, "prompt_eval_count": prompt_count,
-                   "prompt_eval_duration": prompt_eval, "eval_count": eval_count,
+                   "prompt_eval_duration": prompt_eval,
+                   "eval_count": eval_count if b.eval_count is None else b.eval_count,
                    "eval_duration": eval_duration}
         obj.update(done=True, done_reason="stop")
         obj.update((k, v) for k, v in metrics.items() if v)  # Go's omitempty drops zeros

@@ -47,6 +47,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
 
     heartbeat = 15.0
     status_grace = 2.0
+    write_timeout = 30.0
     idle_timeout = 30.0
     request_timeout = 60.0
     max_body_size = 1048576
@@ -66,8 +67,8 @@ class ChatterdTestCase(AsyncHTTPTestCase):
         self.ollama = self.io_loop.run_sync(self._make_client)
         return Application(self.pool, self.ollama, max_body_size=self.max_body_size,
                            heartbeat=self.heartbeat, status_grace=self.status_grace,
-                           turn_wait=self.turn_wait, turn_lease=self.turn_lease,
-                           store_retry=self.store_retry)
+                           write_timeout=self.write_timeout, turn_wait=self.turn_wait,
+                           turn_lease=self.turn_lease, store_retry=self.store_retry)
 
     async def _make_client(self) -> OllamaClient:
         return OllamaClient(self.double.url, idle_timeout=self.idle_timeout,

@@ -21,6 +21,19 @@ def test_line_splitter_ignores_chunk_boundaries():
         assert splitter.rest() == [b'{"d":']
 
 
+def test_line_splitter_escapes_what_would_end_a_line_early():
+    ls = "\u2028".encode()
+    text = (b'{"a":"x\ry"}\r\n{"b":"' + ls + b'"}\n{"c":"ok \xe2\x80\x99"}\n'
+            b'{"d":"nul\x00"}\n{"e":1,\r"f":"\t"}\nnot json\r\x01\n{"g":"\ry')
+    for size in (1, 2, 3, 7, len(text)):
+        splitter, lines = LineSplitter(), []
+        for i in range(0, len(text), size):
+            lines += splitter.feed(text[i:i + size])
+        assert lines == [b'{"a":"x\\ry"}', b'{"b":"\\u2028"}', b'{"c":"ok \xe2\x80\x99"}',
+                         b'{"d":"nul\\u0000"}', b'{"e":1,"f":"\\t"}', b"not json\\u000d\\u0001"]
+        assert splitter.rest() == [b'{"g":"\\u000dy']
+
+
 def test_api_base_accepts_the_course_spelling():
     for url in ("http://localhost:11434", "http://localhost:11434/", "http://localhost:11434/api",
                 "http://localhost:11434/api/"):
