@@ -7,6 +7,7 @@ Run `python chatterd.py --help` for every setting.
 
 import asyncio
 from datetime import timedelta
+from http import HTTPStatus
 import logging
 import resource
 import signal
@@ -40,6 +41,26 @@ ROUTES = [
     (r"/readyz/?", ReadyHandler),
     (r"/metrics/?", MetricsHandler),
 ]
+
+
+# Metric labels come from fixed sets, so no client can add series (a random method or
+# path per request would otherwise grow /metrics without bound).
+ROUTE_NAMES = {handler: pattern.removesuffix("/?") for pattern, handler in ROUTES}
+METRIC_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
+METRIC_STATUSES = frozenset(int(s) for s in HTTPStatus) | {499}
+
+
+def metric_labels(handler: tornado.web.RequestHandler) -> dict[str, str]:
+    """route: a ROUTES entry or "unmatched"; method: a usual one or "other"; status: a
+    known code, else its class ("5xx")."""
+    method = handler.request.method or ""
+    status = handler.get_status()
+    if status not in METRIC_STATUSES:
+        status_label = f"{status // 100}xx" if 100 <= status < 600 else "other"
+    else:
+        status_label = str(status)
+    return {"route": ROUTE_NAMES.get(type(handler), "unmatched"),
+            "method": method if method in METRIC_METHODS else "other", "status": status_label}
 
 
 class Application(tornado.web.Application):
@@ -86,10 +107,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     """The one access-log line per request: status, client IP, method, path, duration."""
     request = handler.request
     status = handler.get_status()
-    route = request.path.rstrip("/") or "/"
-    if isinstance(handler, NotFoundHandler):
-        route = "unmatched"
-    metrics.REQUESTS.labels(route=route, method=request.method, status=str(status)).inc()
+    metrics.REQUESTS.labels(**metric_labels(handler)).inc()
     parts = [str(status), request.remote_ip, request.method, request.path,
              f"{1000.0 * request.request_time():.1f}ms"]
     for name in ("app_id", "tokens", "outcome", "error_message"):

@@ -68,3 +68,66 @@ class AbortedUploadTest(ChatterdTestCase):
         self.assertEqual(self._app.in_flight, set())
         response = await self.http_client.fetch(self.get_url("/healthz"))
         self.assertEqual(jsonfmt.loads(response.body), {"status": "ok"})
+
+
+async def pipelined(port: int, requests: list[bytes]) -> int:
+    """Send *requests* on one connection at once; return how many answers came back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"".join(requests))
+    await writer.drain()
+    seen = bytearray()
+    while (answers := seen.count(b"HTTP/1.1 ")) < len(requests):
+        data = await asyncio.wait_for(reader.read(1 << 20), 10)
+        assert data, f"connection closed after {answers} of {len(requests)} answers"
+        seen += data
+    writer.transport.abort()
+    return answers
+
+
+class MetricLabelTest(ChatterdTestCase):
+    @gen_test(timeout=60)
+    async def test_random_methods_and_paths_add_no_series(self):
+        rng = random.Random(7)
+
+        def request(i: int) -> bytes:
+            method = "".join(rng.choices(string.ascii_uppercase, k=10)).encode()
+            path = b"/healthz" if i % 2 else b"/nowhere-%d" % i
+            return method + b" " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+
+        started = time.monotonic()
+        port = self.get_http_port()
+        counts = await asyncio.gather(*(pipelined(port, [request(c * 500 + i) for i in range(500)])
+                                        for c in range(20)))
+        self.assertEqual(sum(counts), 10_000)
+        self.assertLess(time.monotonic() - started, 40)
+        response = await self.http_client.fetch(self.get_url("/metrics"))
+        series = [line for line in response.body.decode().splitlines()
+                  if line.startswith("chatterd_requests_total{")]
+        print(f"/metrics after 10,000 random methods: {len(response.body)} bytes, "
+              f"{len(series)} request series")
+        self.assertLess(len(series), 200)
+        self.assertLess(len(response.body), 64 * 1024)
+        self.assertTrue(any('method="other"' in s and 'route="/healthz"' in s and 'status="405"' in s
+                            for s in series), series)
+        self.assertTrue(any('route="unmatched"' in s for s in series), series)
+
+
+def test_metric_labels_come_from_fixed_sets():
+    from types import SimpleNamespace
+
+    from chatterd import metric_labels
+    from handlers.base import NotFoundHandler
+    from handlers.ops import HealthHandler
+
+    def labels(method, status, cls=HealthHandler):
+        handler = cls.__new__(cls)
+        handler.request = SimpleNamespace(method=method)
+        handler.get_status = lambda: status
+        return metric_labels(handler)
+
+    assert labels("GET", 200) == {"route": "/healthz", "method": "GET", "status": "200"}
+    assert labels("BREW", 418)["method"] == "other"
+    assert labels("GET", 499)["status"] == "499"
+    assert labels("GET", 597)["status"] == "5xx"  # an odd upstream status keeps its class
+    assert labels("GET", 1234)["status"] == "other"
+    assert labels("GET", 404, cls=NotFoundHandler)["route"] == "unmatched"
