@@ -131,3 +131,80 @@ def test_metric_labels_come_from_fixed_sets():
     assert labels("GET", 597)["status"] == "5xx"  # an odd upstream status keeps its class
     assert labels("GET", 1234)["status"] == "other"
     assert labels("GET", 404, cls=NotFoundHandler)["route"] == "unmatched"
+
+
+class ConnectionLimitTest(ChatterdTestCase):
+    """chatterd's own server (chatterd.make_server) with small timeouts."""
+
+    def get_http_server(self):
+        import chatterd
+        import settings
+
+        opts = settings.parse_settings(
+            ["chatterd", "--idle-connection-timeout=0.5", "--body-timeout=0.5"], {})
+        return chatterd.make_server(self._app, opts)
+
+    async def cut_after(self, payload: bytes, trickle: bytes = b"") -> float:
+        """Send *payload*, then a byte of *trickle* every 0.1 s; seconds until the server closes."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.get_http_port())
+        started = time.monotonic()
+        writer.write(payload)
+
+        async def trickle_bytes():
+            for i in range(len(trickle)):
+                await asyncio.sleep(0.1)
+                writer.write(trickle[i:i + 1])
+
+        dribble = asyncio.ensure_future(trickle_bytes())
+        try:
+            while await asyncio.wait_for(reader.read(65536), 5):
+                pass  # an answer (or nothing) and then the end of the connection
+        finally:
+            dribble.cancel()
+            writer.transport.abort()
+        return time.monotonic() - started
+
+    @gen_test(timeout=30)
+    async def test_slowloris_headers_are_cut_at_the_header_deadline(self):
+        # Half the headers, then one byte every 0.1 s: it never finishes, and trickling
+        # does not extend the deadline.
+        elapsed = await self.cut_after(b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b"X-Slow: " + b"a" * 100)
+        self.assertLess(elapsed, 2.0)
+
+    @gen_test(timeout=30)
+    async def test_idle_connection_is_closed(self):
+        elapsed = await self.cut_after(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertLess(elapsed, 2.0)
+
+    @gen_test(timeout=30)
+    async def test_slow_body_is_cut_and_its_request_released(self):
+        elapsed = await self.cut_after(
+            b"POST /postchatt HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{", b"\"" * 100)
+        self.assertLess(elapsed, 2.0)
+        await streams_finished(self._app)
+
+    @gen_test(timeout=30)
+    async def test_a_body_to_an_endpoint_that_takes_none_is_413_unread(self):
+        for path in (b"/healthz", b"/metrics", b"/getchatts", b"/", b"/nowhere"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.get_http_port())
+            started = time.monotonic()
+            # Only the headers: the answer must not wait for the 1 MB.  (Sending some of it
+            # would race the server's close against unread data, which resets the connection.)
+            writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.transport.abort()
+            self.assertTrue(answer.startswith(b"HTTP/1.1 413"), (path, answer))
+            self.assertIn(b"takes no request body", answer)
+            self.assertLess(time.monotonic() - started, 1.0)
+        # A chunked body past the limit is refused too (Tornado's bare 400), and released.
+        answer = await aborted_upload(
+            self.get_http_port(), b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % 8192, read_answer=True)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer)
+        # A small body is still accepted (and ignored).
+        response = await self.http_client.fetch(self.get_url("/healthz"), method="GET",
+                                                body=b"x" * 100, allow_nonstandard_methods=True)
+        self.assertEqual(response.code, 200)
+        await streams_finished(self._app)
+        metrics = (await self.http_client.fetch(self.get_url("/metrics"))).body.decode()
+        self.assertIn('route="/healthz",status="413"', metrics)
