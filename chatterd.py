@@ -172,7 +172,7 @@ async def main() -> None:
     await migrate.migrate(pool)
     ollama = OllamaClient(opts.ollama_url, connect_timeout=opts.connect_timeout,
                           request_timeout=opts.request_timeout, idle_timeout=opts.idle_timeout,
-                          max_streams=opts.max_streams)
+                          max_streams=opts.max_streams, queue_timeout=opts.queue_timeout)
     app = Application(pool, ollama, max_body_size=opts.max_body_size, heartbeat=opts.heartbeat,
                       status_grace=opts.status_grace)
     server = make_server(app, opts)
