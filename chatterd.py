@@ -19,6 +19,7 @@ from tornado.httpserver import HTTPServer
 
 import metrics
 import settings
+from accept_guard import GuardedHTTPServer
 from db import embedded, migrate, pool as db_pool
 from handlers.base import JSONBodyHandler, NotFoundHandler
 from handlers.board import GetChattsHandler, PostChattHandler, TopHandler
@@ -148,7 +149,7 @@ def raise_open_file_limit() -> None:
 
 def make_server(app: Application, opts: Any) -> HTTPServer:
     """The HTTP server with chatterd's connection limits (see README, "Limits")."""
-    return HTTPServer(
+    return GuardedHTTPServer(  # at the open-file limit: pauses accepting, no spin, no log flood
         app, xheaders=opts.xheaders,
         # The server's own cap sits above ours so oversized bodies get a 413, not a dropped connection.
         max_body_size=max(opts.max_body_size * 2, 1 << 26),
