@@ -21,7 +21,7 @@ def rss_kib() -> int:
 
 
 SHORT_BODY = (b"POST /postchatt HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: 100000\r\n\r\n{\"name\": \"half")
+              b"Content-Length: 100000\r\n\r\n{\"name\": \"" + b"x" * 60000)  # 60 KB of 100 KB
 BAD_CHUNKS = (b"POST /llmprep HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
               b"5\r\n{\"app\r\nzz-not-hex\r\n")
 
@@ -54,7 +54,7 @@ class AbortedUploadTest(ChatterdTestCase):
         self.assertEqual(self._app.in_flight, set())
         growth_mib = (rss_kib() - before) / 1024
         print(f"RSS growth after 500 aborted uploads: {growth_mib:.1f} MiB")
-        self.assertLess(growth_mib, 20)
+        self.assertLess(growth_mib, 10)  # leaked, the 250 half bodies alone hold ~15 MB
         started = time.monotonic()
         await self._app.drain(grace=10)
         self.assertLess(time.monotonic() - started, 0.5)  # nothing to wait for
