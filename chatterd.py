@@ -7,6 +7,7 @@ Run `python chatterd.py --help` for every setting.
 
 import asyncio
 from datetime import timedelta
+from http import HTTPStatus
 import logging
 import resource
 import signal
@@ -18,10 +19,12 @@ from tornado.httpserver import HTTPServer
 
 import metrics
 import settings
+from accept_guard import GuardedHTTPServer
 from db import embedded, migrate, pool as db_pool
-from handlers.base import NotFoundHandler
+from handlers.base import JSONBodyHandler, NotFoundHandler
 from handlers.board import GetChattsHandler, PostChattHandler, TopHandler
 from handlers.chat import LLMChatHandler
+from handlers.limits import BodyTooLargeHandler
 from handlers.llm import LLMPrepHandler, LLMPromptHandler
 from handlers.ops import HealthHandler, MetricsHandler, ReadyHandler
 from ollama_client import OllamaClient
@@ -43,6 +46,29 @@ ROUTES = [
 ]
 
 
+NO_BODY_LIMIT = 4096  # bytes of body accepted (and ignored) by an endpoint that takes none
+
+# Metric labels come from fixed sets, so no client can add series (a random method or
+# path per request would otherwise grow /metrics without bound).
+ROUTE_NAMES = {handler: pattern.removesuffix("/?") for pattern, handler in ROUTES}
+METRIC_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
+METRIC_STATUSES = frozenset(int(s) for s in HTTPStatus) | {499}
+
+
+def metric_labels(handler: tornado.web.RequestHandler) -> dict[str, str]:
+    """route: a ROUTES entry or "unmatched"; method: a usual one or "other"; status: a
+    known code, else its class ("5xx")."""
+    method = handler.request.method or ""
+    status = handler.get_status()
+    if status not in METRIC_STATUSES:
+        status_label = f"{status // 100}xx" if 100 <= status < 600 else "other"
+    else:
+        status_label = str(status)
+    route = getattr(handler, "metric_route", None) or ROUTE_NAMES.get(type(handler), "unmatched")
+    return {"route": route,
+            "method": method if method in METRIC_METHODS else "other", "status": status_label}
+
+
 class Application(tornado.web.Application):
     """The routes plus what handlers share: the pool, the Ollama client, the live streams."""
 
@@ -59,6 +85,22 @@ class Application(tornado.web.Application):
         super().__init__(ROUTES, default_handler_class=NotFoundHandler, log_function=log_request,
                          max_body_size=max_body_size, heartbeat=heartbeat,
                          status_grace=status_grace, write_timeout=write_timeout)
+
+    def get_handler_delegate(self, request: Any, target_class: type, target_kwargs: Any = None,
+                             path_args: Any = None, path_kwargs: Any = None) -> Any:
+        """Called once a request's headers are in, before its body is read."""
+        if not issubclass(target_class, JSONBodyHandler):
+            # This endpoint takes no body.  Tornado would read one whole (up to the server's
+            # cap) before the handler runs; refuse a large one now instead, unread.
+            if hasattr(request.connection, "set_max_body_size"):
+                request.connection.set_max_body_size(NO_BODY_LIMIT)  # chunked: 400 past it
+            length = request.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > NO_BODY_LIMIT:
+                target_kwargs = {"route": ROUTE_NAMES.get(target_class, "unmatched"),
+                                 "limit": NO_BODY_LIMIT}
+                target_class, path_args, path_kwargs = BodyTooLargeHandler, None, None
+        return super().get_handler_delegate(request, target_class, target_kwargs,
+                                            path_args, path_kwargs)
 
     def request_started(self, handler: Any) -> None:
         self.in_flight.add(handler)
@@ -90,10 +132,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     """The one access-log line per request: status, client IP, method, path, duration."""
     request = handler.request
     status = handler.get_status()
-    route = request.path.rstrip("/") or "/"
-    if isinstance(handler, NotFoundHandler):
-        route = "unmatched"
-    metrics.REQUESTS.labels(route=route, method=request.method, status=str(status)).inc()
+    metrics.REQUESTS.labels(**metric_labels(handler)).inc()
     parts = [str(status), request.remote_ip, request.method, request.path,
              f"{1000.0 * request.request_time():.1f}ms"]
     for name in ("app_id", "tokens", "outcome", "error_message"):
@@ -112,6 +151,18 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def make_server(app: Application, opts: Any) -> HTTPServer:
+    """The HTTP server with chatterd's connection limits (see README, "Limits")."""
+    return GuardedHTTPServer(  # at the open-file limit: pauses accepting, no spin, no log flood
+        app, xheaders=opts.xheaders,
+        # The server's own cap sits above ours so oversized bodies get a 413, not a dropped connection.
+        max_body_size=max(opts.max_body_size * 2, 1 << 26),
+        # Tornado uses this one timer both for a kept-alive connection's silence and as the
+        # deadline for a request's headers (a slowloris client is cut when it expires).
+        idle_connection_timeout=opts.idle_connection_timeout,
+        body_timeout=opts.body_timeout)
+
+
 async def main() -> None:
     try:
         opts = settings.parse_settings()
@@ -126,13 +177,12 @@ async def main() -> None:
     await migrate.migrate(pool)
     ollama = OllamaClient(opts.ollama_url, connect_timeout=opts.connect_timeout,
                           request_timeout=opts.request_timeout, idle_timeout=opts.idle_timeout,
-                          max_streams=opts.max_streams)
+                          max_streams=opts.max_streams, queue_timeout=opts.queue_timeout)
     app = Application(pool, ollama, max_body_size=opts.max_body_size, heartbeat=opts.heartbeat,
                       status_grace=opts.status_grace, write_timeout=opts.write_timeout,
                       turn_wait=opts.turn_wait, turn_lease=opts.turn_lease,
                       store_retry=opts.store_retry)
-    # The server's own cap sits above ours so oversized bodies get a 413, not a dropped connection.
-    server = HTTPServer(app, xheaders=opts.xheaders, max_body_size=max(opts.max_body_size * 2, 1 << 26))
+    server = make_server(app, opts)
     server.listen(opts.port, opts.address)
     log.info("chatterd listening on http://%s:%d (Ollama at %s)", opts.address, opts.port, ollama.base)
 

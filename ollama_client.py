@@ -7,6 +7,7 @@ mended here, and only here, by a small subclass of the private `_HTTPConnection`
 """
 
 import asyncio
+import collections
 import socket
 import time
 from typing import Awaitable, Callable, Optional
@@ -62,6 +63,12 @@ class OllamaAborted(OllamaError):
     """We cancelled the request ourselves (the client left, or the turn ended)."""
 
 
+class OllamaBusy(OllamaError):
+    """Every upstream slot stayed taken for the whole queue timeout."""
+
+    status = 503
+
+
 def api_base(url: str) -> str:
     """Normalise an Ollama URL: "http://h:11434", ".../" and ".../api" all mean the same."""
     url = url.rstrip("/")
@@ -114,7 +121,7 @@ class _AbortableConnection(_HTTPConnection):
         super().__init__(client, request, *args, **kwargs)
         if self.call is not None:
             self.call._connection = self
-            if self.call._abort_error is not None:  # aborted while queued for a slot
+            if self.call._abort_error is not None:  # aborted before its connection existed
                 self.abort(self.call._abort_error)
 
     def abort(self, error: OllamaError) -> None:
@@ -131,6 +138,37 @@ class _AbortableConnection(_HTTPConnection):
         super().on_connection_close()
 
 
+class Slots:
+    """At most *size* Ollama requests at once; the others wait in order, for a bounded time."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.busy = 0
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+
+    async def take(self, timeout: float, aborted: asyncio.Future) -> bool:
+        """Take a slot (True); False when *aborted* first; OllamaBusy after *timeout* s."""
+        if self.busy < self.size and not self.waiting:
+            self.busy += 1
+            return True
+        turn = asyncio.get_running_loop().create_future()
+        self.waiting.append(turn)
+        await asyncio.wait([turn, aborted], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if turn.done():
+            return True  # handed over by give_back
+        self.waiting.remove(turn)
+        turn.cancel()
+        if aborted.done():
+            return False
+        raise OllamaBusy(f"all {self.size} upstream slots are busy; retry later")
+
+    def give_back(self) -> None:
+        if self.waiting:
+            self.waiting.popleft().set_result(None)  # the slot passes straight to the next
+        else:
+            self.busy -= 1
+
+
 class _AbortableHTTPClient(SimpleAsyncHTTPClient):
     def _connection_class(self) -> type:
         return _AbortableConnection
@@ -140,12 +178,16 @@ class OllamaClient:
     """Talks to one Ollama server.  Create it on the running IOLoop."""
 
     def __init__(self, url: str, *, connect_timeout: float = 5.0, request_timeout: float = 1800.0,
-                 idle_timeout: float = 300.0, max_streams: int = 2048) -> None:
+                 idle_timeout: float = 300.0, max_streams: int = 2048,
+                 queue_timeout: float = 30.0) -> None:
         self.base = api_base(url)
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
-        # A private instance: max_clients (default 10) would otherwise queue the 11th chat.
+        self.queue_timeout = queue_timeout
+        # Requests queue here, explicitly, for at most queue_timeout; never in the HTTP client
+        # (its max_clients queue would fail them after connect_timeout as a "timeout").
+        self.slots = Slots(max_streams)
         self.http = _AbortableHTTPClient(force_instance=True, max_clients=max_streams)
 
     def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback]) -> "OllamaCall":
@@ -189,6 +231,7 @@ class OllamaCall:
         self._status_known: asyncio.Future = asyncio.get_running_loop().create_future()
         self._connection: Optional[_AbortableConnection] = None
         self._abort_error: Optional[OllamaError] = None
+        self._aborted: asyncio.Future = asyncio.get_running_loop().create_future()
         self._busy = False
         self._last_activity = time.monotonic()
         self._idle = client.idle_timeout if timeout is None else timeout
@@ -202,8 +245,24 @@ class OllamaCall:
             request_timeout=client.request_timeout if timeout is None else timeout,
             decompress_response=False)
         request.ollama_call = self  # type: ignore[attr-defined]
-        self._fetch = asyncio.ensure_future(client.http.fetch(request, raise_error=False))
+        queue_timeout = client.queue_timeout if timeout is None else min(timeout, client.queue_timeout)
+        self._fetch = asyncio.ensure_future(self._fetch_in_a_slot(request, queue_timeout))
         self._idle_timer = asyncio.get_running_loop().call_later(self._idle, self._check_idle)
+
+    async def _fetch_in_a_slot(self, request: HTTPRequest, queue_timeout: float) -> object:
+        self._busy = True  # the wait for a slot is not Ollama's silence
+        try:
+            if not await self.client.slots.take(queue_timeout, self._aborted):
+                raise self._abort_error  # type: ignore[misc]
+        finally:
+            self._busy = False
+        try:
+            if self._abort_error is not None:
+                raise self._abort_error
+            self._last_activity = time.monotonic()
+            return await self.client.http.fetch(request, raise_error=False)
+        finally:
+            self.client.slots.give_back()
 
     async def wait_status(self, timeout: float) -> Optional[int]:
         """The HTTP status, or None if it is not known within *timeout* seconds.
@@ -223,6 +282,8 @@ class OllamaCall:
         """End the request now; finished() will raise *error*."""
         if self._abort_error is None:
             self._abort_error = error
+        if not self._aborted.done():
+            self._aborted.set_result(None)  # stops a wait for a slot
         if self._connection is not None:
             self._connection.abort(self._abort_error)
 

@@ -39,7 +39,13 @@ SETTINGS = (
             "Seconds Ollama may send nothing (model loading included) before the turn is ended"),
     Setting("request-timeout", 1800.0, float, "Hard limit in seconds on one Ollama request"),
     Setting("max-body-size", 1048576, int, "Largest accepted request body in bytes (larger gets 413)"),
+    Setting("idle-connection-timeout", 75.0, float,
+            "Seconds a client connection may stay silent between requests; also the deadline "
+            "for a request's headers (above nginx's 60 s upstream keepalive_timeout)"),
+    Setting("body-timeout", 60.0, float, "Seconds a client may take to send a request body"),
     Setting("max-streams", 2048, int, "Concurrent Ollama requests per process before new ones queue"),
+    Setting("queue-timeout", 30.0, float,
+            "Seconds a request may wait for one of the --max-streams slots before it fails with 503"),
     Setting("db-pool-size", 10, int, "Maximum PostgreSQL connections per process"),
     Setting("db-timeout", 10.0, float, "Seconds a database operation may take before it fails"),
     Setting("xheaders", False, bool,

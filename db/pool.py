@@ -49,11 +49,17 @@ async def connection(pool: asyncpg.Pool, operation: str,
     """`async with connection(pool, "name") as con:` — a pooled connection, timed under
     *operation* in the metrics, with connection failures turned into DatabaseUnavailable."""
     started = time.monotonic()
+    acquired = False
     try:
         async with pool.acquire(timeout=timeout) as con:
+            acquired = True
             yield con
     except CONNECTION_ERRORS as e:
-        raise DatabaseUnavailable(f"database unavailable: {type(e).__name__}: {e}") from e
+        if isinstance(e, TimeoutError) and not str(e):  # asyncio's timeouts say nothing
+            what = "the database did not answer in time" if acquired else \
+                f"no connection within {timeout:g} s"
+            raise DatabaseUnavailable(f"database unavailable: {what}") from e
+        raise DatabaseUnavailable(f"database unavailable: {_describe(e)}") from e
     finally:
         metrics.DB_LATENCY.labels(operation=operation).observe(time.monotonic() - started)
 
@@ -64,4 +70,9 @@ async def ping(pool: asyncpg.Pool) -> None:
         try:
             await con.fetchval("SELECT 1", timeout=3.0)
         except CONNECTION_ERRORS as e:
-            raise DatabaseUnavailable(f"database unavailable: {e}") from e
+            raise DatabaseUnavailable(f"database unavailable: {_describe(e)}") from e
+
+
+def _describe(e: BaseException) -> str:
+    """The exception's type, and its message when it has one."""
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

@@ -36,8 +36,11 @@ class BaseHandler(RequestHandler):
     app_id: Optional[str] = None
     tokens: Optional[int] = None
 
+    _registered = False
+
     def prepare(self) -> None:
-        # Registered until on_finish, so a graceful shutdown waits for this request.
+        # Registered until the request ends (see _release), so a graceful shutdown waits for it.
+        self._registered = True
         self.application.request_started(self)
         if self.application.draining and hasattr(self.request.connection, "_disconnect_on_finish"):
             # Close each connection after its answer, so a proxy's next request opens a
@@ -45,7 +48,22 @@ class BaseHandler(RequestHandler):
             self.request.connection._disconnect_on_finish = True
 
     def on_finish(self) -> None:
-        self.application.request_done(self)
+        self._release()
+
+    def on_connection_close(self) -> None:
+        body = getattr(self.request, "_body_future", None)  # set for a streamed body only
+        body_pending = body is not None and not body.done()
+        super().on_connection_close()  # fails a body still being received
+        if body_pending:
+            # The body never arrived (the client left, bad chunked framing, body timeout):
+            # Tornado then ends the request without finish(), so on_finish never runs.
+            self._release()
+
+    def _release(self) -> None:
+        """Unregister this request; once, however it ended."""
+        if self._registered:
+            self._registered = False
+            self.application.request_done(self)
 
     @property
     def pool(self) -> Any:

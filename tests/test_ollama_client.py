@@ -6,8 +6,8 @@ import time
 from tornado.testing import AsyncTestCase, gen_test
 
 import jsonfmt
-from ollama_client import (LineSplitter, OllamaAborted, OllamaBroken, OllamaClient, OllamaHTTPError,
-                           OllamaTimeout, api_base)
+from ollama_client import (LineSplitter, OllamaAborted, OllamaBroken, OllamaBusy, OllamaClient,
+                           OllamaHTTPError, OllamaTimeout, api_base)
 from tests.ollama_double import OllamaDouble, default_reply
 
 
@@ -126,3 +126,71 @@ class OllamaClientTest(AsyncTestCase):
     @gen_test
     async def test_version(self):
         self.assertTrue(await self.client().version())
+
+
+class QueueTest(AsyncTestCase):
+    """--max-streams slots: a request past them waits --queue-timeout, then fails with 503."""
+
+    def setUp(self):
+        super().setUp()
+        self.double = OllamaDouble()
+        self.double.listen()
+        self.double.behave("slow", token_delay=0.2, reply="word " * 20)
+
+    def tearDown(self):
+        self.io_loop.run_sync(self.double.stop)
+        super().tearDown()
+
+    async def three_slow_streams(self, client):
+        async def on_lines(lines):
+            pass
+
+        return [client.post("/api/chat", b'{"model":"slow","messages":[]}', on_lines) for _ in range(3)]
+
+    @gen_test(timeout=20)
+    async def test_a_request_past_the_slots_fails_with_503_after_the_queue_timeout(self):
+        client = OllamaClient(self.double.url, max_streams=2, queue_timeout=0.5, connect_timeout=0.2)
+        try:
+            started = time.monotonic()
+            first, second, third = await self.three_slow_streams(client)
+            with self.assertRaises(OllamaBusy) as caught:
+                await third.finished()
+            self.assertAlmostEqual(time.monotonic() - started, 0.5, delta=0.3)
+            self.assertEqual(caught.exception.status, 503)
+            self.assertEqual(caught.exception.message, "all 2 upstream slots are busy; retry later")
+            await first.finished()  # the two in their slots are unaffected
+            await second.finished()
+            self.assertEqual(len(self.double.chat_requests()), 2)  # the third never reached Ollama
+            self.assertEqual((client.slots.busy, len(client.slots.waiting)), (0, 0))
+        finally:
+            client.close()
+
+    @gen_test(timeout=20)
+    async def test_a_queued_request_runs_when_a_slot_frees(self):
+        client = OllamaClient(self.double.url, max_streams=2, queue_timeout=10, connect_timeout=0.2)
+        try:
+            first, second, third = await self.three_slow_streams(client)
+            await asyncio.wait_for(self.double.wait_for_chats(2), 5)
+            first.abort(OllamaAborted("client disconnected"))
+            await third.finished()
+            self.assertEqual(len(self.double.chat_requests()), 3)
+            await second.finished()
+            self.assertEqual((client.slots.busy, len(client.slots.waiting)), (0, 0))
+        finally:
+            client.close()
+
+    @gen_test(timeout=20)
+    async def test_a_queued_request_can_be_aborted(self):
+        client = OllamaClient(self.double.url, max_streams=2, queue_timeout=10)
+        try:
+            first, second, third = await self.three_slow_streams(client)
+            started = time.monotonic()
+            third.abort(OllamaAborted("client disconnected"))
+            with self.assertRaises(OllamaAborted):
+                await third.finished()
+            self.assertLess(time.monotonic() - started, 1)
+            await first.finished()
+            await second.finished()
+            self.assertEqual((client.slots.busy, len(client.slots.waiting)), (0, 0))
+        finally:
+            client.close()
