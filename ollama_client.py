@@ -232,6 +232,7 @@ class OllamaCall:
         self._connection: Optional[_AbortableConnection] = None
         self._abort_error: Optional[OllamaError] = None
         self._aborted: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._slot_taken: asyncio.Future = asyncio.get_running_loop().create_future()
         self._busy = False
         self._last_activity = time.monotonic()
         self._idle = client.idle_timeout if timeout is None else timeout
@@ -254,6 +255,7 @@ class OllamaCall:
         try:
             if not await self.client.slots.take(queue_timeout, self._aborted):
                 raise self._abort_error  # type: ignore[misc]
+            self._slot_taken.set_result(None)
         finally:
             self._busy = False
         try:
@@ -263,6 +265,12 @@ class OllamaCall:
             return await self.client.http.fetch(request, raise_error=False)
         finally:
             self.client.slots.give_back()
+
+    async def wait_slot(self) -> None:
+        """Return once the request holds an upstream slot (at once, unless --max-streams
+        are busy) or has failed: a queued turn is not yet waiting for Ollama."""
+        if not self._slot_taken.done():
+            await asyncio.wait([self._slot_taken, self._fetch], return_when=asyncio.FIRST_COMPLETED)
 
     async def wait_status(self, timeout: float) -> Optional[int]:
         """The HTTP status, or None if it is not known within *timeout* seconds.

@@ -115,6 +115,9 @@ class LLMChatHandler(UpstreamHandler):
         self.events = sse.EventStream(self, self.settings["heartbeat"])
         self.events.set_headers()
         self.start_call("/api/chat", request.upstream_body(self.turn.history), self._on_lines)
+        # Queued behind --max-streams: the grace starts once Ollama has the request, so a
+        # turn that never gets a slot is a real 503, not a 200 that ends in an error.
+        await self.call.wait_slot()
         status = await self.call.wait_status(self.settings["status_grace"])
         if (status is not None and status != 200) or self.call.failed_early:
             try:

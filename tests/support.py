@@ -52,6 +52,8 @@ class ChatterdTestCase(AsyncHTTPTestCase):
     request_timeout = 60.0
     max_body_size = 1048576
     turn_wait = 30.0
+    max_streams = 2048
+    queue_timeout = 30.0
     turn_lease = 10.0
     store_retry = 15.0
 
@@ -72,7 +74,8 @@ class ChatterdTestCase(AsyncHTTPTestCase):
 
     async def _make_client(self) -> OllamaClient:
         return OllamaClient(self.double.url, idle_timeout=self.idle_timeout,
-                            request_timeout=self.request_timeout)
+                            request_timeout=self.request_timeout, max_streams=self.max_streams,
+                            queue_timeout=self.queue_timeout)
 
     async def truncate(self) -> None:
         try:

@@ -194,3 +194,25 @@ class LeaseTest(ChatterdTestCase):
         self.assertEqual(await conversations.end_turn(self.pool, got[0], "complete", None, reply),
                          "already")
         self.assertEqual(contents(await self.conversation("twice")), [("user", "u"), ("assistant", "a")])
+
+
+class QueuedTurnTest(ChatterdTestCase):
+    max_streams = 1
+    queue_timeout = 0.5
+    status_grace = 0.1  # shorter than the queue wait: the 503 must still be a real status
+
+    @gen_test(timeout=20)
+    async def test_a_turn_queued_past_max_streams_gets_a_real_503_and_is_rejected(self):
+        self.double.behave("slow", token_delay=0.05, reply="word " * 60)
+        first = AsyncHTTPClient().fetch(self.get_url("/llmchat"), method="POST", request_timeout=20,
+                                        body=jsonfmt.dumps(chat_body("q1", "one", model="slow")))
+        await self.double.wait_for_chats(1)
+        second = await AsyncHTTPClient().fetch(
+            self.get_url("/llmchat"), method="POST", raise_error=False,
+            body=jsonfmt.dumps(chat_body("q2", "two")))
+        self.assertEqual(second.code, 503)
+        self.assertEqual(jsonfmt.loads(second.body),
+                         {"error": "all 1 upstream slots are busy; retry later"})
+        self.assertEqual((await first).code, 200)
+        self.assertEqual(await self.conversation("q2"), [])
+        self.assertEqual([t["status"] for t in await self.turns("q2")], ["rejected"])
