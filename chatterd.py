@@ -12,13 +12,14 @@ import resource
 import signal
 from typing import Any
 
+import asyncpg
 import tornado.locks
 import tornado.web
 from tornado.httpserver import HTTPServer
 
 import metrics
 import settings
-from db import embedded, migrate, pool as db_pool
+from db import course_import, embedded, migrate, pool as db_pool
 from handlers.base import NotFoundHandler
 from handlers.board import GetChattsHandler, PostChattHandler, TopHandler
 from handlers.chat import LLMChatHandler
@@ -111,6 +112,40 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def describe_error(e: BaseException) -> str:
+    """One line for a start-up failure: what PostgreSQL or the OS said, no traceback."""
+    text = " ".join(str(e).split()) or repr(e)
+    detail = getattr(e, "detail", None)
+    if isinstance(e, asyncpg.PostgresError) and detail:
+        text += f" ({' '.join(str(detail).split())})"
+    return f"{type(e).__name__}: {text}"
+
+
+async def open_database(opts: Any, *, import_course: bool) -> Any:
+    """The pool, on a database whose schema is up to date (and, with *import_course*, whose
+    course table, if any, was imported once).  Any failure is one line and exit code 1."""
+    step = "cannot start the embedded PostgreSQL"
+    pool = None
+    try:
+        dsn = opts.database_url
+        if not dsn:
+            dsn = await embedded.ensure_database(embedded.start(opts.data_dir))
+        step = "cannot open the database"
+        pool = await db_pool.create_pool(dsn, max_size=opts.db_pool_size, timeout=opts.db_timeout)
+        step = "cannot set up chatterd's schema in the database"
+        await migrate.migrate(pool)
+        if import_course:
+            step = "cannot import the course's chatts table"
+            await course_import.import_on_first_start(pool)
+    except Exception as e:
+        if isinstance(e, db_pool.CONNECTION_ERRORS):
+            step = "the database is unreachable"
+        if pool is not None:
+            pool.terminate()
+        raise SystemExit(f"chatterd: {step}: {describe_error(e)}") from None
+    return pool
+
+
 async def main() -> None:
     try:
         opts = settings.parse_settings()
@@ -118,11 +153,17 @@ async def main() -> None:
         raise SystemExit(f"chatterd: {e} (see --help)") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_file_limit()
-    dsn = opts.database_url
-    if not dsn:
-        dsn = await embedded.ensure_database(embedded.start(opts.data_dir))
-    pool = await db_pool.create_pool(dsn, max_size=opts.db_pool_size, timeout=opts.db_timeout)
-    await migrate.migrate(pool)
+    pool = await open_database(opts, import_course=not opts.import_course)
+    if opts.import_course:
+        try:
+            await course_import.import_now(pool)
+        except Exception as e:
+            pool.terminate()
+            if isinstance(e, course_import.NoCourseTable):
+                raise SystemExit(f"chatterd: {e}") from None
+            raise SystemExit(f"chatterd: the course import failed: {describe_error(e)}") from None
+        await asyncio.wait_for(pool.close(), 10)
+        return
     ollama = OllamaClient(opts.ollama_url, connect_timeout=opts.connect_timeout,
                           request_timeout=opts.request_timeout, idle_timeout=opts.idle_timeout,
                           max_streams=opts.max_streams)
@@ -131,7 +172,11 @@ async def main() -> None:
                       turn_lease=opts.turn_lease, store_retry=opts.store_retry)
     # The server's own cap sits above ours so oversized bodies get a 413, not a dropped connection.
     server = HTTPServer(app, xheaders=opts.xheaders, max_body_size=max(opts.max_body_size * 2, 1 << 26))
-    server.listen(opts.port, opts.address)
+    try:
+        server.listen(opts.port, opts.address)
+    except OSError as e:
+        pool.terminate()
+        raise SystemExit(f"chatterd: cannot listen on {opts.address}:{opts.port}: {describe_error(e)}") from None
     log.info("chatterd listening on http://%s:%d (Ollama at %s)", opts.address, opts.port, ollama.base)
 
     stop = asyncio.Event()
