@@ -112,9 +112,9 @@ BEGIN
         '   FROM %s c'
         '  WHERE c.id IS NULL OR NOT EXISTS (SELECT 1 FROM course_rows r WHERE r.course_id = c.id)',
         v_layout->>'role',
-        coalesce(format('c.%I::text', v_layout->>'appid'), 'NULL::text'),
-        coalesce(format('c.%I::text', v_layout->>'toolcalls'), 'NULL::text'),
-        coalesce(format('c.%I::text', v_layout->>'toolschemas'), 'NULL::text'),
+        CASE WHEN v_layout->>'appid' IS NULL THEN 'NULL::text' ELSE format('c.%I::text', v_layout->>'appid') END,
+        CASE WHEN v_layout->>'toolcalls' IS NULL THEN 'NULL::text' ELSE format('c.%I::text', v_layout->>'toolcalls') END,
+        CASE WHEN v_layout->>'toolschemas' IS NULL THEN 'NULL::text' ELSE format('c.%I::text', v_layout->>'toolschemas') END,
         p_table);
 
     UPDATE pg_temp.course_batch SET reason = CASE
