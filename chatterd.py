@@ -20,7 +20,8 @@ from tornado.httpserver import HTTPServer
 import metrics
 import settings
 from accept_guard import GuardedHTTPServer
-from db import embedded, migrate, pool as db_pool
+from db import course_import
+from db.startup import describe_error, open_database
 from handlers.base import JSONBodyHandler, NotFoundHandler
 from handlers.board import GetChattsHandler, PostChattHandler, TopHandler
 from handlers.chat import LLMChatHandler
@@ -170,11 +171,17 @@ async def main() -> None:
         raise SystemExit(f"chatterd: {e} (see --help)") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_file_limit()
-    dsn = opts.database_url
-    if not dsn:
-        dsn = await embedded.ensure_database(embedded.start(opts.data_dir))
-    pool = await db_pool.create_pool(dsn, max_size=opts.db_pool_size, timeout=opts.db_timeout)
-    await migrate.migrate(pool)
+    pool = await open_database(opts, import_course=not opts.import_course)
+    if opts.import_course:
+        try:
+            await course_import.import_now(pool)
+        except Exception as e:
+            pool.terminate()
+            if isinstance(e, course_import.NoCourseTable):
+                raise SystemExit(f"chatterd: {e}") from None
+            raise SystemExit(f"chatterd: the course import failed: {describe_error(e)}") from None
+        await asyncio.wait_for(pool.close(), 10)
+        return
     ollama = OllamaClient(opts.ollama_url, connect_timeout=opts.connect_timeout,
                           request_timeout=opts.request_timeout, idle_timeout=opts.idle_timeout,
                           max_streams=opts.max_streams, queue_timeout=opts.queue_timeout)
@@ -183,7 +190,11 @@ async def main() -> None:
                       turn_wait=opts.turn_wait, turn_lease=opts.turn_lease,
                       store_retry=opts.store_retry)
     server = make_server(app, opts)
-    server.listen(opts.port, opts.address)
+    try:
+        server.listen(opts.port, opts.address)
+    except OSError as e:
+        pool.terminate()
+        raise SystemExit(f"chatterd: cannot listen on {opts.address}:{opts.port}: {describe_error(e)}") from None
     log.info("chatterd listening on http://%s:%d (Ollama at %s)", opts.address, opts.port, ollama.base)
 
     stop = asyncio.Event()

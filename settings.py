@@ -61,6 +61,13 @@ SETTINGS = (
             "On SIGTERM, seconds in-flight streams may run before they are ended"),
 )
 
+# One-shot actions: command line only (no environment variable), so a service's
+# environment file can never turn a server into a command that exits.
+ACTIONS = (
+    Setting("import-course", False, bool,
+            "Import the rows of the course's public.chatts table not imported yet, then exit"),
+)
+
 
 def env_name(setting_name: str) -> str:
     return "CHATTERD_" + setting_name.upper().replace("-", "_")
@@ -69,6 +76,8 @@ def env_name(setting_name: str) -> str:
 def define_settings(parser: OptionParser) -> None:
     for s in SETTINGS:
         parser.define(s.name, default=s.default, type=s.type, help=f"{s.help} [${env_name(s.name)}]")
+    for s in ACTIONS:
+        parser.define(s.name, default=s.default, type=s.type, help=f"{s.help} [command line only]")
 
 
 def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> OptionParser:

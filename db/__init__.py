@@ -2,5 +2,6 @@
 
 Modules: `pool` (connect, DatabaseUnavailable), `migrate` (versioned schema),
 `embedded` (a private PostgreSQL when no DSN is given), `chatts` (the public
-board) and `conversations` (per-appID LLM history).
+board), `conversations` (per-appID LLM history) and `course_import` (adopting a
+course server's `public.chatts`).  chatterd's tables live in the schema `chatterd`.
 """

@@ -8,6 +8,7 @@ import asyncpg
 
 import jsonfmt
 import metrics
+from db.migrate import SCHEMA
 
 
 class DatabaseUnavailable(Exception):
@@ -37,9 +38,11 @@ async def _init_connection(con: asyncpg.Connection) -> None:
 
 async def create_pool(dsn: str, *, max_size: int = 10, timeout: float = 10.0) -> asyncpg.Pool:
     """Create the pool on the running loop.  No connection is opened until first use,
-    so chatterd starts (and reports 503) even while PostgreSQL is down."""
+    so chatterd starts (and reports 503) even while PostgreSQL is down.  Every connection
+    works in chatterd's own schema (unqualified names resolve there, nowhere else)."""
     return await asyncpg.create_pool(
         dsn, min_size=0, max_size=max_size, init=_init_connection,
+        server_settings={"search_path": SCHEMA},
         command_timeout=timeout, timeout=timeout, max_inactive_connection_lifetime=60.0)
 
 

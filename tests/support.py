@@ -83,7 +83,8 @@ class ChatterdTestCase(AsyncHTTPTestCase):
         except OSError:
             return
         try:
-            await con.execute("TRUNCATE chatts, messages, turns, leases")
+            await con.execute("TRUNCATE chatterd.chatts, chatterd.messages, chatterd.turns,"
+                              " chatterd.leases")
         finally:
             await con.close()
 

@@ -13,7 +13,6 @@ import logging
 import re
 import socket
 import time
-import unittest
 
 from tornado.testing import gen_test
 

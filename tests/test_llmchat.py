@@ -241,14 +241,14 @@ class StoreFailureTest(ChatterdTestCase):
         await con.execute("""
             CREATE FUNCTION refuse_reply() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN RAISE EXCEPTION 'replies refused for this test'; END $$;
-            CREATE TRIGGER refuse_reply BEFORE INSERT ON messages FOR EACH ROW
+            CREATE TRIGGER refuse_reply BEFORE INSERT ON chatterd.messages FOR EACH ROW
             WHEN (NEW.role = 'assistant' AND NEW.appid = 'storefail') EXECUTE FUNCTION refuse_reply();
         """)
         await con.close()
 
     async def drop_trigger(self):
         con = await asyncpg.connect(self.dsn())
-        await con.execute("DROP TRIGGER IF EXISTS refuse_reply ON messages;"
+        await con.execute("DROP TRIGGER IF EXISTS refuse_reply ON chatterd.messages;"
                           " DROP FUNCTION IF EXISTS refuse_reply();")
         await con.close()
 

@@ -401,7 +401,7 @@ async def stored(app_id: str) -> list[tuple[str, str, str]]:
     """(role, status, content) of appID's stored messages, in order."""
     con = await asyncpg.connect(database_url())
     try:
-        rows = await con.fetch("SELECT role, status, content FROM messages WHERE appid = $1 ORDER BY seq",
+        rows = await con.fetch("SELECT role, status, content FROM chatterd.messages WHERE appid = $1 ORDER BY seq",
                                app_id)
     finally:
         await con.close()

@@ -176,7 +176,7 @@ class LeaseTest(ChatterdTestCase):
         try:
             # Another process tries to take the appID over while the lease should be alive.
             for _ in range(10):
-                got = await con.fetchrow("SELECT * FROM begin_turn('rn', 'other', 5, '[]')")
+                got = await con.fetchrow("SELECT * FROM chatterd.begin_turn('rn', 'other', 5, '[]')")
                 self.assertIsNone(got)
                 await asyncio.sleep(0.15)
         finally:

@@ -1,0 +1,42 @@
+"""Opening the database at start-up: the embedded server, the pool, the schema, the course
+import, with any failure turned into one line and exit code 1 (never a traceback)."""
+
+from typing import Any
+
+import asyncpg
+
+from db import course_import, embedded, migrate, pool as db_pool
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a start-up failure: what PostgreSQL or the OS said, no traceback."""
+    text = " ".join(str(e).split()) or repr(e)
+    detail = getattr(e, "detail", None)
+    if isinstance(e, asyncpg.PostgresError) and detail:
+        text += f" ({' '.join(str(detail).split())})"
+    return f"{type(e).__name__}: {text}"
+
+
+async def open_database(opts: Any, *, import_course: bool) -> Any:
+    """The pool, on a database whose schema is up to date (and, with *import_course*, whose
+    course table, if any, was imported once).  Any failure is one line and exit code 1."""
+    step = "cannot start the embedded PostgreSQL"
+    pool = None
+    try:
+        dsn = opts.database_url
+        if not dsn:
+            dsn = await embedded.ensure_database(embedded.start(opts.data_dir))
+        step = "cannot open the database"
+        pool = await db_pool.create_pool(dsn, max_size=opts.db_pool_size, timeout=opts.db_timeout)
+        step = "cannot set up chatterd's schema in the database"
+        await migrate.migrate(pool)
+        if import_course:
+            step = "cannot import the course's chatts table"
+            await course_import.import_on_first_start(pool)
+    except Exception as e:
+        if isinstance(e, db_pool.CONNECTION_ERRORS):
+            step = "the database is unreachable"
+        if pool is not None:
+            pool.terminate()
+        raise SystemExit(f"chatterd: {step}: {describe_error(e)}") from None
+    return pool
