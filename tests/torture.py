@@ -13,6 +13,14 @@ client request it came from.  The audit reads three sources of truth afterwards:
 * the double: the exact message list of every upstream /api/chat request, in arrival order,
   and the lines it answered with;
 * the database: every message and turn row of every appID, and conversation_of().
+
+What each client outcome allows (README's contract): `done` -> its turn is stored complete
+with exactly the text the client received; an `event: error` -> stored failed/interrupted, or
+not in the conversation (rejected, abandoned, or lost while the database was away); a 4xx/5xx
+before the stream -> never stored; a connection cut with no `done` (kill, restart) -> resent,
+and stored at most once across all its attempts.  503/409/502/504, dropped connections and
+error events on a healthy model are allowed only while a fault (SIGTERM, SIGKILL, outage) is
+in progress or its effects (lease expiry, turn wait, store retry) can still be felt.
 """
 
 from __future__ import annotations
@@ -400,6 +408,7 @@ class Torture:
         self.done_count = 0
         self.thresholds: list[tuple[int, asyncio.Event]] = []
         self.counter = 0
+        self.kills: list[float] = []  # wall-clock times of the SIGKILLs (for evidence)
         self.models = list(MODELS)
         self.weights = [MODELS[m][0] for m in self.models]
 
@@ -546,6 +555,7 @@ class Torture:
         except asyncio.TimeoutError:
             pass
         t0 = time.monotonic()
+        self.kills.append(time.time())
         await proc.signal(signal.SIGKILL)
         self.report.faults["SIGKILL mid-stream"] += 1
         await proc.start()
@@ -601,7 +611,7 @@ class Torture:
             await self._final_state(con, "after the probes")
             rows = await con.fetch(
                 "SELECT m.appid, m.turn_id, m.seq, m.role, m.content, m.status AS mstatus, m.error,"
-                " t.status AS tstatus, t.owner FROM messages m JOIN turns t ON t.id = m.turn_id"
+                " t.status AS tstatus, t.owner, extract(epoch FROM t.ended_at) AS ended FROM messages m JOIN turns t ON t.id = m.turn_id"
                 " ORDER BY m.turn_id, m.seq")
             conv_of = {r["appid"]: jsonfmt.loads(r["c"]) if isinstance(r["c"], str) else r["c"]
                        for r in await con.fetch(
@@ -636,7 +646,8 @@ class Torture:
         by_app_turns: dict[str, dict[int, dict]] = collections.defaultdict(dict)
         for r in rows:
             t = by_app_turns[r["appid"]].setdefault(r["turn_id"], {"id": r["turn_id"], "status": r["tstatus"],
-                                                                   "rows": [], "owner": r["owner"]})
+                                                                   "rows": [], "owner": r["owner"],
+                                                                   "ended": r["ended"]})
             t["rows"].append(r)
         stored_by_tid: dict[str, list[dict]] = collections.defaultdict(list)
         views: dict[str, list[tuple[str, str]]] = {}
@@ -782,7 +793,13 @@ class Torture:
                   f"{[(t['id'], t['status']) for t in stored]}")
             possible = sum(1 for s in sends if any(a.outcome not in ("status",) for a in s.attempts))
             if len(stored) > possible:
-                rep.violation("turn stored more often than it was sent (resend stored twice)", ev)
+                ends = "; ".join(
+                    f"turn {t['id']} owner {t['owner']} ended {t['ended']:.3f}"
+                    + "".join(f" ({t['ended'] - k:+.3f} s from SIGKILL)" for k in self.kills
+                              if t['ended'] is not None and abs(t['ended'] - k) < 10)
+                    for t in stored)
+                rep.violation("turn stored more often than it was sent (resend stored twice)",
+                              ev + " -- " + ends)
             dones = [a for a in attempts if a.outcome == "done"]
             unclaimed = [t for t in stored if t["status"] == "complete"]
             for a in dones:
@@ -798,6 +815,13 @@ class Torture:
                                                                      "timeout"))
             if len(unclaimed) > indeterminate:
                 rep.violation("stored complete though its client saw an error, not done", ev)
+            n_failed = sum(1 for t in stored if t["status"] == "failed")
+            if n_failed > indeterminate + sum(1 for a in attempts if a.outcome == "error"):
+                rep.violation("stored failed though no client saw an error event", ev)
+            rejected = [t for t in by_app_turns[sends[0].app].values()
+                        if t["status"] == "rejected" and t["rows"] and tid_of(t["rows"][0]["content"]) == tid]
+            if len(rejected) > indeterminate + sum(1 for a in attempts if a.outcome in ("status", "error")):
+                rep.violation("turn rejected though every client got its answer", ev)
             if any(t["status"] == "interrupted" for t in stored) and not any(
                     a.outcome in ("left", "timeout") for a in attempts):
                 rep.violation("stored interrupted though no client left", ev)
