@@ -611,7 +611,7 @@ class Torture:
             await self._final_state(con, "after the probes")
             rows = await con.fetch(
                 "SELECT m.appid, m.turn_id, m.seq, m.role, m.content, m.status AS mstatus, m.error,"
-                " t.status AS tstatus, t.owner, extract(epoch FROM t.ended_at) AS ended FROM messages m JOIN turns t ON t.id = m.turn_id"
+                " t.status AS tstatus, t.owner, extract(epoch FROM t.ended_at)::float8 AS ended FROM messages m JOIN turns t ON t.id = m.turn_id"
                 " ORDER BY m.turn_id, m.seq")
             conv_of = {r["appid"]: jsonfmt.loads(r["c"]) if isinstance(r["c"], str) else r["c"]
                        for r in await con.fetch(
