@@ -261,6 +261,9 @@ class _Handler(tornado.web.RequestHandler):
         """Close the TCP connection mid-response: RST if reset, else a clean FIN."""
         self._closing_ourselves = True
         stream = self.request.connection.stream  # type: ignore[union-attr]
+        if stream.closed():  # the peer left first: nothing to drop
+            self._gone.set()
+            return
         if reset:  # linger on with a zero timeout makes close() send RST
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         stream.close()

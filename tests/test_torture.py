@@ -1,0 +1,34 @@
+"""The torture test (issue 6): two real chatterd processes on one private PostgreSQL, the
+Ollama double scripted with faults, clients that leave mid-stream and type again at once,
+double sends, a SIGTERM, a SIGKILL mid-stream with resends, a PostgreSQL stop/start; then
+an audit from outside of the turn contract (README: "What is stored: the turn contract").
+
+CI size by default (a few hundred turns).  Longer runs:
+
+    CHATTERD_TORTURE_TURNS=5000 CHATTERD_TORTURE_APPS=100 pytest -s tests/test_torture.py
+
+CHATTERD_TORTURE_SEED replays a run's random choices (the summary prints the seed).
+"""
+
+import asyncio
+import os
+import sys
+
+import pytest
+
+from tests.torture import Torture
+
+TURNS = int(os.environ.get("CHATTERD_TORTURE_TURNS", "300"))
+APPS = int(os.environ.get("CHATTERD_TORTURE_APPS", "30"))
+SEED = os.environ.get("CHATTERD_TORTURE_SEED")
+
+
+@pytest.mark.timeout(max(300, TURNS // 2))
+def test_torture_no_contract_violation():
+    torture = Torture(turns=TURNS, apps=APPS, seed=int(SEED) if SEED else None)
+    report = asyncio.run(torture.run())
+    summary = f"seed {torture.seed}\n" + report.summary()
+    print(summary, file=sys.stderr)
+    assert report.faults["SIGTERM"] and report.faults["SIGKILL mid-stream"] \
+        and report.faults["PostgreSQL stop/start"], summary
+    assert not report.violations, summary
