@@ -76,10 +76,12 @@ class Application(tornado.web.Application):
     def __init__(self, pool: Any, ollama: OllamaClient, *, max_body_size: int = 1048576,
                  heartbeat: float = 15.0, status_grace: float = 2.0,
                  write_timeout: float = 30.0, turn_wait: float = 30.0,
-                 turn_lease: float = 10.0, store_retry: float = 15.0) -> None:
+                 turn_lease: float = 10.0, store_retry: float = 15.0,
+                 resend_window: float = 120.0) -> None:
         self.pool = pool
         self.ollama = ollama
-        self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry)
+        self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry,
+                                resend_window=resend_window)
         self.draining = False
         self.in_flight: set = set()  # every request being handled, streams included
         self.request_finished = tornado.locks.Condition()
@@ -188,7 +190,7 @@ async def main() -> None:
     app = Application(pool, ollama, max_body_size=opts.max_body_size, heartbeat=opts.heartbeat,
                       status_grace=opts.status_grace, write_timeout=opts.write_timeout,
                       turn_wait=opts.turn_wait, turn_lease=opts.turn_lease,
-                      store_retry=opts.store_retry)
+                      store_retry=opts.store_retry, resend_window=opts.resend_window)
     server = make_server(app, opts)
     try:
         server.listen(opts.port, opts.address)

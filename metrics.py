@@ -31,3 +31,6 @@ TURN_WAITS = Counter("chatterd_turn_waits_total",
 STORE_RETRIES = Counter("chatterd_store_retries_total",
                         "Retries of storing a turn's end while the database was away",
                         registry=REGISTRY)
+RESENDS_REPLAYED = Counter("chatterd_resends_replayed_total",
+                           "Resent turns answered from storage instead of being stored twice",
+                           registry=REGISTRY)

@@ -57,6 +57,9 @@ SETTINGS = (
             "their appIDs free again (the lease is renewed every third of it)"),
     Setting("store-retry", 15.0, float,
             "Seconds storing a turn's end is retried while the database is unreachable"),
+    Setting("resend-window", 120.0, float,
+            "Seconds during which a resend of a turn whose answer was stored but never delivered "
+            "gets the stored answer instead of being stored again (0 turns this off)"),
     Setting("shutdown-grace", 30.0, float,
             "On SIGTERM, seconds in-flight streams may run before they are ended"),
 )

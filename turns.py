@@ -10,7 +10,10 @@ that finds the appID busy waits (a stop-then-type turn sees the interrupted repl
 first) for up to --turn-wait seconds, then gets 409.  This process renews its leases;
 when it dies, they expire after --turn-lease seconds and the next turn marks the dead
 one abandoned.  `end` is idempotent and retried for --store-retry seconds, which
-bridges a short database outage without ever storing a reply twice.
+bridges a short database outage without ever storing a reply twice.  A turn stored
+complete whose `done` never reached the client (its process died in between) is not
+stored again when the client resends it within --resend-window: `begin` returns it with
+`replay` set, and the stored answer is sent again.
 """
 
 import asyncio
@@ -49,8 +52,9 @@ class TurnKeeper:
     """This process's turns: begins them, renews their leases, wakes local waiters."""
 
     def __init__(self, pool: asyncpg.Pool, *, lease: float = 10.0, wait: float = 30.0,
-                 store_retry: float = 15.0) -> None:
+                 store_retry: float = 15.0, resend_window: float = 120.0) -> None:
         self.pool = pool
+        self.resend_window = resend_window
         self.lease = lease
         self.wait = wait
         self.store_retry = store_retry
@@ -82,12 +86,18 @@ class TurnKeeper:
         waited = False
         while True:
             begun = await conversations.begin_turn(self.pool, app_id, self.owner, self.lease,
-                                                   messages, replace=replace)
+                                                   messages, replace=replace,
+                                                   resend_seconds=self.resend_window)
             if begun is not None:
                 if waited:
                     metrics.TURN_WAITS.labels(outcome="started").inc()
+                turn_id, history, replay = begun
+                if replay is not None:
+                    metrics.RESENDS_REPLAYED.inc()
+                    turn = Turn(self, app_id, turn_id, [])
+                    turn.ended, turn.replay = True, replay
+                    return turn
                 self.running += 1
-                turn_id, history = begun
                 return Turn(self, app_id, turn_id, with_new_messages(history, messages))
             waited = True
             if loop.time() >= deadline:
@@ -151,6 +161,9 @@ class Turn:
         self.id = turn_id
         self.history = history  # the conversation before this turn, and its own messages
         self.ended = False
+        # A resend of a turn stored complete but never delivered: its stored reply, to be
+        # sent again (nothing new is stored; see TurnKeeper.begin).
+        self.replay: Optional[dict] = None
 
     async def end(self, status: str, reply: Optional[Reply] = None,
                   error: Optional[str] = None) -> None:
@@ -173,6 +186,15 @@ class Turn:
         if outcome == "lost":
             raise TurnNotStored("the turn was taken over: its lease expired while the "
                                 "database was unreachable")
+
+    async def delivered(self) -> None:
+        """The client has the whole answer: a later identical turn is a new question, not a
+        resend.  Best effort: if it is not recorded, a resend within --resend-window gets the
+        stored answer again, which is still right."""
+        try:
+            await conversations.mark_delivered(self.keeper.pool, self.id)
+        except DatabaseUnavailable as e:
+            log.warning("could not record turn %d as delivered: %s", self.id, e)
 
     async def reject(self, reason: str) -> None:
         """End a turn whose answer never started: it never enters the conversation.

@@ -49,19 +49,29 @@ def _pending(messages: list[dict]) -> list[dict]:
 
 
 async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds: float,
-                     messages: list[dict], *, replace: bool = False
-                     ) -> Optional[tuple[int, list[dict]]]:
+                     messages: list[dict], *, replace: bool = False, resend_seconds: float = 0.0
+                     ) -> Optional[tuple[int, Optional[list[dict]], Optional[dict]]]:
     """Take the appID's lease and store *messages* as a pending turn, in one round trip.
 
-    Returns (turn id, the conversation before this turn), or None when another turn of
-    the appID is running.  With *replace*, the appID's earlier turns are deleted.
+    Returns (turn id, the conversation before this turn, None), or None when another
+    turn of the appID is running.  With *replace*, the appID's earlier turns are deleted.
+    When *messages* resend the appID's last turn, which ended complete less than
+    *resend_seconds* ago but was never delivered, nothing is stored and the result is
+    (that turn's id, None, its stored reply as {content, extra, model, tokens}).
     """
     async with connection(pool, "begin_turn") as con:
-        row = await con.fetchrow("SELECT turn_id, history FROM begin_turn($1, $2, $3, $4, $5)",
-                                 app_id, owner, lease_seconds, _pending(messages), replace)
+        row = await con.fetchrow(
+            "SELECT turn_id, history, replay FROM begin_turn($1, $2, $3, $4, $5, $6)",
+            app_id, owner, lease_seconds, _pending(messages), replace, resend_seconds)
     if row is None:
         return None
-    return row["turn_id"], row["history"]
+    return row["turn_id"], row["history"], row["replay"]
+
+
+async def mark_delivered(pool: asyncpg.Pool, turn_id: int) -> None:
+    """Record that the client received the whole answer (so a resend is a new turn)."""
+    async with connection(pool, "mark_delivered") as con:
+        await con.execute("UPDATE turns SET delivered = true WHERE id = $1", turn_id)
 
 
 async def end_turn(pool: asyncpg.Pool, turn_id: int, status: str, error: Optional[str],

@@ -16,6 +16,7 @@ The life of a turn (turns.py keeps the rules, db/conversations.py the SQL):
    left before any of the answer was sent gets its turn rejected instead.
 """
 
+import datetime
 import logging
 from typing import Any, Optional
 
@@ -91,6 +92,9 @@ class LLMChatHandler(UpstreamHandler):
             self.turn = await begin_turn(self, request)
         except ClientLeft:
             self.set_status(499, "Client Closed Request")
+            return
+        if self.turn.replay is not None:
+            await self._replay(request, self.turn.replay)
             return
         self.reply = Reply(model=request.model)
         self.failure: Optional[str] = None
@@ -237,6 +241,8 @@ class LLMChatHandler(UpstreamHandler):
             return
         if reply.status == "complete":
             await self._send(sse.data_events([self.done_line]))
+            if not self.client_gone:
+                await self.turn.delivered()
         elif reply.error:
             await self._send(sse.error_event(reply.error))
 
@@ -279,4 +285,39 @@ class LLMChatHandler(UpstreamHandler):
             raise ClientError(503, f"the reply could not be stored: {e}") from None
         self.tokens, self.outcome = self.reply.tokens, "complete"
         self.set_header("Content-Type", "application/json")
-        self.finish(body)
+        await self._deliver_whole(body)
+
+    async def _deliver_whole(self, body: bytes) -> None:
+        try:
+            await self.finish(body)
+        except StreamClosedError:
+            return
+        await self.turn.delivered()
+
+    # -- a resend of a turn stored but never delivered ------------------------------
+
+    async def _replay(self, request: LLMRequest, stored: dict) -> None:
+        """Answer a resend with the reply stored for it, in the shape Ollama would use."""
+        self.outcome = "replayed"
+        message = {"role": "assistant", "content": stored.get("content") or ""}
+        if (stored.get("extra") or {}).get("tool_calls"):
+            message["tool_calls"] = stored["extra"]["tool_calls"]
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        final = {"model": stored.get("model") or request.model, "created_at": created,
+                 "message": {"role": "assistant", "content": ""}, "done": True,
+                 "done_reason": "stop", "eval_count": stored.get("tokens") or 0}
+        if not request.stream:
+            final["message"] = message
+            self.set_header("Content-Type", "application/json")
+            await self._deliver_whole(jsonfmt.dumpb(final))
+            return
+        first = {"model": final["model"], "created_at": created, "message": message, "done": False}
+        self.events = sse.EventStream(self, self.settings["heartbeat"])
+        self.events.set_headers()
+        try:
+            await self.events.open(sse.data_events([jsonfmt.dumpb(first), jsonfmt.dumpb(final)]))
+        except StreamClosedError:
+            return
+        finally:
+            self.events.close()
+        await self.turn.delivered()

@@ -52,6 +52,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
     request_timeout = 60.0
     max_body_size = 1048576
     turn_wait = 30.0
+    resend_window = 120.0
     max_streams = 2048
     queue_timeout = 30.0
     turn_lease = 10.0
@@ -70,7 +71,8 @@ class ChatterdTestCase(AsyncHTTPTestCase):
         return Application(self.pool, self.ollama, max_body_size=self.max_body_size,
                            heartbeat=self.heartbeat, status_grace=self.status_grace,
                            write_timeout=self.write_timeout, turn_wait=self.turn_wait,
-                           turn_lease=self.turn_lease, store_retry=self.store_retry)
+                           turn_lease=self.turn_lease, store_retry=self.store_retry,
+                           resend_window=self.resend_window)
 
     async def _make_client(self) -> OllamaClient:
         return OllamaClient(self.double.url, idle_timeout=self.idle_timeout,

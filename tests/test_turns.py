@@ -216,3 +216,57 @@ class QueuedTurnTest(ChatterdTestCase):
         self.assertEqual((await first).code, 200)
         self.assertEqual(await self.conversation("q2"), [])
         self.assertEqual([t["status"] for t in await self.turns("q2")], ["rejected"])
+
+
+class ResendTest(ChatterdTestCase):
+    """A turn stored complete whose `done` never reached the client (its process died in
+    between) is answered from storage when resent, not stored twice."""
+
+    async def undeliver(self, app_id: str) -> None:
+        # What a SIGKILL between the commit and the `done` write leaves behind.
+        con = await asyncpg.connect(self.dsn())
+        try:
+            await con.execute("UPDATE chatterd.turns SET delivered = false WHERE appid = $1", app_id)
+        finally:
+            await con.close()
+
+    def test_a_resend_of_an_undelivered_turn_replays_the_stored_answer(self):
+        first = self.post_json("/llmchat", chat_body("rp", "once"))
+        self.assertEqual(first.code, 200)
+        turns = self.io_loop.run_sync(lambda: self.turns("rp"))
+        self.io_loop.run_sync(lambda: self.undeliver("rp"))
+        again = self.post_json("/llmchat", chat_body("rp", "once"))
+        self.assertEqual(again.code, 200)
+        events, _ = parse(again.body)
+        self.assertEqual([jsonfmt.loads(e.data)["done"] for e in events], [False, True])
+        stored = self.rows("rp")
+        self.assertEqual(jsonfmt.loads(events[0].data)["message"]["content"], stored[1]["content"])
+        self.assertEqual([r["content"] for r in stored if r["role"] == "user"], ["once"])
+        self.assertEqual(len(self.double.chat_requests()), 1)  # the model was not asked again
+        self.assertEqual(self.io_loop.run_sync(lambda: self.turns("rp")), turns)
+        # Delivered now: the same words once more are a new question.
+        self.assertEqual(self.post_json("/llmchat", chat_body("rp", "once")).code, 200)
+        self.assertEqual([r["content"] for r in self.rows("rp") if r["role"] == "user"],
+                         ["once", "once"])
+
+    def test_a_non_streaming_resend_gets_the_stored_object(self):
+        self.assertEqual(self.post_json("/llmchat", chat_body("rq", "q", stream=False)).code, 200)
+        self.io_loop.run_sync(lambda: self.undeliver("rq"))
+        again = self.post_json("/llmchat", chat_body("rq", "q", stream=False))
+        answer = jsonfmt.loads(again.body)
+        self.assertTrue(answer["done"])
+        self.assertEqual(answer["message"]["content"], self.rows("rq")[1]["content"])
+        self.assertEqual(len(self.rows("rq")), 2)
+
+    def test_a_delivered_turn_sent_again_is_a_new_turn(self):
+        for _ in range(2):
+            self.assertEqual(self.post_json("/llmchat", chat_body("rd", "same")).code, 200)
+        self.assertEqual([r["role"] for r in self.rows("rd")], ["user", "assistant"] * 2)
+        self.assertEqual(len(self.double.chat_requests()), 2)
+
+    def test_only_identical_messages_are_a_resend(self):
+        self.assertEqual(self.post_json("/llmchat", chat_body("rx", "one")).code, 200)
+        self.io_loop.run_sync(lambda: self.undeliver("rx"))
+        self.assertEqual(self.post_json("/llmchat", chat_body("rx", "two")).code, 200)
+        self.assertEqual([r["content"] for r in self.rows("rx") if r["role"] == "user"],
+                         ["one", "two"])
