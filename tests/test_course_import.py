@@ -342,7 +342,8 @@ class PublicLayoutTest(DatabaseTestCase):
 
         pool = await db_pool.create_pool(dsn, max_size=2)
         try:
-            self.assertEqual(await migrate.migrate(pool), [3])
+            later = [v for v, _, _ in migrate.available()[2:]]
+            self.assertEqual(await migrate.migrate(pool), later)
             self.assertEqual(await migrate.migrate(pool), [])
             self.assertEqual(await pool.fetchval("SELECT name || ' ' || message FROM chatts"), "old post")
         finally:

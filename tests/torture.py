@@ -595,7 +595,7 @@ class Torture:
         rep = self.report
         # Settle: every process idle, every lease of a dead process expired.
         await asyncio.sleep(TURN_LEASE + 1.0)
-        con = await asyncpg.connect(self.dsn)
+        con = await asyncpg.connect(self.dsn, server_settings={"search_path": "chatterd"})
         try:
             await self._final_state(con, "after the run")
             # One probe turn per appID on a quiet system: every appID must be usable, and the
