@@ -241,10 +241,10 @@ class LLMChatHandler(UpstreamHandler):
             return
         if reply.status == "complete":
             await self._send(sse.data_events([self.done_line]))
-            if not self.client_gone:
-                await self.turn.delivered()
         elif reply.error:
             await self._send(sse.error_event(reply.error))
+        if not self.client_gone and reply.status != "interrupted":
+            await self.turn.delivered()
 
     def _observe(self) -> None:
         self.tokens = self.reply.tokens if self.reply.tokens is not None else len(self.text)
@@ -297,8 +297,13 @@ class LLMChatHandler(UpstreamHandler):
     # -- a resend of a turn stored but never delivered ------------------------------
 
     async def _replay(self, request: LLMRequest, stored: dict) -> None:
-        """Answer a resend with the reply stored for it, in the shape Ollama would use."""
+        """Answer a resend with the reply stored for it, in the shape Ollama would use: the
+        text, then `done` (or, for a failed turn, the text so far and its error event)."""
         self.outcome = "replayed"
+        self.set_header("X-Chatterd-Replayed", str(self.turn.id))
+        failed = stored.get("status") == "failed"
+        if failed and not request.stream:
+            raise ClientError(502, stored.get("error") or "the turn failed")
         message = {"role": "assistant", "content": stored.get("content") or ""}
         if (stored.get("extra") or {}).get("tool_calls"):
             message["tool_calls"] = stored["extra"]["tool_calls"]
@@ -312,10 +317,15 @@ class LLMChatHandler(UpstreamHandler):
             await self._deliver_whole(jsonfmt.dumpb(final))
             return
         first = {"model": final["model"], "created_at": created, "message": message, "done": False}
+        events = [jsonfmt.dumpb(first)] if message["content"] or "tool_calls" in message else []
+        body = sse.data_events(events if failed else events + [jsonfmt.dumpb(final)])
+        if failed:
+            body += sse.error_event(stored.get("error") or "the turn failed")
         self.events = sse.EventStream(self, self.settings["heartbeat"])
         self.events.set_headers()
         try:
-            await self.events.open(sse.data_events([jsonfmt.dumpb(first), jsonfmt.dumpb(final)]))
+            await self.events.open(b": replay of turn %d, stored but never delivered\n\n%s"
+                                   % (self.turn.id, body))
         except StreamClosedError:
             return
         finally:

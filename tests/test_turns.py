@@ -270,3 +270,18 @@ class ResendTest(ChatterdTestCase):
         self.assertEqual(self.post_json("/llmchat", chat_body("rx", "two")).code, 200)
         self.assertEqual([r["content"] for r in self.rows("rx") if r["role"] == "user"],
                          ["one", "two"])
+
+    def test_a_resend_of_an_undelivered_failed_turn_replays_its_error(self):
+        self.double.behave("breaks", error="model crashed", error_after=2)
+        first = self.post_json("/llmchat", chat_body("rf", "go", model="breaks"))
+        self.assertEqual(parse(first.body)[0][-1].event, "error")
+        self.io_loop.run_sync(lambda: self.undeliver("rf"))
+        again = self.post_json("/llmchat", chat_body("rf", "go", model="breaks"))
+        self.assertIn("X-Chatterd-Replayed", again.headers)
+        events, comments = parse(again.body)
+        self.assertEqual(events[-1].event, "error")
+        self.assertIn("model crashed", events[-1].data)
+        self.assertEqual(jsonfmt.loads(events[0].data)["message"]["content"], self.rows("rf")[1]["content"])
+        self.assertTrue(any("replay of turn" in c for c in comments))
+        self.assertEqual(len(self.double.chat_requests()), 1)
+        self.assertEqual([r["role"] for r in self.rows("rf")], ["user", "assistant"])

@@ -107,6 +107,7 @@ class Attempt:
     data_events: int = 0
     problem: Optional[str] = None  # SSE framing error
     saw_done: bool = False  # a data event with done: true arrived (whether or not it was last)
+    replayed: bool = False  # chatterd answered from storage (a resend of an undelivered turn)
 
 
 @dataclass
@@ -271,6 +272,7 @@ async def _exchange(a: Attempt, proc: Chatterd, body: dict) -> None:
     lines = head.decode("latin-1").split("\r\n")
     a.status = int(lines[0].split()[1])
     headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+    a.replayed = "x-chatterd-replayed" in headers
     buf = bytearray()
     finished = False
 
@@ -349,6 +351,9 @@ async def _exchange(a: Attempt, proc: Chatterd, body: dict) -> None:
         # The stream ends when the connection closes after the done line (README): a cut
         # after it loses nothing, and the client knows its turn is stored.
         a.outcome = "done"
+    if events and events[-1].event == "error" and a.outcome not in ("left", "done"):
+        # Likewise an error event is the stream's last word: the client knows its turn failed.
+        a.outcome = "error"
     if finished and a.outcome not in ("done", "error"):
         a.outcome = "noterminal"
 
@@ -802,14 +807,17 @@ class Torture:
                               ev + " -- " + ends)
             dones = [a for a in attempts if a.outcome == "done"]
             unclaimed = [t for t in stored if t["status"] == "complete"]
-            for a in dones:
-                match = next((t for t in unclaimed if t["reply"] is not None
+            # A replay answers a turn stored earlier, which another attempt may have claimed
+            # already (a double send whose first half was still delivering): it claims none.
+            for a in sorted(dones, key=lambda a: a.replayed):
+                pool = [t for t in stored if t["status"] == "complete"] if a.replayed else unclaimed
+                match = next((t for t in pool if t["reply"] is not None
                               and t["reply"]["content"] == a.received), None)
                 if match is None:
                     kind = ("done but not stored" if not any(t["status"] == "complete" for t in stored)
                             else "done content differs from the stored reply")
                     rep.violation(kind, ev + f" received {a.received[:60]!r}")
-                else:
+                elif not a.replayed:
                     unclaimed.remove(match)
             indeterminate = sum(1 for a in attempts if a.outcome in ("left", "truncated", "nostatus",
                                                                      "timeout"))
@@ -836,7 +844,9 @@ class Torture:
                 elif a.outcome == "status" and a.status not in RETRY_STATUSES and not (
                         model == "refuse" and a.status == MODELS["refuse"][1]["status"]):
                     rep.violation(f"unexpected HTTP {a.status}", aev)
-                if a.status == 200 and model == "refuse":
+                # A refusal that reaches chatterd after --status-grace (a loaded machine) is
+                # an error event by design; it must still never look like an answer.
+                if a.status == 200 and model == "refuse" and a.outcome == "done":
                     rep.violation("refused upstream turn answered 200", aev)
                 if a.problem:
                     rep.violation("SSE framing error", aev + " " + a.problem)

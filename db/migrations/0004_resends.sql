@@ -1,12 +1,13 @@
--- Resends: a turn whose reply was stored complete but never delivered (the process died
--- between the commit and the `done` line, say) is answered again from storage when the
--- client sends the same messages again, instead of being stored twice.
+-- Resends: a turn that ended (complete or failed) but whose end never reached its client
+-- (the process died between the commit and the `done` line or error event, say) is
+-- answered again from storage when the client sends the same messages again, instead of
+-- being stored twice.  `delivered` is set once the final event was handed to the client.
 
 ALTER TABLE turns ADD COLUMN delivered boolean NOT NULL DEFAULT false;
 
 DROP FUNCTION begin_turn(text, text, double precision, jsonb, boolean);
 
--- As 0002's begin_turn, plus: when the appID's last ended turn is complete, undelivered,
+-- As 0002's begin_turn, plus: when the appID's last ended turn is complete or failed, undelivered,
 -- ended less than p_resend_seconds ago and had exactly these incoming messages, nothing
 -- is stored, the lease is not kept, and `replay` holds that turn's stored reply.
 CREATE FUNCTION begin_turn(p_appid text, p_owner text, p_lease_seconds double precision,
@@ -34,7 +35,7 @@ BEGIN
         SELECT * INTO v_last FROM turns
          WHERE appid = p_appid AND status IN ('complete', 'interrupted', 'failed')
          ORDER BY id DESC LIMIT 1;
-        IF v_last.status = 'complete' AND NOT v_last.delivered
+        IF v_last.status IN ('complete', 'failed') AND NOT v_last.delivered
            AND v_last.ended_at > now() - make_interval(secs => p_resend_seconds)
            AND (SELECT jsonb_agg(jsonb_build_object('role', role, 'content', content,
                                                     'extra', extra) ORDER BY seq)
@@ -44,11 +45,13 @@ BEGIN
                                    ORDER BY e.i)
                     FROM jsonb_array_elements(p_messages) WITH ORDINALITY AS e(m, i)) THEN
             SELECT jsonb_build_object('content', content, 'extra', extra, 'model', model,
-                                      'tokens', tokens)
+                                      'tokens', tokens, 'status', v_last.status,
+                                      'error', v_last.error)
               INTO v_reply FROM messages
              WHERE messages.turn_id = v_last.id AND role = 'assistant' ORDER BY seq DESC LIMIT 1;
             DELETE FROM leases WHERE appid = p_appid AND leases.turn_id = v_turn;
-            RETURN QUERY SELECT v_last.id, NULL::jsonb, coalesce(v_reply, '{}'::jsonb);
+            RETURN QUERY SELECT v_last.id, NULL::jsonb,
+                coalesce(v_reply, jsonb_build_object('status', v_last.status, 'error', v_last.error));
             RETURN;
         END IF;
     END IF;
