@@ -57,6 +57,10 @@ SETTINGS = (
             "their appIDs free again (the lease is renewed every third of it)"),
     Setting("store-retry", 15.0, float,
             "Seconds storing a turn's end is retried while the database is unreachable"),
+    Setting("context-tokens", 8192, int,
+            "Context window (num_ctx) a chat turn is budgeted for and sent to Ollama with, "
+            "unless the request's options.num_ctx says otherwise; history beyond it is left "
+            "out, oldest whole turns first (0: send the whole conversation, no num_ctx)"),
     Setting("shutdown-grace", 30.0, float,
             "On SIGTERM, seconds in-flight streams may run before they are ended"),
 )

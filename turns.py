@@ -25,7 +25,7 @@ import asyncpg
 
 import metrics
 from db import conversations
-from db.conversations import Reply
+from db.conversations import Reply, Window
 from db.pool import DatabaseUnavailable
 
 log = logging.getLogger("chatterd")
@@ -69,8 +69,13 @@ class TurnKeeper:
             self._renewer = None
 
     async def begin(self, app_id: str, messages: list[dict], *,
-                    left: Optional[asyncio.Event] = None, replace: bool = False) -> "Turn":
+                    left: Optional[asyncio.Event] = None, replace: bool = False,
+                    budget: Optional[int] = None, context: Optional[int] = None) -> "Turn":
         """Store *messages* as a pending turn of *app_id* once no other turn of it runs.
+
+        The turn's history is its system prompts, the newest whole earlier turns that fit
+        *budget* tokens with *messages*, and *messages* (budget None: everything);
+        `turn.window` says what was sent and left out; *context* is recorded with it.
 
         Raises TurnBusy after --turn-wait seconds, ClientLeft when *left* is set while
         waiting, DatabaseUnavailable when PostgreSQL is away (nothing is then stored).
@@ -82,13 +87,16 @@ class TurnKeeper:
         waited = False
         while True:
             begun = await conversations.begin_turn(self.pool, app_id, self.owner, self.lease,
-                                                   messages, replace=replace)
+                                                   messages, replace=replace, budget=budget,
+                                                   context=context)
             if begun is not None:
                 if waited:
                     metrics.TURN_WAITS.labels(outcome="started").inc()
                 self.running += 1
-                turn_id, history = begun
-                return Turn(self, app_id, turn_id, with_new_messages(history, messages))
+                turn_id, history, window = begun
+                turn = Turn(self, app_id, turn_id, with_new_messages(history, messages))
+                turn.window = window
+                return turn
             waited = True
             if loop.time() >= deadline:
                 metrics.TURN_WAITS.labels(outcome="busy").inc()
@@ -150,7 +158,9 @@ class Turn:
         self.app_id = app_id
         self.id = turn_id
         self.history = history  # the conversation before this turn, and its own messages
+        self.window = Window()  # what of the conversation the history holds, what it leaves out
         self.ended = False
+        self.suspect = False  # Ollama reported fewer prompt tokens than were sent
 
     async def end(self, status: str, reply: Optional[Reply] = None,
                   error: Optional[str] = None) -> None:
@@ -170,6 +180,12 @@ class Turn:
             if not self.ended:
                 self.ended = True
                 self.keeper._turn_ended(self.app_id)
+        self.suspect = outcome == "stored-suspect"
+        if self.suspect:
+            metrics.CONTEXT_UPSTREAM_CUT.inc()
+            log.warning("turn %d of appID %r: Ollama counted %s prompt tokens, fewer than "
+                        "were sent (%s): it cut the prompt", self.id, self.app_id,
+                        reply.prompt_tokens if reply else None, self.window.describe())
         if outcome == "lost":
             raise TurnNotStored("the turn was taken over: its lease expired while the "
                                 "database was unreachable")

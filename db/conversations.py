@@ -32,6 +32,31 @@ class Reply:
     model: Optional[str] = None
     tokens: Optional[int] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    prompt_tokens: Optional[int] = None  # Ollama's prompt_eval_count for the prompt sent
+
+
+@dataclass
+class Window:
+    """What a turn sends the model out of its conversation, and what it leaves out.
+
+    Messages and tokens (as counted: learned from Ollama, else estimated); sent_* include
+    the system prompts and the turn's own messages.  context is the context (num_ctx) the
+    turn was budgeted for, None when unbounded.
+    """
+
+    sent_messages: int = 0
+    sent_tokens: int = 0
+    omitted_messages: int = 0
+    omitted_tokens: int = 0
+    context: Optional[int] = None
+
+    def describe(self) -> str:
+        """`sent=12 messages/3400 tokens; omitted=40 messages/9100 tokens; context=8192 tokens`"""
+        text = (f"sent={self.sent_messages} messages/{self.sent_tokens} tokens; "
+                f"omitted={self.omitted_messages} messages/{self.omitted_tokens} tokens")
+        if self.context is not None:
+            text += f"; context={self.context} tokens"
+        return text
 
 
 def as_stored(message: dict) -> dict:
@@ -49,35 +74,46 @@ def _pending(messages: list[dict]) -> list[dict]:
 
 
 async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds: float,
-                     messages: list[dict], *, replace: bool = False
-                     ) -> Optional[tuple[int, list[dict]]]:
+                     messages: list[dict], *, replace: bool = False,
+                     budget: Optional[int] = None, context: Optional[int] = None
+                     ) -> Optional[tuple[int, list[dict], Window]]:
     """Take the appID's lease and store *messages* as a pending turn, in one round trip.
 
-    Returns (turn id, the conversation before this turn), or None when another turn of
-    the appID is running.  With *replace*, the appID's earlier turns are deleted.
+    Returns (turn id, the conversation before this turn that fits *budget* tokens with
+    the new messages: system prompts and the newest whole turns, what was sent and left
+    out), or None when another turn of the appID is running.  *budget* None: the whole
+    conversation.  With *replace*, the appID's earlier turns are deleted.
     """
     async with connection(pool, "begin_turn") as con:
-        row = await con.fetchrow("SELECT turn_id, history FROM begin_turn($1, $2, $3, $4, $5)",
-                                 app_id, owner, lease_seconds, _pending(messages), replace)
+        row = await con.fetchrow(
+            "SELECT turn_id, history, sent_messages, sent_tokens, omitted_messages,"
+            " omitted_tokens FROM begin_turn($1, $2, $3, $4, $5, $6, $7)",
+            app_id, owner, lease_seconds, _pending(messages), replace, budget, context)
     if row is None:
         return None
-    return row["turn_id"], row["history"]
+    return row["turn_id"], row["history"], Window(
+        row["sent_messages"], row["sent_tokens"], row["omitted_messages"],
+        row["omitted_tokens"], context)
 
 
 async def end_turn(pool: asyncpg.Pool, turn_id: int, status: str, error: Optional[str],
                    reply: Optional[Reply]) -> str:
     """End the turn (with its reply, if any) and release the lease, in one transaction.
 
-    Idempotent.  Returns 'stored', 'already' (an earlier call did it) or 'lost' (the
-    turn was abandoned because its lease was taken over).
+    Idempotent.  Returns 'stored', 'stored-suspect' (stored, but Ollama counted fewer
+    prompt tokens than are known to have been sent: it must have cut the prompt),
+    'already' (an earlier call did it) or 'lost' (the turn was abandoned because its
+    lease was taken over).  The reply's prompt_tokens teaches the token counts of what
+    the turn sent (db/migrations/0003_context.sql, learn_tokens).
     """
     async with connection(pool, "end_turn") as con:
         if reply is None:
-            return await con.fetchval("SELECT end_turn($1, $2, $3, NULL, NULL, NULL, NULL, false)",
-                                      turn_id, status, error)
-        return await con.fetchval("SELECT end_turn($1, $2, $3, $4, $5, $6, $7, true)",
+            return await con.fetchval(
+                "SELECT end_turn($1, $2, $3, NULL, NULL, NULL, NULL, false, NULL::integer)",
+                turn_id, status, error)
+        return await con.fetchval("SELECT end_turn($1, $2, $3, $4, $5, $6, $7, true, $8)",
                                   turn_id, status, error, reply.content, reply.extra or None,
-                                  reply.model, reply.tokens)
+                                  reply.model, reply.tokens, reply.prompt_tokens)
 
 
 async def renew_leases(pool: asyncpg.Pool, owner: str, lease_seconds: float) -> int:
@@ -95,7 +131,7 @@ async def conversation(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
     async with connection(pool, "conversation") as con:
         return await con.fetch(
             "SELECT m.seq, m.turn_id, m.role, m.content, m.extra, m.status, m.error, m.model,"
-            " m.tokens FROM messages m JOIN turns t ON t.id = m.turn_id"
+            " m.tokens, m.ntokens, m.ntokens_from FROM messages m JOIN turns t ON t.id = m.turn_id"
             " WHERE m.appid = $1 AND t.status = ANY($2::text[])"
             " ORDER BY m.role <> 'system', m.turn_id, m.seq", app_id, list(ENDED))
 
