@@ -68,6 +68,7 @@ class Behavior:
     location: str = "/"  # the Location of a 3xx `status` (GET / answers 200 here)
     content_value: Callable[[str], Any] | None = None  # message.content = content_value(piece)
     eval_count: Any = None  # the done line's eval_count instead of the real count
+    max_ctx: int | None = None  # the model's own context: a larger num_ctx is capped to it
 
 
 @dataclass
@@ -341,6 +342,8 @@ class _Handler(tornado.web.RequestHandler):
             messages = req.get("messages") or []
             options = req.get("options") or {}
             num_ctx = options.get("num_ctx") or DEFAULT_NUM_CTX
+            if behavior.max_ctx is not None and isinstance(num_ctx, (int, float)):
+                num_ctx = min(num_ctx, behavior.max_ctx)
             if isinstance(num_ctx, (int, float)) and prompt_tokens(messages) > num_ctx:
                 if req.get("truncate") is False:
                     return await self._error(400, "the prompt is longer than the context length "

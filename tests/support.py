@@ -56,6 +56,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
     queue_timeout = 30.0
     turn_lease = 10.0
     store_retry = 15.0
+    context_tokens = 8192
 
     def dsn(self) -> str:
         return database_url()
@@ -70,7 +71,8 @@ class ChatterdTestCase(AsyncHTTPTestCase):
         return Application(self.pool, self.ollama, max_body_size=self.max_body_size,
                            heartbeat=self.heartbeat, status_grace=self.status_grace,
                            write_timeout=self.write_timeout, turn_wait=self.turn_wait,
-                           turn_lease=self.turn_lease, store_retry=self.store_retry)
+                           turn_lease=self.turn_lease, store_retry=self.store_retry,
+                           context_tokens=self.context_tokens)
 
     async def _make_client(self) -> OllamaClient:
         return OllamaClient(self.double.url, idle_timeout=self.idle_timeout,
@@ -83,7 +85,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
         except OSError:
             return
         try:
-            await con.execute("TRUNCATE chatts, messages, turns, leases")
+            await con.execute("TRUNCATE chatts, messages, turns, leases, conversation_sizes")
         finally:
             await con.close()
 

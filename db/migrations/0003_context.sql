@@ -42,8 +42,12 @@ ALTER TABLE turns
     ADD COLUMN nmessages integer,       -- ended: how many such messages
     ADD COLUMN context_tokens integer,  -- the context (num_ctx) the turn was budgeted for
     ADD COLUMN window_from bigint,      -- the oldest earlier turn it sent (NULL: none)
+    ADD COLUMN window_turns bigint[],   -- the earlier turns it sent
     ADD COLUMN sent_tokens integer,     -- what it sent, as counted when it began
-    ADD COLUMN prompt_tokens integer;   -- Ollama's prompt_eval_count for it
+    ADD COLUMN prompt_tokens integer,   -- Ollama's prompt_eval_count for it
+    -- It starts with a tool result (a client's tool, called at the end of the turn
+    -- before): it is only ever sent together with that turn, so a call keeps its result.
+    ADD COLUMN continues boolean NOT NULL DEFAULT false;
 UPDATE turns t SET tokens = coalesce(s.tokens, 0), nmessages = coalesce(s.n, 0)
   FROM (SELECT turn_id, sum(ntokens) AS tokens, count(*) AS n FROM messages
          WHERE role <> 'system' AND is_sent(status, content, extra) GROUP BY turn_id) s
@@ -99,6 +103,11 @@ DECLARE
     v_size_tokens bigint;
     v_t_tokens integer;
     v_t_n integer;
+    v_pend_ids bigint[] := '{}';
+    v_pend_n integer := 0;
+    v_pend_tokens bigint := 0;
+    v_below bigint := v_turn;
+    v_batch integer;
     r record;
 BEGIN
     INSERT INTO leases AS l (appid, turn_id, owner, expires_at)
@@ -140,24 +149,46 @@ BEGIN
 
     -- The newest whole turns that fit, walking back from the newest (index turns_appid,
     -- backwards); the first that does not fit ends the walk, so what is sent is contiguous.
+    -- A turn that continues the one before (a tool result for its call) is taken only
+    -- together with it: they fit together or not at all.
     v_left := coalesce(p_budget::bigint, 9223372036854775807) - v_sys_tokens - v_new_tokens;
-    FOR r IN SELECT t.id, t.tokens, t.nmessages FROM turns t
-              WHERE t.appid = p_appid AND t.id < v_turn
-                AND t.status IN ('complete', 'interrupted', 'failed')
-              ORDER BY t.id DESC LOOP
-        v_t_tokens := r.tokens;
-        v_t_n := r.nmessages;
-        IF v_t_tokens IS NULL THEN  -- a turn stored by other means
-            SELECT s.tokens, s.nmessages INTO v_t_tokens, v_t_n FROM turn_size(r.id) s;
-        END IF;
-        EXIT WHEN v_t_tokens > v_left;
-        v_left := v_left - v_t_tokens;
-        v_ids := v_ids || r.id;
-        v_from := r.id;
-        v_win_n := v_win_n + v_t_n;
-        v_win_tokens := v_win_tokens + v_t_tokens;
+    UPDATE turns t SET continues = coalesce((
+        SELECT m.role = 'tool' FROM messages m WHERE m.turn_id = v_turn AND m.role <> 'system'
+         ORDER BY m.seq LIMIT 1), false)
+     WHERE t.id = v_turn;
+    -- In batches with LIMIT, so the plan is always the backward index scan (a cursor over
+    -- the whole appID may be planned as a sort of all its turns).
+    <<walk>>
+    LOOP
+        v_batch := 0;
+        FOR r IN SELECT t.id, t.tokens, t.nmessages, t.continues FROM turns t
+                  WHERE t.appid = p_appid AND t.id < v_below
+                    AND t.status IN ('complete', 'interrupted', 'failed')
+                  ORDER BY t.id DESC LIMIT 32 LOOP
+            v_batch := v_batch + 1;
+            v_below := r.id;
+            v_t_tokens := r.tokens;
+            v_t_n := r.nmessages;
+            IF v_t_tokens IS NULL THEN  -- a turn stored by other means
+                SELECT s.tokens, s.nmessages INTO v_t_tokens, v_t_n FROM turn_size(r.id) s;
+            END IF;
+            v_pend_ids := v_pend_ids || r.id;
+            v_pend_n := v_pend_n + v_t_n;
+            v_pend_tokens := v_pend_tokens + v_t_tokens;
+            EXIT walk WHEN v_pend_tokens > v_left;
+            CONTINUE WHEN r.continues;  -- needs the turn before it
+            v_left := v_left - v_pend_tokens;
+            v_ids := v_ids || v_pend_ids;
+            v_from := r.id;
+            v_win_n := v_win_n + v_pend_n;
+            v_win_tokens := v_win_tokens + v_pend_tokens;
+            v_pend_ids := '{}';
+            v_pend_n := 0;
+            v_pend_tokens := 0;
+        END LOOP;
+        EXIT walk WHEN v_batch < 32;
     END LOOP;
-    UPDATE turns SET window_from = v_from,
+    UPDATE turns SET window_from = v_from, window_turns = v_ids,
                      sent_tokens = v_sys_tokens + v_win_tokens + v_new_tokens
      WHERE id = v_turn;
 
@@ -185,9 +216,9 @@ BEGIN
                        AND t.status IN ('complete', 'interrupted', 'failed')
                     UNION ALL
                     SELECT false, m.turn_id, m.seq, m.role, m.content, m.extra
-                      FROM messages m
-                     WHERE m.turn_id = ANY (v_ids) AND m.role <> 'system'
-                       AND is_sent(m.status, m.content, m.extra)) h),
+                      FROM unnest(v_ids) AS w(id),
+                           LATERAL (SELECT * FROM messages m WHERE m.turn_id = w.id OFFSET 0) m
+                     WHERE m.role <> 'system' AND is_sent(m.status, m.content, m.extra)) h),
            v_sys_n + v_win_n + v_new_n,
            v_sys_tokens + v_win_tokens + v_new_tokens,
            greatest(v_size_n - v_sys_n - v_win_n, 0),
@@ -196,12 +227,12 @@ END
 $$;
 
 -- What turn p_turn sent (besides nothing else): the system prompts, the messages of the
--- earlier turns from its window_from on, and its own messages (its reply excluded when it
+-- earlier turns in its window_turns, and its own messages (its reply excluded when it
 -- is called before the reply is stored).  Bounded by what was sent.
 CREATE FUNCTION sent_by(p_turn bigint)
 RETURNS TABLE (seq bigint, turn_id bigint, ntokens integer, ntokens_from text, est integer)
 LANGUAGE sql STABLE AS $$
-    WITH t0 AS (SELECT appid, window_from FROM turns WHERE id = p_turn)
+    WITH t0 AS (SELECT appid, window_turns FROM turns WHERE id = p_turn)
     SELECT m.seq, m.turn_id, coalesce(m.ntokens, estimate_tokens(m.content, m.extra)),
            m.ntokens_from, estimate_tokens(m.content, m.extra)
       FROM t0, messages m JOIN turns t ON t.id = m.turn_id
@@ -210,10 +241,9 @@ LANGUAGE sql STABLE AS $$
     UNION ALL
     SELECT m.seq, m.turn_id, coalesce(m.ntokens, estimate_tokens(m.content, m.extra)),
            m.ntokens_from, estimate_tokens(m.content, m.extra)
-      FROM t0, messages m JOIN turns t ON t.id = m.turn_id
-     WHERE m.turn_id >= t0.window_from AND m.turn_id < p_turn
-       AND m.appid = t0.appid AND t.appid = t0.appid AND m.role <> 'system'
-       AND t.status IN ('complete', 'interrupted', 'failed') AND is_sent(m.status, m.content, m.extra)
+      FROM t0, unnest(t0.window_turns) AS w(id),
+           LATERAL (SELECT * FROM messages m WHERE m.turn_id = w.id OFFSET 0) m
+     WHERE m.role <> 'system' AND is_sent(m.status, m.content, m.extra)
     UNION ALL
     SELECT m.seq, m.turn_id, coalesce(m.ntokens, estimate_tokens(m.content, m.extra)),
            m.ntokens_from, estimate_tokens(m.content, m.extra)
