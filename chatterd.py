@@ -77,7 +77,7 @@ class Application(tornado.web.Application):
                  heartbeat: float = 15.0, status_grace: float = 2.0,
                  write_timeout: float = 30.0, turn_wait: float = 30.0,
                  turn_lease: float = 10.0, store_retry: float = 15.0,
-                 resend_window: float = 120.0) -> None:
+                 resend_window: float = 120.0, context_tokens: int = 8192) -> None:
         self.pool = pool
         self.ollama = ollama
         self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry,
@@ -87,7 +87,8 @@ class Application(tornado.web.Application):
         self.request_finished = tornado.locks.Condition()
         super().__init__(ROUTES, default_handler_class=NotFoundHandler, log_function=log_request,
                          max_body_size=max_body_size, heartbeat=heartbeat,
-                         status_grace=status_grace, write_timeout=write_timeout)
+                         status_grace=status_grace, write_timeout=write_timeout,
+                         context_tokens=context_tokens)
 
     def get_handler_delegate(self, request: Any, target_class: type, target_kwargs: Any = None,
                              path_args: Any = None, path_kwargs: Any = None) -> Any:
@@ -138,7 +139,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     metrics.REQUESTS.labels(**metric_labels(handler)).inc()
     parts = [str(status), request.remote_ip, request.method, request.path,
              f"{1000.0 * request.request_time():.1f}ms"]
-    for name in ("app_id", "tokens", "outcome", "error_message"):
+    for name in ("app_id", "tokens", "outcome", "context", "error_message"):
         value = getattr(handler, name, None)
         if value is not None:
             parts.append(f"{'appID' if name == 'app_id' else name.replace('_message', '')}={value!r}"
@@ -190,7 +191,8 @@ async def main() -> None:
     app = Application(pool, ollama, max_body_size=opts.max_body_size, heartbeat=opts.heartbeat,
                       status_grace=opts.status_grace, write_timeout=opts.write_timeout,
                       turn_wait=opts.turn_wait, turn_lease=opts.turn_lease,
-                      store_retry=opts.store_retry, resend_window=opts.resend_window)
+                      store_retry=opts.store_retry, resend_window=opts.resend_window,
+                      context_tokens=opts.context_tokens)
     server = make_server(app, opts)
     try:
         server.listen(opts.port, opts.address)

@@ -34,3 +34,20 @@ STORE_RETRIES = Counter("chatterd_store_retries_total",
 RESENDS_REPLAYED = Counter("chatterd_resends_replayed_total",
                            "Resent turns answered from storage instead of being stored twice",
                            registry=REGISTRY)
+CONTEXT_SENT_TOKENS = Histogram(
+    "chatterd_context_sent_tokens", "Tokens of conversation sent to the model per chat turn "
+    "(as counted: learned from Ollama, else estimated)",
+    buckets=(256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072), registry=REGISTRY)
+CONTEXT_CUT_TURNS = Counter("chatterd_context_cut_turns_total",
+                            "Chat turns that left older messages out to fit the context budget",
+                            registry=REGISTRY)
+CONTEXT_OMITTED_MESSAGES = Counter("chatterd_context_omitted_messages_total",
+                                   "Older messages left out of chat turns to fit the budget",
+                                   registry=REGISTRY)
+CONTEXT_OMITTED_TOKENS = Counter("chatterd_context_omitted_tokens_total",
+                                 "Tokens of older messages left out of chat turns",
+                                 registry=REGISTRY)
+CONTEXT_UPSTREAM_CUT = Counter(
+    "chatterd_context_upstream_cut_total",
+    "Turns for which Ollama counted fewer prompt tokens than were sent (it cut the prompt)",
+    registry=REGISTRY)

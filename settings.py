@@ -60,6 +60,10 @@ SETTINGS = (
     Setting("resend-window", 120.0, float,
             "Seconds during which a resend of a turn whose answer was stored but never delivered "
             "gets the stored answer instead of being stored again (0 turns this off)"),
+    Setting("context-tokens", 8192, int,
+            "Context window (num_ctx) a chat turn is budgeted for and sent to Ollama with, "
+            "unless the request's options.num_ctx says otherwise; history beyond it is left "
+            "out, oldest whole turns first (0: send the whole conversation, no num_ctx)"),
     Setting("shutdown-grace", 30.0, float,
             "On SIGTERM, seconds in-flight streams may run before they are ended"),
 )

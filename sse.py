@@ -37,6 +37,11 @@ def data_events(lines: list[bytes]) -> bytes:
     return framed
 
 
+def comment(text: str) -> bytes:
+    """One SSE comment line (parsers skip it); line breaks in *text* become spaces."""
+    return b": " + " ".join(text.splitlines()).encode() + b"\n\n"
+
+
 def error_event(message: str) -> bytes:
     return b"event: error\ndata: " + jsonfmt.dumpb({"error": message}) + b"\n\n"
 

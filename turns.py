@@ -28,7 +28,7 @@ import asyncpg
 
 import metrics
 from db import conversations
-from db.conversations import Reply
+from db.conversations import Reply, Window
 from db.pool import DatabaseUnavailable
 
 log = logging.getLogger("chatterd")
@@ -73,8 +73,13 @@ class TurnKeeper:
             self._renewer = None
 
     async def begin(self, app_id: str, messages: list[dict], *,
-                    left: Optional[asyncio.Event] = None, replace: bool = False) -> "Turn":
+                    left: Optional[asyncio.Event] = None, replace: bool = False,
+                    budget: Optional[int] = None, context: Optional[int] = None) -> "Turn":
         """Store *messages* as a pending turn of *app_id* once no other turn of it runs.
+
+        The turn's history is its system prompts, the newest whole earlier turns that fit
+        *budget* tokens with *messages*, and *messages* (budget None: everything);
+        `turn.window` says what was sent and left out; *context* is recorded with it.
 
         Raises TurnBusy after --turn-wait seconds, ClientLeft when *left* is set while
         waiting, DatabaseUnavailable when PostgreSQL is away (nothing is then stored).
@@ -87,18 +92,21 @@ class TurnKeeper:
         while True:
             begun = await conversations.begin_turn(self.pool, app_id, self.owner, self.lease,
                                                    messages, replace=replace,
-                                                   resend_seconds=self.resend_window)
+                                                   resend_seconds=self.resend_window,
+                                                   budget=budget, context=context)
             if begun is not None:
                 if waited:
                     metrics.TURN_WAITS.labels(outcome="started").inc()
-                turn_id, history, replay = begun
+                turn_id, history, window, replay = begun
                 if replay is not None:
                     metrics.RESENDS_REPLAYED.inc()
                     turn = Turn(self, app_id, turn_id, [])
                     turn.ended, turn.replay = True, replay
                     return turn
                 self.running += 1
-                return Turn(self, app_id, turn_id, with_new_messages(history, messages))
+                turn = Turn(self, app_id, turn_id, with_new_messages(history, messages))
+                turn.window = window
+                return turn
             waited = True
             if loop.time() >= deadline:
                 metrics.TURN_WAITS.labels(outcome="busy").inc()
@@ -160,9 +168,11 @@ class Turn:
         self.app_id = app_id
         self.id = turn_id
         self.history = history  # the conversation before this turn, and its own messages
+        self.window = Window()  # what of the conversation the history holds, what it leaves out
         self.ended = False
-        # A resend of a turn stored complete but never delivered: its stored reply, to be
-        # sent again (nothing new is stored; see TurnKeeper.begin).
+        self.suspect = False  # Ollama reported fewer prompt tokens than were sent
+        # A resend of a turn stored but never delivered: its stored reply, to be sent
+        # again (nothing new is stored; see TurnKeeper.begin).
         self.replay: Optional[dict] = None
 
     async def end(self, status: str, reply: Optional[Reply] = None,
@@ -183,6 +193,12 @@ class Turn:
             if not self.ended:
                 self.ended = True
                 self.keeper._turn_ended(self.app_id)
+        self.suspect = outcome == "stored-suspect"
+        if self.suspect:
+            metrics.CONTEXT_UPSTREAM_CUT.inc()
+            log.warning("turn %d of appID %r: Ollama counted %s prompt tokens, fewer than "
+                        "were sent (%s): it cut the prompt", self.id, self.app_id,
+                        reply.prompt_tokens if reply else None, self.window.describe())
         if outcome == "lost":
             raise TurnNotStored("the turn was taken over: its lease expired while the "
                                 "database was unreachable")

@@ -32,6 +32,31 @@ class Reply:
     model: Optional[str] = None
     tokens: Optional[int] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    prompt_tokens: Optional[int] = None  # Ollama's prompt_eval_count for the prompt sent
+
+
+@dataclass
+class Window:
+    """What a turn sends the model out of its conversation, and what it leaves out.
+
+    Messages and tokens (as counted: learned from Ollama, else estimated); sent_* include
+    the system prompts and the turn's own messages.  context is the context (num_ctx) the
+    turn was budgeted for, None when unbounded.
+    """
+
+    sent_messages: int = 0
+    sent_tokens: int = 0
+    omitted_messages: int = 0
+    omitted_tokens: int = 0
+    context: Optional[int] = None
+
+    def describe(self) -> str:
+        """`sent=12 messages/3400 tokens; omitted=40 messages/9100 tokens; context=8192 tokens`"""
+        text = (f"sent={self.sent_messages} messages/{self.sent_tokens} tokens; "
+                f"omitted={self.omitted_messages} messages/{self.omitted_tokens} tokens")
+        if self.context is not None:
+            text += f"; context={self.context} tokens"
+        return text
 
 
 def as_stored(message: dict) -> dict:
@@ -49,27 +74,36 @@ def _pending(messages: list[dict]) -> list[dict]:
 
 
 async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds: float,
-                     messages: list[dict], *, replace: bool = False, resend_seconds: float = 0.0
-                     ) -> Optional[tuple[int, Optional[list[dict]], Optional[dict]]]:
+                     messages: list[dict], *, replace: bool = False,
+                     resend_seconds: float = 0.0, budget: Optional[int] = None,
+                     context: Optional[int] = None
+                     ) -> Optional[tuple[int, Optional[list[dict]], Window, Optional[dict]]]:
     """Take the appID's lease and store *messages* as a pending turn, in one round trip.
 
-    Returns (turn id, the conversation before this turn, None), or None when another
-    turn of the appID is running.  With *replace*, the appID's earlier turns are deleted.
-    When *messages* resend the appID's last turn, which ended complete less than
-    *resend_seconds* ago but was never delivered, nothing is stored and the result is
-    (that turn's id, None, its stored reply as {content, extra, model, tokens}).
+    Returns (turn id, the conversation before this turn that fits *budget* tokens with
+    the new messages: system prompts and the newest whole turns, what was sent and left
+    out, None), or None when another turn of the appID is running.  *budget* None: the
+    whole conversation.  With *replace*, the appID's earlier turns are deleted.
+    When *messages* resend the appID's last turn, which ended (complete or failed) less
+    than *resend_seconds* ago but was never delivered, nothing is stored and the result
+    is (that turn's id, None, an empty Window, its stored reply as {content, extra,
+    model, tokens, status, error}).
     """
     async with connection(pool, "begin_turn") as con:
         row = await con.fetchrow(
-            "SELECT turn_id, history, replay FROM begin_turn($1, $2, $3, $4, $5, $6)",
-            app_id, owner, lease_seconds, _pending(messages), replace, resend_seconds)
+            "SELECT turn_id, history, sent_messages, sent_tokens, omitted_messages,"
+            " omitted_tokens, replay FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8)",
+            app_id, owner, lease_seconds, _pending(messages), replace, resend_seconds,
+            budget, context)
     if row is None:
         return None
-    return row["turn_id"], row["history"], row["replay"]
+    return row["turn_id"], row["history"], Window(
+        row["sent_messages"], row["sent_tokens"], row["omitted_messages"],
+        row["omitted_tokens"], context), row["replay"]
 
 
 async def mark_delivered(pool: asyncpg.Pool, turn_id: int) -> None:
-    """Record that the client received the whole answer (so a resend is a new turn)."""
+    """Record that the client received the turn's end (so a resend is a new turn)."""
     async with connection(pool, "mark_delivered") as con:
         await con.execute("UPDATE turns SET delivered = true WHERE id = $1", turn_id)
 
@@ -78,16 +112,20 @@ async def end_turn(pool: asyncpg.Pool, turn_id: int, status: str, error: Optiona
                    reply: Optional[Reply]) -> str:
     """End the turn (with its reply, if any) and release the lease, in one transaction.
 
-    Idempotent.  Returns 'stored', 'already' (an earlier call did it) or 'lost' (the
-    turn was abandoned because its lease was taken over).
+    Idempotent.  Returns 'stored', 'stored-suspect' (stored, but Ollama counted fewer
+    prompt tokens than are known to have been sent: it must have cut the prompt),
+    'already' (an earlier call did it) or 'lost' (the turn was abandoned because its
+    lease was taken over).  The reply's prompt_tokens teaches the token counts of what
+    the turn sent (db/migrations/0003_context.sql, learn_tokens).
     """
     async with connection(pool, "end_turn") as con:
         if reply is None:
-            return await con.fetchval("SELECT end_turn($1, $2, $3, NULL, NULL, NULL, NULL, false)",
-                                      turn_id, status, error)
-        return await con.fetchval("SELECT end_turn($1, $2, $3, $4, $5, $6, $7, true)",
+            return await con.fetchval(
+                "SELECT end_turn($1, $2, $3, NULL, NULL, NULL, NULL, false, NULL::integer)",
+                turn_id, status, error)
+        return await con.fetchval("SELECT end_turn($1, $2, $3, $4, $5, $6, $7, true, $8)",
                                   turn_id, status, error, reply.content, reply.extra or None,
-                                  reply.model, reply.tokens)
+                                  reply.model, reply.tokens, reply.prompt_tokens)
 
 
 async def renew_leases(pool: asyncpg.Pool, owner: str, lease_seconds: float) -> int:
@@ -105,7 +143,7 @@ async def conversation(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
     async with connection(pool, "conversation") as con:
         return await con.fetch(
             "SELECT m.seq, m.turn_id, m.role, m.content, m.extra, m.status, m.error, m.model,"
-            " m.tokens FROM messages m JOIN turns t ON t.id = m.turn_id"
+            " m.tokens, m.ntokens, m.ntokens_from FROM messages m JOIN turns t ON t.id = m.turn_id"
             " WHERE m.appid = $1 AND t.status = ANY($2::text[])"
             " ORDER BY m.role <> 'system', m.turn_id, m.seq", app_id, list(ENDED))
 

@@ -70,11 +70,40 @@ def token_count(value: Any) -> Optional[int]:
     return None
 
 
+def prompt_count(done_line: Optional[bytes]) -> Optional[int]:
+    """The prompt_eval_count of Ollama's final line, if it holds a sane one."""
+    try:
+        done = jsonfmt.loads(done_line) if done_line else None
+    except ValueError:
+        return None
+    return token_count(done.get("prompt_eval_count")) if isinstance(done, dict) else None
+
+
+def announce_window(handler: UpstreamHandler, turn: Turn) -> None:
+    """Say what of the conversation the turn sends and leaves out: a response header (the
+    SSE stream also starts with it as a comment), the access log, /metrics."""
+    window = turn.window
+    handler.context = window.describe()
+    handler.set_header("X-Chatterd-Context", handler.context)
+    metrics.CONTEXT_SENT_TOKENS.observe(window.sent_tokens)
+    if window.omitted_messages:
+        metrics.CONTEXT_CUT_TURNS.inc()
+        metrics.CONTEXT_OMITTED_MESSAGES.inc(window.omitted_messages)
+        metrics.CONTEXT_OMITTED_TOKENS.inc(window.omitted_tokens)
+
+
 async def begin_turn(handler: UpstreamHandler, request: LLMRequest, replace: bool = False) -> Turn:
-    """Wait for the appID's turn and start it; every refusal is a real HTTP status."""
+    """Wait for the appID's turn and start it; every refusal is a real HTTP status.
+
+    A chat turn's history is bounded by its context budget (--context-tokens, or the
+    request's options.num_ctx); /llmprep (replace) reads none.
+    """
+    context, budget = (None, None) if replace else \
+        request.context_budget(handler.settings.get("context_tokens", 0))
     try:
         return await handler.application.turns.begin(
-            request.app_id, request.messages, left=handler.left, replace=replace)
+            request.app_id, request.messages, left=handler.left, replace=replace,
+            budget=budget, context=context)
     except TurnBusy:
         raise ClientError(409, f"another turn of appID {request.app_id!r} is still running "
                                f"after {handler.application.turns.wait:g} s; retry when it has "
@@ -83,6 +112,7 @@ async def begin_turn(handler: UpstreamHandler, request: LLMRequest, replace: boo
 
 class LLMChatHandler(UpstreamHandler):
     outcome: Optional[str] = None  # for the access log: complete, interrupted, failed, rejected
+    context: Optional[str] = None  # for the access log: what the turn sent and left out
 
     async def post(self) -> None:
         self.refuse_when_draining()
@@ -96,6 +126,7 @@ class LLMChatHandler(UpstreamHandler):
         if self.turn.replay is not None:
             await self._replay(request, self.turn.replay)
             return
+        announce_window(self, self.turn)
         self.reply = Reply(model=request.model)
         self.failure: Optional[str] = None
         self.done_line: Optional[bytes] = None
@@ -159,8 +190,10 @@ class LLMChatHandler(UpstreamHandler):
         if self.events.opened or self.client_gone:
             return
         try:
-            # Still waiting for Ollama's status: say something so proxies see a live stream.
-            await self.events.open(b"" if self.call.status == 200 else sse.KEEPALIVE)
+            # First what the turn sent and left out, as a comment parsers skip; then, if
+            # still waiting for Ollama's status, a heartbeat so proxies see a live stream.
+            await self.events.open(sse.comment(f"context {self.context}") +
+                                   (b"" if self.call.status == 200 else sse.KEEPALIVE))
         except StreamClosedError:
             self.on_connection_close()
 
@@ -226,6 +259,7 @@ class LLMChatHandler(UpstreamHandler):
         """End the turn (it enters the conversation), then tell the client how it went."""
         reply = self.reply
         reply.content = str(self.text)
+        reply.prompt_tokens = prompt_count(self.done_line)
         if reply.status == "interrupted" and not self.answer_started:
             # The client left before any of the answer was sent: as if never asked.
             await self.turn.reject("the client left before the answer started")
@@ -275,6 +309,7 @@ class LLMChatHandler(UpstreamHandler):
             if message.get("tool_calls"):
                 self.reply.extra["tool_calls"] = message["tool_calls"]
             self.reply.tokens = token_count(answer.get("eval_count"))
+            self.reply.prompt_tokens = token_count(answer.get("prompt_eval_count"))
         except (ValueError, KeyError, TypeError, AttributeError):
             await self._refuse(OllamaError("Ollama's answer is not a chat response object"))
             return

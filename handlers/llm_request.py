@@ -4,7 +4,7 @@ Every rejection says which field is wrong, so a client developer can fix it.
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import jsonfmt
 from handlers.base import ClientError, valid_text
@@ -14,6 +14,16 @@ MAX_APPID = 155
 # Our own fields; everything else a client sends (options, format, keep_alive,
 # think, tools, ...) is Ollama's and goes upstream untouched.
 OWN_FIELDS = ("appID", "model", "messages", "stream")
+# Room kept for the reply when the request does not set options.num_predict: a quarter
+# of the context (which also absorbs the error of estimated token counts).
+REPLY_SHARE = 4
+
+
+def _count(value: Any) -> Optional[int]:
+    """An integer option as Ollama reads one (a JSON number with no fraction), else None."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**31:
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass
@@ -23,6 +33,31 @@ class LLMRequest:
     messages: list[dict]
     stream: bool
     passthrough: dict[str, Any]
+
+    def context_budget(self, default_context: int) -> tuple[Optional[int], Optional[int]]:
+        """(the context the turn is budgeted for, the tokens its history may take).
+
+        The context is options.num_ctx when the client gave one, else *default_context*
+        (--context-tokens), which is then sent to Ollama as num_ctx so that Ollama's
+        window is the one we budget for (Ollama's own default depends on its version and
+        VRAM).  The history gets the context minus room for the reply: options.num_predict
+        when positive, else a quarter.  (None, None) when *default_context* is 0 and the
+        client set no num_ctx: the whole conversation is sent, as before.
+        """
+        options = self.passthrough.get("options")
+        options = options if isinstance(options, dict) else None
+        context = _count(options.get("num_ctx")) if options is not None else None
+        if context is None:
+            if default_context <= 0:
+                return None, None
+            context = default_context
+            if options is None and "options" not in self.passthrough:
+                self.passthrough["options"] = options = {}
+            if options is not None:
+                self.passthrough["options"] = {**options, "num_ctx": context}
+        predict = _count(options.get("num_predict")) if options is not None else None
+        reserve = predict if predict is not None and predict > 0 else context // REPLY_SHARE
+        return context, max(context - reserve, 0)
 
     def upstream_body(self, history: list[dict]) -> bytes:
         """The /api/chat body: the client's Ollama fields with our history and no appID."""
@@ -68,6 +103,13 @@ def parse_llm_request(body: dict, *, allow_empty_messages: bool = False,
     if not messages and not allow_empty_messages:
         raise invalid("messages must not be empty")
     checked = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
+    options = body.get("options")
+    if isinstance(options, dict):
+        for name in ("num_ctx", "num_predict"):
+            if name in options and _count(options[name]) is None:
+                raise invalid(f"options.{name} must be an integer")
+        if "num_ctx" in options and _count(options["num_ctx"]) <= 0:
+            raise invalid("options.num_ctx must be a positive integer")
     stream = body.get("stream")
     if stream is None:
         stream = default_stream

@@ -68,6 +68,7 @@ class Behavior:
     location: str = "/"  # the Location of a 3xx `status` (GET / answers 200 here)
     content_value: Callable[[str], Any] | None = None  # message.content = content_value(piece)
     eval_count: Any = None  # the done line's eval_count instead of the real count
+    max_ctx: int | None = None  # the model's own context: a larger num_ctx is capped to it
 
 
 @dataclass
@@ -84,6 +85,7 @@ class RecordedRequest:
     closed_at: float | None = None  # the peer closed before the response finished
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     chunks_sent: int = 0  # content chunks written (the done/error lines do not count)
+    truncated: int = 0  # messages the double dropped because the prompt exceeded num_ctx
     lines_sent: list = field(default_factory=list)  # every NDJSON line written, as bytes
 
 
@@ -121,6 +123,43 @@ def default_reply(messages: list[dict]) -> str:
     return (f" Reply #{len(messages)} to: {last or ''}\n\n"
             "```python\ndef f(x):\n    return  x * 2\n```\n\n"
             "Two  spaces,\ttab & <tag>.\n")
+
+
+DEFAULT_NUM_CTX = 4096  # Ollama's default context below 24 GiB of VRAM (ollama-api.md §5.3)
+GENERATION_PROMPT = 3  # the tokens of the assistant header that ends every prompt
+
+
+def message_tokens(m: Any) -> int:
+    """What one message costs in the double's prompt: its word pieces (as a reply of that
+    text is counted in eval_count) plus 4 of template (header and end-of-turn), plus its
+    tool calls' JSON at a token per 4 characters.  Deterministic, so tests know it."""
+    if not isinstance(m, dict):
+        return 0
+    count = 4 + len(split_tokens(str(m.get("content") or "")))
+    if m.get("tool_calls"):
+        count += len(go_json(m["tool_calls"])) // 4
+    return count
+
+
+def prompt_tokens(messages: list) -> int:
+    """The double's prompt_eval_count for these messages (before any truncation)."""
+    return sum(message_tokens(m) for m in messages) + GENERATION_PROMPT
+
+
+def fit_context(messages: list, num_ctx: int) -> tuple[list, int]:
+    """What Ollama's chatPrompt does with a prompt larger than num_ctx (truncate: true):
+    drop the oldest non-system messages, always keeping the last.  Returns (the messages
+    kept, how many were dropped)."""
+    kept = list(messages)
+    dropped = 0
+    while prompt_tokens(kept) > num_ctx:
+        i = next((i for i, m in enumerate(kept[:-1])
+                  if not (isinstance(m, dict) and m.get("role") == "system")), None)
+        if i is None:
+            break
+        del kept[i]
+        dropped += 1
+    return kept, dropped
 
 
 def split_tokens(text: str) -> list[str]:
@@ -304,6 +343,17 @@ class _Handler(tornado.web.RequestHandler):
             return await self._error(404, f"model '{model}' not found")
         if chat:
             messages = req.get("messages") or []
+            options = req.get("options") or {}
+            num_ctx = options.get("num_ctx") or DEFAULT_NUM_CTX
+            if behavior.max_ctx is not None and isinstance(num_ctx, (int, float)):
+                num_ctx = min(num_ctx, behavior.max_ctx)
+            if isinstance(num_ctx, (int, float)) and prompt_tokens(messages) > num_ctx:
+                if req.get("truncate") is False:
+                    return await self._error(400, "the prompt is longer than the context length "
+                                             "currently available to the model; shorten the "
+                                             "prompt, adjust the context length in settings, or "
+                                             "use a model with a longer context length")
+                messages, self.rec.truncated = fit_context(messages, int(num_ctx))
         else:
             messages = [{"role": "user", "content": req.get("prompt") or ""}]
         stream = req.get("stream") is not False  # absent or null means stream
@@ -383,8 +433,7 @@ class _Handler(tornado.web.RequestHandler):
     def _final(obj: dict, b: Behavior, messages: list, eval_count: int, start: int,
                gen_start: int) -> dict:
         now = time.monotonic_ns()
-        prompt_count = sum(len(str(m.get("content") or "").split())
-                           for m in messages if isinstance(m, dict))
+        prompt_count = prompt_tokens(messages)
         load = int(b.header_delay * 1e9) + 1_000_000
         prompt_eval = prompt_count * 250_000 + 1
         eval_duration = max(now - gen_start, 1)

@@ -57,6 +57,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
     queue_timeout = 30.0
     turn_lease = 10.0
     store_retry = 15.0
+    context_tokens = 8192
 
     def dsn(self) -> str:
         return database_url()
@@ -72,7 +73,8 @@ class ChatterdTestCase(AsyncHTTPTestCase):
                            heartbeat=self.heartbeat, status_grace=self.status_grace,
                            write_timeout=self.write_timeout, turn_wait=self.turn_wait,
                            turn_lease=self.turn_lease, store_retry=self.store_retry,
-                           resend_window=self.resend_window)
+                           resend_window=self.resend_window,
+                           context_tokens=self.context_tokens)
 
     async def _make_client(self) -> OllamaClient:
         return OllamaClient(self.double.url, idle_timeout=self.idle_timeout,
@@ -86,7 +88,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
             return
         try:
             await con.execute("TRUNCATE chatterd.chatts, chatterd.messages, chatterd.turns,"
-                              " chatterd.leases")
+                              " chatterd.leases, chatterd.conversation_sizes")
         finally:
             await con.close()
 
