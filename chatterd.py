@@ -46,14 +46,15 @@ class Application(tornado.web.Application):
     """The routes plus what handlers share: the pool, the Ollama client, the live streams."""
 
     def __init__(self, pool: Any, ollama: OllamaClient, *, max_body_size: int = 1048576,
-                 heartbeat: float = 15.0, status_grace: float = 2.0) -> None:
+                 max_messages: int = 1000, heartbeat: float = 15.0,
+                 status_grace: float = 2.0) -> None:
         self.pool = pool
         self.ollama = ollama
         self.draining = False
         self.in_flight: set = set()  # every request being handled, streams included
         self.request_finished = tornado.locks.Condition()
         super().__init__(ROUTES, default_handler_class=NotFoundHandler, log_function=log_request,
-                         max_body_size=max_body_size, heartbeat=heartbeat,
+                         max_body_size=max_body_size, max_messages=max_messages, heartbeat=heartbeat,
                          status_grace=status_grace)
 
     def request_started(self, handler: Any) -> None:
@@ -123,7 +124,8 @@ async def main() -> None:
     ollama = OllamaClient(opts.ollama_url, connect_timeout=opts.connect_timeout,
                           request_timeout=opts.request_timeout, idle_timeout=opts.idle_timeout,
                           max_streams=opts.max_streams)
-    app = Application(pool, ollama, max_body_size=opts.max_body_size, heartbeat=opts.heartbeat,
+    app = Application(pool, ollama, max_body_size=opts.max_body_size,
+                      max_messages=opts.max_messages, heartbeat=opts.heartbeat,
                       status_grace=opts.status_grace)
     # The server's own cap sits above ours so oversized bodies get a 413, not a dropped connection.
     server = HTTPServer(app, xheaders=opts.xheaders, max_body_size=max(opts.max_body_size * 2, 1 << 26))

@@ -36,6 +36,8 @@ SETTINGS = (
             "Seconds Ollama may send nothing (model loading included) before the turn is ended"),
     Setting("request-timeout", 1800.0, float, "Hard limit in seconds on one Ollama request"),
     Setting("max-body-size", 1048576, int, "Largest accepted request body in bytes (larger gets 413)"),
+    Setting("max-messages", 1000, int,
+            "Most messages one /llmchat or /llmprep request may carry (more gets 422)"),
     Setting("max-streams", 2048, int, "Concurrent Ollama requests per process before new ones queue"),
     Setting("db-pool-size", 10, int, "Maximum PostgreSQL connections per process"),
     Setting("db-timeout", 10.0, float, "Seconds a database operation may take before it fails"),

@@ -50,6 +50,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
     idle_timeout = 30.0
     request_timeout = 60.0
     max_body_size = 1048576
+    max_messages = 1000
 
     def dsn(self) -> str:
         return database_url()
@@ -62,7 +63,8 @@ class ChatterdTestCase(AsyncHTTPTestCase):
         self.io_loop.run_sync(self.truncate)
         self.ollama = self.io_loop.run_sync(self._make_client)
         return Application(self.pool, self.ollama, max_body_size=self.max_body_size,
-                           heartbeat=self.heartbeat, status_grace=self.status_grace)
+                           max_messages=self.max_messages, heartbeat=self.heartbeat,
+                           status_grace=self.status_grace)
 
     async def _make_client(self) -> OllamaClient:
         return OllamaClient(self.double.url, idle_timeout=self.idle_timeout,
