@@ -60,6 +60,8 @@ def check_json(value: Any, where: str = "") -> None:
         path = where
         for step in reversed(e.path):
             path = f"{path}[{step}]" if isinstance(step, int) else field_path(path, step)
+        if len(path) > 200:  # 64 levels of long keys: the start says where, the problem what
+            path = path[:200] + "…"
         raise ClientError(422, f"{path or 'the body'} {e.problem}") from None
 
 
@@ -205,10 +207,10 @@ class JSONBodyHandler(BaseHandler):
         limit = self.settings["max_body_size"]
         length = self.request.headers.get("Content-Length")
         if length is not None and int(length) > limit:
-            if int(length) > getattr(self.request.connection, "_max_body_size", 0):
-                # Beyond the server's own cap Tornado would not drain the body but append
-                # a bare 400 to our 413; so it reads nothing and just closes.
-                self._drop_framing()
+            # Answered before the body, the connection closes after our 413 either way;
+            # without framing Tornado does not first try to read the body, and beyond its
+            # own cap append a bare 400 to our 413.
+            self._drop_framing()
             raise ClientError(413, f"request body is larger than the {limit}-byte limit")
 
     def _check_framing(self) -> None:
@@ -235,6 +237,16 @@ class JSONBodyHandler(BaseHandler):
     def _drop_framing(self) -> None:
         for name in ("Content-Length", "Transfer-Encoding"):
             self.request.headers.pop(name, None)
+
+    def on_connection_close(self) -> None:
+        # Closed before the body was complete (the client left mid-upload, or sent chunks
+        # Tornado could not parse): Tornado then never calls post() nor finish(), so
+        # on_finish would never unregister us and a graceful shutdown would wait for a
+        # request that is gone.  (Tornado's own check, on the same private future.)
+        body_pending = not self.request._body_future.done()
+        super().on_connection_close()
+        if body_pending:
+            self.application.request_done(self)
 
     def data_received(self, chunk: bytes) -> None:
         if self._too_large:

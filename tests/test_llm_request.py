@@ -11,7 +11,7 @@ from tornado.testing import gen_test
 import jsonfmt
 from handlers.base import ClientError, check_json
 from handlers.llm_request import parse_llm_request
-from tests.support import ChatterdTestCase, chat_body
+from tests.support import ChatterdTestCase, chat_body, streams_finished
 
 MESSAGE = '{"role": "user", "content": "hi"}'
 
@@ -170,6 +170,17 @@ class ValidationOverHTTPTest(ChatterdTestCase):
                 self.get_http_port(), b"POST /llmchat HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n{}")
             self.assertEqual(status, 400, extra)
             self.assertIn("Transfer-Encoding", jsonfmt.loads(payload)["error"])
+
+    @gen_test(timeout=20)
+    async def test_a_client_leaving_mid_body_is_not_waited_for(self):
+        # Tornado never calls post() nor finish() then; a graceful shutdown must not wait for it.
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.get_http_port())
+        writer.write(b"POST /llmchat HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"appID\"")
+        await writer.drain()
+        while not self._app.in_flight:
+            await asyncio.sleep(0.01)
+        writer.transport.abort()
+        await streams_finished(self._app, 5)
 
     def test_a_valid_chat_still_works(self):
         response = self.post_json("/llmchat", chat_body("a", "hi", options={"seed": 42, "temperature": 0.5}))
