@@ -77,7 +77,8 @@ class Application(tornado.web.Application):
                  heartbeat: float = 15.0, status_grace: float = 2.0,
                  write_timeout: float = 30.0, turn_wait: float = 30.0,
                  turn_lease: float = 10.0, store_retry: float = 15.0,
-                 resend_window: float = 120.0, context_tokens: int = 8192) -> None:
+                 resend_window: float = 120.0, context_tokens: int = 8192,
+                 max_messages: int = 1000) -> None:
         self.pool = pool
         self.ollama = ollama
         self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry,
@@ -86,9 +87,9 @@ class Application(tornado.web.Application):
         self.in_flight: set = set()  # every request being handled, streams included
         self.request_finished = tornado.locks.Condition()
         super().__init__(ROUTES, default_handler_class=NotFoundHandler, log_function=log_request,
-                         max_body_size=max_body_size, heartbeat=heartbeat,
-                         status_grace=status_grace, write_timeout=write_timeout,
-                         context_tokens=context_tokens)
+                         max_body_size=max_body_size, max_messages=max_messages,
+                         heartbeat=heartbeat, status_grace=status_grace,
+                         write_timeout=write_timeout, context_tokens=context_tokens)
 
     def get_handler_delegate(self, request: Any, target_class: type, target_kwargs: Any = None,
                              path_args: Any = None, path_kwargs: Any = None) -> Any:
@@ -99,7 +100,8 @@ class Application(tornado.web.Application):
             if hasattr(request.connection, "set_max_body_size"):
                 request.connection.set_max_body_size(NO_BODY_LIMIT)  # chunked: 400 past it
             length = request.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > NO_BODY_LIMIT:
+            if length.isascii() and length.isdigit() and len(length) <= 18 \
+                    and int(length) > NO_BODY_LIMIT:
                 target_kwargs = {"route": ROUTE_NAMES.get(target_class, "unmatched"),
                                  "limit": NO_BODY_LIMIT}
                 target_class, path_args, path_kwargs = BodyTooLargeHandler, None, None
@@ -188,7 +190,8 @@ async def main() -> None:
     ollama = OllamaClient(opts.ollama_url, connect_timeout=opts.connect_timeout,
                           request_timeout=opts.request_timeout, idle_timeout=opts.idle_timeout,
                           max_streams=opts.max_streams, queue_timeout=opts.queue_timeout)
-    app = Application(pool, ollama, max_body_size=opts.max_body_size, heartbeat=opts.heartbeat,
+    app = Application(pool, ollama, max_body_size=opts.max_body_size,
+                      max_messages=opts.max_messages, heartbeat=opts.heartbeat,
                       status_grace=opts.status_grace, write_timeout=opts.write_timeout,
                       turn_wait=opts.turn_wait, turn_lease=opts.turn_lease,
                       store_retry=opts.store_retry, resend_window=opts.resend_window,

@@ -43,6 +43,8 @@ SETTINGS = (
             "Seconds a client connection may stay silent between requests; also the deadline "
             "for a request's headers (above nginx's 60 s upstream keepalive_timeout)"),
     Setting("body-timeout", 60.0, float, "Seconds a client may take to send a request body"),
+    Setting("max-messages", 1000, int,
+            "Most messages one /llmchat or /llmprep request may carry (more gets 422)"),
     Setting("max-streams", 2048, int, "Concurrent Ollama requests per process before new ones queue"),
     Setting("queue-timeout", 30.0, float,
             "Seconds a request may wait for one of the --max-streams slots before it fails with 503"),

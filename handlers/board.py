@@ -1,7 +1,7 @@
 """The public board: GET /, POST /postchatt, GET /getchatts."""
 
 from db import chatts
-from handlers.base import BaseHandler, ClientError, JSONBodyHandler, valid_text
+from handlers.base import BaseHandler, ClientError, JSONBodyHandler, check_json, valid_text
 
 MAX_NAME = 64
 
@@ -19,6 +19,7 @@ class GetChattsHandler(BaseHandler):
 class PostChattHandler(JSONBodyHandler):
     async def post(self) -> None:
         body = self.json_object()
+        check_json(body)  # the fields we ignore too: every input is checked, none half-trusted
         # The course renamed "username" to "name"; its older clients still send the former.
         name = body.get("name", body.get("username"))
         message = body.get("message")

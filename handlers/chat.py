@@ -116,7 +116,7 @@ class LLMChatHandler(UpstreamHandler):
 
     async def post(self) -> None:
         self.refuse_when_draining()
-        request = parse_llm_request(self.json_object())
+        request = parse_llm_request(self.json_object(), max_messages=self.settings["max_messages"])
         self.app_id = request.app_id
         try:
             self.turn = await begin_turn(self, request)

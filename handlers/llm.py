@@ -5,7 +5,7 @@ from tornado.iostream import StreamClosedError
 import jsonfmt
 import metrics
 import sse
-from handlers.base import ClientError, UpstreamHandler
+from handlers.base import ClientError, UpstreamHandler, check_json
 from handlers.chat import begin_turn
 from handlers.llm_request import parse_llm_request
 from ollama_client import OllamaError
@@ -22,7 +22,9 @@ class LLMPromptHandler(UpstreamHandler):
 
     async def post(self) -> None:
         self.refuse_when_draining()
-        self.json_object()  # refuse what is not a JSON object; forward the bytes untouched
+        # Refuse what is not a JSON object or holds what Ollama cannot take (NUL, NaN, ...);
+        # forward the bytes untouched.
+        check_json(self.json_object())
         self.start_call("/api/generate", bytes(self._body), self._relay)
         metrics.ACTIVE_STREAMS.inc()
         try:
@@ -62,7 +64,8 @@ class LLMPrepHandler(UpstreamHandler):
     """
 
     async def post(self) -> None:
-        request = parse_llm_request(self.json_object(), allow_empty_messages=True)
+        request = parse_llm_request(self.json_object(), allow_empty_messages=True,
+                                    max_messages=self.settings["max_messages"])
         self.app_id = request.app_id
         try:
             turn = await begin_turn(self, request, replace=True)

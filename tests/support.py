@@ -58,6 +58,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
     turn_lease = 10.0
     store_retry = 15.0
     context_tokens = 8192
+    max_messages = 1000
 
     def dsn(self) -> str:
         return database_url()
@@ -74,7 +75,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
                            write_timeout=self.write_timeout, turn_wait=self.turn_wait,
                            turn_lease=self.turn_lease, store_retry=self.store_retry,
                            resend_window=self.resend_window,
-                           context_tokens=self.context_tokens)
+                           context_tokens=self.context_tokens, max_messages=self.max_messages)
 
     async def _make_client(self) -> OllamaClient:
         return OllamaClient(self.double.url, idle_timeout=self.idle_timeout,
