@@ -26,9 +26,11 @@ from handlers.board import GetChattsHandler, PostChattHandler, TopHandler
 from handlers.chat import LLMChatHandler
 from handlers.limits import BodyTooLargeHandler
 from handlers.llm import LLMPrepHandler, LLMPromptHandler
+from handlers.openai_api import ChatCompletionsHandler, ModelsHandler
 from handlers.ops import HealthHandler, MetricsHandler, ReadyHandler
 from ollama_client import OllamaClient
 from turns import TurnKeeper
+from upstreams.router import Router, parse_upstreams
 
 log = logging.getLogger("chatterd")
 access_log = logging.getLogger("chatterd.access")
@@ -40,6 +42,8 @@ ROUTES = [
     (r"/llmprompt/?", LLMPromptHandler),
     (r"/llmprep/?", LLMPrepHandler),
     (r"/llmchat/?", LLMChatHandler),
+    (r"/v1/chat/completions/?", ChatCompletionsHandler),
+    (r"/v1/models/?", ModelsHandler),
     (r"/healthz/?", HealthHandler),
     (r"/readyz/?", ReadyHandler),
     (r"/metrics/?", MetricsHandler),
@@ -70,14 +74,17 @@ def metric_labels(handler: tornado.web.RequestHandler) -> dict[str, str]:
 
 
 class Application(tornado.web.Application):
-    """The routes plus what handlers share: the pool, the Ollama client, the live streams."""
+    """The routes plus what handlers share: the pool, the upstreams, the live streams.
 
-    def __init__(self, pool: Any, ollama: OllamaClient, *, max_body_size: int = 1048576,
+    *ollama* is the upstreams' Router, or one OllamaClient (then the only upstream).
+    """
+
+    def __init__(self, pool: Any, ollama: "Router | OllamaClient", *, max_body_size: int = 1048576,
                  heartbeat: float = 15.0, status_grace: float = 2.0,
                  write_timeout: float = 30.0, turn_wait: float = 30.0,
                  turn_lease: float = 10.0, store_retry: float = 15.0) -> None:
         self.pool = pool
-        self.ollama = ollama
+        self.ollama = ollama if isinstance(ollama, Router) else Router([ollama])
         self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry)
         self.draining = False
         self.in_flight: set = set()  # every request being handled, streams included
@@ -175,16 +182,24 @@ async def main() -> None:
         dsn = await embedded.ensure_database(embedded.start(opts.data_dir))
     pool = await db_pool.create_pool(dsn, max_size=opts.db_pool_size, timeout=opts.db_timeout)
     await migrate.migrate(pool)
-    ollama = OllamaClient(opts.ollama_url, connect_timeout=opts.connect_timeout,
-                          request_timeout=opts.request_timeout, idle_timeout=opts.idle_timeout,
-                          max_streams=opts.max_streams, queue_timeout=opts.queue_timeout)
+    try:
+        clients = parse_upstreams(opts.upstreams, opts.ollama_url,
+                                  connect_timeout=opts.connect_timeout,
+                                  request_timeout=opts.request_timeout,
+                                  idle_timeout=opts.idle_timeout, max_streams=opts.max_streams,
+                                  queue_timeout=opts.queue_timeout)
+    except ValueError as e:
+        raise SystemExit(f"chatterd: {e} (see --help)") from None
+    ollama = Router(clients, cooldown=opts.upstream_cooldown, refresh_every=opts.models_refresh)
+    ollama.start()
     app = Application(pool, ollama, max_body_size=opts.max_body_size, heartbeat=opts.heartbeat,
                       status_grace=opts.status_grace, write_timeout=opts.write_timeout,
                       turn_wait=opts.turn_wait, turn_lease=opts.turn_lease,
                       store_retry=opts.store_retry)
     server = make_server(app, opts)
     server.listen(opts.port, opts.address)
-    log.info("chatterd listening on http://%s:%d (Ollama at %s)", opts.address, opts.port, ollama.base)
+    log.info("chatterd listening on http://%s:%d (upstreams: %s)", opts.address, opts.port,
+             ", ".join(m.name for m in ollama.members))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

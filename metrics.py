@@ -31,3 +31,14 @@ TURN_WAITS = Counter("chatterd_turn_waits_total",
 STORE_RETRIES = Counter("chatterd_store_retries_total",
                         "Retries of storing a turn's end while the database was away",
                         registry=REGISTRY)
+# Per upstream (label "<index>:<URL without credentials>", a fixed set from --upstreams).
+UPSTREAM_REQUESTS = Counter("chatterd_upstream_requests_total",
+                            "Requests sent to each upstream (failover attempts included)",
+                            ["upstream"], registry=REGISTRY)
+UPSTREAM_FAILURES = Counter("chatterd_upstream_failures_total",
+                            "Requests an upstream failed: unreachable, 5xx/429 before the "
+                            "stream (then the next upstream is tried), or broken mid-stream",
+                            ["upstream"], registry=REGISTRY)
+UPSTREAM_HEALTHY = Gauge("chatterd_upstream_healthy",
+                         "1 unless the upstream failed within --upstream-cooldown seconds",
+                         ["upstream"], registry=REGISTRY)

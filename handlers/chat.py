@@ -85,10 +85,10 @@ class LLMChatHandler(UpstreamHandler):
 
     async def post(self) -> None:
         self.refuse_when_draining()
-        request = parse_llm_request(self.json_object())
+        request = self.parse_request()
         self.app_id = request.app_id
         try:
-            self.turn = await begin_turn(self, request)
+            self.turn = await self.begin(request)
         except ClientLeft:
             self.set_status(499, "Client Closed Request")
             return
@@ -196,7 +196,7 @@ class LLMChatHandler(UpstreamHandler):
                 break
         self.text.compact()
         if relayed:
-            await self._send(sse.data_events(relayed))
+            await self._send(self.frame(relayed))
 
     async def _send(self, data: bytes) -> None:
         if self.client_gone:
@@ -233,12 +233,12 @@ class LLMChatHandler(UpstreamHandler):
             log.warning("storing turn %d of appID %r failed: %s", self.turn.id, self.app_id, e)
             await self.turn.reject(f"storing it failed: {e}")  # its lease is freed, if possible
             reply.status = "failed"
-            await self._send(sse.error_event(f"the reply could not be stored: {e}"))
+            await self._send(self.frame_error(f"the reply could not be stored: {e}"))
             return
         if reply.status == "complete":
-            await self._send(sse.data_events([self.done_line]))
+            await self._send(self.frame([self.done_line]))
         elif reply.error:
-            await self._send(sse.error_event(reply.error))
+            await self._send(self.frame_error(reply.error))
 
     def _observe(self) -> None:
         self.tokens = self.reply.tokens if self.reply.tokens is not None else len(self.text)
@@ -278,5 +278,20 @@ class LLMChatHandler(UpstreamHandler):
             await self.turn.reject(f"storing it failed: {e}")
             raise ClientError(503, f"the reply could not be stored: {e}") from None
         self.tokens, self.outcome = self.reply.tokens, "complete"
+        self.finish_once(body)
+
+    # -- what a handler for another client dialect replaces (handlers/openai_api.py) ----
+
+    def parse_request(self) -> LLMRequest:
+        return parse_llm_request(self.json_object())
+
+    async def begin(self, request: LLMRequest) -> Turn:
+        return await begin_turn(self, request)
+
+    frame = staticmethod(sse.data_events)  # Ollama lines -> the bytes of their events
+    frame_error = staticmethod(sse.error_event)  # an error after the stream started
+
+    def finish_once(self, body: bytes) -> None:
+        """Answer a "stream": false turn with Ollama's object."""
         self.set_header("Content-Type", "application/json")
         self.finish(body)
