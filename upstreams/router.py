@@ -190,8 +190,11 @@ class Router:
                 raise OllamaHTTPError(f"no Ollama upstream for {path}", status=404)
             raise OllamaHTTPError("model is required", status=400)
         listing = [m for m in self.members if m.has(model)]
-        if not listing and time.monotonic() - self._last_refresh >= MISS_REFRESH:
-            await self.refresh()
+        if not listing:
+            if self._refreshing is not None and not self._refreshing.done():
+                await asyncio.shield(self._refreshing)  # a listing under way: its answer
+            elif time.monotonic() - self._last_refresh >= MISS_REFRESH:
+                await self.refresh()
             listing = [m for m in self.members if m.has(model)]
         if not listing:
             if not ollamas:
@@ -333,6 +336,7 @@ class RoutedCall:
                 self.error = OllamaHTTPError(f"cannot translate the request: {e}", status=400)
                 return
             self.attempt, self.member = attempt, member
+            self._settled, self._settled_error = False, None
             if self._abort_error is not None:
                 attempt.abort(self._abort_error)
             await attempt.wait_slot()
