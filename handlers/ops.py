@@ -36,8 +36,7 @@ class ReadyHandler(BaseHandler):
                 body["ollama"] = {"ok": True, "url": first.name, "version": version}
             except OllamaError as e:
                 body["ollama"] = {"ok": False, "url": first.name, "error": e.message}
-        if not self.ollama.single_ollama:
-            body["upstreams"] = await self.ollama.status()
+        body["upstreams"] = await self.ollama.status()
         if self.application.draining:
             body["status"], status = "draining", 503
         self.send_json(body, status)

@@ -277,6 +277,7 @@ class OpenAIUpstreamTest(UpstreamsTestCase):
         self.assertEqual([u["dialect"] for u in body["upstreams"]], ["openai", "ollama"])
         self.assertTrue(all(u["ok"] for u in body["upstreams"]))
         self.assertIn("gpt-double", body["upstreams"][0]["models"])
+        self.assertEqual((body["upstreams"][0]["requests"], body["upstreams"][0]["failures"]), (1, 0))
         metrics = self.fetch("/metrics").body.decode()
         self.assertIn('chatterd_upstream_requests_total{upstream="0:openai+http://127.0.0.1:', metrics)
         for text in (ready.body.decode(), metrics):

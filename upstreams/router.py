@@ -66,6 +66,8 @@ class Member:
         self.list_error: Optional[str] = None
         self.unhealthy_until = 0.0
         self.last_error: Optional[str] = None
+        self.requests = 0  # also in /metrics; kept here for /readyz
+        self.failures = 0
 
     def has(self, model: str) -> bool:
         if self.dialect == "ollama":
@@ -113,6 +115,7 @@ class Router:
         if self.single_ollama:
             member = self.members[0]
             metrics.UPSTREAM_REQUESTS.labels(upstream=member.label).inc()
+            member.requests += 1
             return member.client.post(path, body, on_lines)
         self.start()
         return RoutedCall(self, path, body, on_lines)
@@ -129,6 +132,7 @@ class Router:
         for m in self.members:
             out.append({"upstream": m.label, "dialect": m.dialect, "url": m.name,
                         "ok": m.list_error is None and m.healthy,
+                        "requests": m.requests, "failures": m.failures,
                         "models": sorted(m.models) if m.dialect != "ollama" else
                         sorted({n.removesuffix(":latest") for n in m.models}),
                         **({"error": m.list_error or m.last_error}
@@ -206,6 +210,7 @@ class Router:
     def failed(self, member: Member, error: str) -> None:
         member.unhealthy_until = time.monotonic() + self.cooldown
         member.last_error = error
+        member.failures += 1
         metrics.UPSTREAM_FAILURES.labels(upstream=member.label).inc()
         metrics.UPSTREAM_HEALTHY.labels(upstream=member.label).set(0)
 
@@ -300,6 +305,7 @@ class RoutedCall:
             raise
         except OllamaError as e:
             if self.attempt.status == 200 and self.member is not None:
+                self.member.failures += 1
                 metrics.UPSTREAM_FAILURES.labels(upstream=self.member.label).inc()
             raise
 
@@ -328,6 +334,7 @@ class RoutedCall:
                 self.error = OllamaHTTPError("body is not a JSON object", status=400)
                 return
             metrics.UPSTREAM_REQUESTS.labels(upstream=member.label).inc()
+            member.requests += 1
             try:
                 attempt = member.client.post(self.path, self.request_body, self.on_lines,
                                              parsed) if member.dialect != "ollama" else \
