@@ -27,9 +27,11 @@ from handlers.board import GetChattsHandler, PostChattHandler, TopHandler
 from handlers.chat import LLMChatHandler
 from handlers.limits import BodyTooLargeHandler
 from handlers.llm import LLMPrepHandler, LLMPromptHandler
+from handlers.openai_api import ChatCompletionsHandler, ModelsHandler
 from handlers.ops import HealthHandler, MetricsHandler, ReadyHandler
 from ollama_client import OllamaClient
 from turns import TurnKeeper
+from upstreams.router import Router, parse_upstreams
 
 log = logging.getLogger("chatterd")
 access_log = logging.getLogger("chatterd.access")
@@ -41,6 +43,8 @@ ROUTES = [
     (r"/llmprompt/?", LLMPromptHandler),
     (r"/llmprep/?", LLMPrepHandler),
     (r"/llmchat/?", LLMChatHandler),
+    (r"/v1/chat/completions/?", ChatCompletionsHandler),
+    (r"/v1/models/?", ModelsHandler),
     (r"/healthz/?", HealthHandler),
     (r"/readyz/?", ReadyHandler),
     (r"/metrics/?", MetricsHandler),
@@ -71,16 +75,19 @@ def metric_labels(handler: tornado.web.RequestHandler) -> dict[str, str]:
 
 
 class Application(tornado.web.Application):
-    """The routes plus what handlers share: the pool, the Ollama client, the live streams."""
+    """The routes plus what handlers share: the pool, the upstreams, the live streams.
 
-    def __init__(self, pool: Any, ollama: OllamaClient, *, max_body_size: int = 1048576,
+    *ollama* is the upstreams' Router, or one OllamaClient (then the only upstream).
+    """
+
+    def __init__(self, pool: Any, ollama: "Router | OllamaClient", *, max_body_size: int = 1048576,
                  heartbeat: float = 15.0, status_grace: float = 2.0,
                  write_timeout: float = 30.0, turn_wait: float = 30.0,
                  turn_lease: float = 10.0, store_retry: float = 15.0,
                  resend_window: float = 120.0, context_tokens: int = 8192,
                  max_messages: int = 1000) -> None:
         self.pool = pool
-        self.ollama = ollama
+        self.ollama = ollama if isinstance(ollama, Router) else Router([ollama])
         self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry,
                                 resend_window=resend_window)
         self.draining = False
@@ -187,9 +194,17 @@ async def main() -> None:
             raise SystemExit(f"chatterd: the course import failed: {describe_error(e)}") from None
         await asyncio.wait_for(pool.close(), 10)
         return
-    ollama = OllamaClient(opts.ollama_url, connect_timeout=opts.connect_timeout,
-                          request_timeout=opts.request_timeout, idle_timeout=opts.idle_timeout,
-                          max_streams=opts.max_streams, queue_timeout=opts.queue_timeout)
+    try:
+        clients = parse_upstreams(opts.upstreams, opts.ollama_url,
+                                  connect_timeout=opts.connect_timeout,
+                                  request_timeout=opts.request_timeout,
+                                  idle_timeout=opts.idle_timeout, max_streams=opts.max_streams,
+                                  queue_timeout=opts.queue_timeout)
+    except ValueError as e:
+        pool.terminate()
+        raise SystemExit(f"chatterd: {e} (see --help)") from None
+    ollama = Router(clients, cooldown=opts.upstream_cooldown, refresh_every=opts.models_refresh)
+    ollama.start()
     app = Application(pool, ollama, max_body_size=opts.max_body_size,
                       max_messages=opts.max_messages, heartbeat=opts.heartbeat,
                       status_grace=opts.status_grace, write_timeout=opts.write_timeout,
@@ -202,7 +217,8 @@ async def main() -> None:
     except OSError as e:
         pool.terminate()
         raise SystemExit(f"chatterd: cannot listen on {opts.address}:{opts.port}: {describe_error(e)}") from None
-    log.info("chatterd listening on http://%s:%d (Ollama at %s)", opts.address, opts.port, ollama.base)
+    log.info("chatterd listening on http://%s:%d (upstreams: %s)", opts.address, opts.port,
+             ", ".join(m.name for m in ollama.members))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

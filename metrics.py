@@ -51,3 +51,14 @@ CONTEXT_UPSTREAM_CUT = Counter(
     "chatterd_context_upstream_cut_total",
     "Turns for which Ollama counted fewer prompt tokens than were sent (it cut the prompt)",
     registry=REGISTRY)
+# Per upstream (label "<index>:<URL without credentials>", a fixed set from --upstreams).
+UPSTREAM_REQUESTS = Counter("chatterd_upstream_requests_total",
+                            "Requests sent to each upstream (failover attempts included)",
+                            ["upstream"], registry=REGISTRY)
+UPSTREAM_FAILURES = Counter("chatterd_upstream_failures_total",
+                            "Requests an upstream failed: unreachable, 5xx/429 before the "
+                            "stream (then the next upstream is tried), or broken mid-stream",
+                            ["upstream"], registry=REGISTRY)
+UPSTREAM_HEALTHY = Gauge("chatterd_upstream_healthy",
+                         "1 unless the upstream failed within --upstream-cooldown seconds",
+                         ["upstream"], registry=REGISTRY)

@@ -133,7 +133,8 @@ class _AbortableConnection(_HTTPConnection):
         # which leaves fetch() pending until request_timeout.  Report it instead.
         if self.final_callback is not None and getattr(self, "stream", None) is not None \
                 and self.stream.error is not None:
-            self.abort(OllamaBroken(f"connection to Ollama failed: {self.stream.error}"))
+            self.abort(OllamaBroken(f"connection to {self.call.client.label if self.call else 'Ollama'} "
+                                    f"failed: {self.stream.error}"))
             return
         super().on_connection_close()
 
@@ -175,20 +176,31 @@ class _AbortableHTTPClient(SimpleAsyncHTTPClient):
 
 
 class OllamaClient:
-    """Talks to one Ollama server.  Create it on the running IOLoop."""
+    """Talks to one Ollama server.  Create it on the running IOLoop.
+
+    *slots* may be shared by several clients (upstreams/router.py does), so --max-streams
+    bounds the process, whatever the number of upstreams.
+    """
+
+    label = "Ollama"  # how errors name this upstream
+    extra_headers: dict[str, str] = {}  # sent with every request (an API key, for instance)
 
     def __init__(self, url: str, *, connect_timeout: float = 5.0, request_timeout: float = 1800.0,
                  idle_timeout: float = 300.0, max_streams: int = 2048,
-                 queue_timeout: float = 30.0) -> None:
-        self.base = api_base(url)
+                 queue_timeout: float = 30.0, slots: Optional["Slots"] = None) -> None:
+        self.base = self.base_url(url)
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
         self.queue_timeout = queue_timeout
         # Requests queue here, explicitly, for at most queue_timeout; never in the HTTP client
         # (its max_clients queue would fail them after connect_timeout as a "timeout").
-        self.slots = Slots(max_streams)
+        self.slots = slots if slots is not None else Slots(max_streams)
         self.http = _AbortableHTTPClient(force_instance=True, max_clients=max_streams)
+
+    @staticmethod
+    def base_url(url: str) -> str:
+        return api_base(url)
 
     def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback]) -> "OllamaCall":
         """Start POST *path*; each chunk's complete lines go to `await on_lines(lines)`.
@@ -238,7 +250,8 @@ class OllamaCall:
         self._idle = client.idle_timeout if timeout is None else timeout
         request = HTTPRequest(
             self.url, method="POST" if body is not None else "GET", body=body,
-            headers={"Content-Type": "application/json", "Accept": "application/x-ndjson"},
+            headers={"Content-Type": "application/json", "Accept": "application/x-ndjson",
+                     **client.extra_headers},
             header_callback=self._on_header, streaming_callback=self._on_chunk,
             # A redirect is not Ollama's answer: report it (see _http_error), never follow it.
             follow_redirects=False,
@@ -315,6 +328,10 @@ class OllamaCall:
             raise self._abort_error
         if response.code != 200:
             raise self._http_error(response.code)
+        await self._at_end()
+
+    async def _at_end(self) -> None:
+        """The body ended cleanly: deliver its last line (one without a final LF)."""
         rest = self._splitter.rest()
         if rest and self.on_lines is not None:
             await self.on_lines(rest)
@@ -369,7 +386,7 @@ class OllamaCall:
             self._idle_timer = asyncio.get_running_loop().call_later(
                 max(self._idle - quiet, 0.01) if not self._busy else self._idle, self._check_idle)
             return
-        self.abort(OllamaTimeout(f"Ollama sent nothing for {self._idle:g} s"))
+        self.abort(OllamaTimeout(f"{self.client.label} sent nothing for {self._idle:g} s"))
 
     def _http_error(self, code: int) -> OllamaHTTPError:
         if code < 400:
@@ -378,13 +395,15 @@ class OllamaCall:
             what = f"{code} {self.reason or httputil.responses.get(code, '')}".strip()
             if 300 <= code < 400 and self.location:
                 what += f" (redirect to {self.location[:200]})"
-            return OllamaHTTPError(f"Ollama answered {what}, expected 200", status=502)
+            return OllamaHTTPError(f"{self.client.label} answered {what}, expected 200", status=502)
         text = bytes(self.body).decode("utf-8", "replace").strip()
         try:
             message = jsonfmt.loads(text).get("error") or text
         except (ValueError, AttributeError):
             message = text or f"HTTP {code}"
-        return OllamaHTTPError(f"Ollama: {message}", status=code)
+        if isinstance(message, dict):  # OpenAI's {"error": {"message": ...}}
+            message = message.get("message") or jsonfmt.dumps(message)
+        return OllamaHTTPError(f"{self.client.label}: {message}", status=code)
 
     def _explain(self, e: Exception) -> OllamaError:
         if self._abort_error is not None:
@@ -393,14 +412,17 @@ class OllamaCall:
             return e
         if isinstance(e, HTTPTimeoutError):
             if "connecting" in str(e):
-                return OllamaUnreachable(f"cannot reach Ollama at {self.client.base} (connect timed out)")
-            return OllamaTimeout(f"Ollama request exceeded {self.client.request_timeout:g} s")
+                return OllamaUnreachable(f"cannot reach {self.client.label} at {self.client.base} "
+                                         "(connect timed out)")
+            return OllamaTimeout(f"{self.client.label} request exceeded "
+                                 f"{self.client.request_timeout:g} s")
         if isinstance(e, HTTPStreamClosedError):
             if self.status is None:
-                return OllamaBroken(f"Ollama at {self.client.base} closed the connection without answering")
-            return OllamaBroken("Ollama closed the connection mid-response")
+                return OllamaBroken(f"{self.client.label} at {self.client.base} closed the "
+                                    "connection without answering")
+            return OllamaBroken(f"{self.client.label} closed the connection mid-response")
         if isinstance(e, HTTPClientError) and e.code != 599:
             return self._http_error(e.code)
         if isinstance(e, (ConnectionError, socket.gaierror, OSError)) and self.status is None:
-            return OllamaUnreachable(f"cannot reach Ollama at {self.client.base}: {e}")
-        return OllamaBroken(f"Ollama request failed: {e}")
+            return OllamaUnreachable(f"cannot reach {self.client.label} at {self.client.base}: {e}")
+        return OllamaBroken(f"{self.client.label} request failed: {e}")

@@ -28,6 +28,13 @@ SETTINGS = (
     Setting("data-dir", "./var", str, "Directory for the embedded PostgreSQL's data"),
     Setting("ollama-url", "http://localhost:11434",
             str, "Ollama base URL (a trailing /api, as the course writes it, is accepted)"),
+    Setting("upstreams", "", str,
+            "Comma-separated LLM servers in order of preference: Ollama base URLs, or "
+            "OpenAI-compatible ones as openai+http(s)://[:KEY@]host[:port]/v1; empty: --ollama-url"),
+    Setting("upstream-cooldown", 10.0, float,
+            "Seconds an upstream that failed (unreachable, 5xx/429) is tried only after the others"),
+    Setting("models-refresh", 60.0, float,
+            "Seconds between listings of each upstream's models (also listed on an unknown model)"),
     Setting("connect-timeout", 5.0, float, "Seconds to wait for a TCP connection to Ollama"),
     Setting("status-grace", 2.0, float,
             "Seconds to wait for Ollama's status before committing a chat stream to 200 and heartbeats"),

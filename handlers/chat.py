@@ -83,6 +83,8 @@ def announce_window(handler: UpstreamHandler, turn: Turn) -> None:
     """Say what of the conversation the turn sends and leaves out: a response header (the
     SSE stream also starts with it as a comment), the access log, /metrics."""
     window = turn.window
+    if window is None:  # a stateless turn (/v1 without an appID)
+        return
     handler.context = window.describe()
     handler.set_header("X-Chatterd-Context", handler.context)
     metrics.CONTEXT_SENT_TOKENS.observe(window.sent_tokens)
@@ -116,10 +118,10 @@ class LLMChatHandler(UpstreamHandler):
 
     async def post(self) -> None:
         self.refuse_when_draining()
-        request = parse_llm_request(self.json_object(), max_messages=self.settings["max_messages"])
+        request = self.parse_request()
         self.app_id = request.app_id
         try:
-            self.turn = await begin_turn(self, request)
+            self.turn = await self.begin(request)
         except ClientLeft:
             self.set_status(499, "Client Closed Request")
             return
@@ -192,8 +194,8 @@ class LLMChatHandler(UpstreamHandler):
         try:
             # First what the turn sent and left out, as a comment parsers skip; then, if
             # still waiting for Ollama's status, a heartbeat so proxies see a live stream.
-            await self.events.open(sse.comment(f"context {self.context}") +
-                                   (b"" if self.call.status == 200 else sse.KEEPALIVE))
+            said = sse.comment(f"context {self.context}") if self.context else b""
+            await self.events.open(said + (b"" if self.call.status == 200 else sse.KEEPALIVE))
         except StreamClosedError:
             self.on_connection_close()
 
@@ -233,7 +235,7 @@ class LLMChatHandler(UpstreamHandler):
                 break
         self.text.compact()
         if relayed:
-            await self._send(sse.data_events(relayed))
+            await self._send(self.frame(relayed))
 
     async def _send(self, data: bytes) -> None:
         if self.client_gone:
@@ -271,12 +273,12 @@ class LLMChatHandler(UpstreamHandler):
             log.warning("storing turn %d of appID %r failed: %s", self.turn.id, self.app_id, e)
             await self.turn.reject(f"storing it failed: {e}")  # its lease is freed, if possible
             reply.status = "failed"
-            await self._send(sse.error_event(f"the reply could not be stored: {e}"))
+            await self._send(self.frame_error(f"the reply could not be stored: {e}"))
             return
         if reply.status == "complete":
-            await self._send(sse.data_events([self.done_line]))
+            await self._send(self.frame([self.done_line]))
         elif reply.error:
-            await self._send(sse.error_event(reply.error))
+            await self._send(self.frame_error(reply.error))
         if not self.client_gone and reply.status != "interrupted":
             await self.turn.delivered()
 
@@ -319,6 +321,21 @@ class LLMChatHandler(UpstreamHandler):
             await self.turn.reject(f"storing it failed: {e}")
             raise ClientError(503, f"the reply could not be stored: {e}") from None
         self.tokens, self.outcome = self.reply.tokens, "complete"
+        await self.finish_once(body)
+
+    # -- what a handler for another client dialect replaces (handlers/openai_api.py) ----
+
+    def parse_request(self) -> LLMRequest:
+        return parse_llm_request(self.json_object(), max_messages=self.settings["max_messages"])
+
+    async def begin(self, request: LLMRequest) -> Turn:
+        return await begin_turn(self, request)
+
+    frame = staticmethod(sse.data_events)  # Ollama lines -> the bytes of their events
+    frame_error = staticmethod(sse.error_event)  # an error after the stream started
+
+    async def finish_once(self, body: bytes) -> None:
+        """Answer a "stream": false turn with Ollama's object."""
         self.set_header("Content-Type", "application/json")
         await self._deliver_whole(body)
 
@@ -349,13 +366,13 @@ class LLMChatHandler(UpstreamHandler):
         if not request.stream:
             final["message"] = message
             self.set_header("Content-Type", "application/json")
-            await self._deliver_whole(jsonfmt.dumpb(final))
+            await self.finish_once(jsonfmt.dumpb(final))
             return
         first = {"model": final["model"], "created_at": created, "message": message, "done": False}
         events = [jsonfmt.dumpb(first)] if message["content"] or "tool_calls" in message else []
-        body = sse.data_events(events if failed else events + [jsonfmt.dumpb(final)])
+        body = self.frame(events if failed else events + [jsonfmt.dumpb(final)])
         if failed:
-            body += sse.error_event(stored.get("error") or "the turn failed")
+            body += self.frame_error(stored.get("error") or "the turn failed")
         self.events = sse.EventStream(self, self.settings["heartbeat"])
         self.events.set_headers()
         try:

@@ -16,8 +16,8 @@ class HealthHandler(BaseHandler):
 class ReadyHandler(BaseHandler):
     """Ready when the database answers and we are not draining.
 
-    Ollama is reported but does not fail readiness: every process shares the same
-    Ollama, so taking them all out of rotation would help no one.
+    Ollama (and every other upstream) is reported but does not fail readiness: every
+    process shares the same upstreams, so taking them all out of rotation would help no one.
     """
 
     async def get(self) -> None:
@@ -29,11 +29,14 @@ class ReadyHandler(BaseHandler):
         except DatabaseUnavailable as e:
             body["database"] = {"ok": False, "error": str(e)}
             body["status"], status = "unavailable", 503
-        try:
-            version = await self.ollama.version()
-            body["ollama"] = {"ok": True, "url": self.ollama.base, "version": version}
-        except OllamaError as e:
-            body["ollama"] = {"ok": False, "url": self.ollama.base, "error": e.message}
+        first = next((m for m in self.ollama.members if m.dialect == "ollama"), None)
+        if first is not None:
+            try:
+                version = await first.client.version()
+                body["ollama"] = {"ok": True, "url": first.name, "version": version}
+            except OllamaError as e:
+                body["ollama"] = {"ok": False, "url": first.name, "error": e.message}
+        body["upstreams"] = await self.ollama.status()
         if self.application.draining:
             body["status"], status = "draining", 503
         self.send_json(body, status)

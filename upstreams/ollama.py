@@ -1,0 +1,48 @@
+"""The Ollama dialect: ollama_client.OllamaClient (the transport every upstream shares:
+abortable streaming requests, line splitting, slots, timeouts), plus what routing needs."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jsonfmt
+from ollama_client import LinesCallback, OllamaCall, OllamaClient, api_base
+
+
+def model_key(name: str) -> str:
+    """Ollama matches names case-insensitively and treats a missing tag as ':latest'."""
+    name = name.strip().lower()
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
+class OllamaUpstream(OllamaClient):
+    """An Ollama server as one of several upstreams: its calls are OllamaCalls, untouched."""
+
+    dialect = "ollama"
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.name = api_base(url)
+
+    def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback],
+             parsed: Optional[dict] = None) -> OllamaCall:
+        return OllamaCall(self, path, body, on_lines)
+
+    async def models(self, timeout: float = 2.0) -> list[str]:
+        call = OllamaCall(self, "/api/tags", None, None, timeout=timeout)
+        await call.finished()
+        listing = jsonfmt.loads(bytes(call.body))
+        names = []
+        for entry in listing.get("models") or []:
+            if isinstance(entry, dict):
+                names.extend(entry[k] for k in ("name", "model") if isinstance(entry.get(k), str))
+        return names
+
+
+def wrap(client: OllamaClient) -> OllamaClient:
+    """Give a plain OllamaClient (tests build them) what the router needs."""
+    if not hasattr(client, "dialect"):
+        client.dialect = "ollama"  # type: ignore[attr-defined]
+        client.name = client.base  # type: ignore[attr-defined]
+        client.models = OllamaUpstream.models.__get__(client)  # type: ignore[attr-defined]
+    return client
