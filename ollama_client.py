@@ -1,9 +1,7 @@
 """The Ollama client: one POST whose NDJSON body arrives line by line, and can be cancelled.
 
-Tornado's AsyncHTTPClient has no public way to abort a fetch, and 6.6.1 hangs until
-`request_timeout` when the upstream resets the connection mid-body.  Both are
-mended here, and only here, by a small subclass of the private `_HTTPConnection`
-(re-check it on every Tornado upgrade; tests/test_ollama_client.py covers both).
+The transport is Tornado's AsyncHTTPClient with a streaming_callback, mended where it
+has no public hook (abort, resets, buffered chunk reading) in upstreams/http.py.
 """
 
 import asyncio
@@ -15,15 +13,11 @@ from urllib.parse import urlsplit
 
 from tornado import httputil
 from tornado.httpclient import HTTPClientError, HTTPRequest
-from tornado.simple_httpclient import (
-    HTTPStreamClosedError,
-    HTTPTimeoutError,
-    SimpleAsyncHTTPClient,
-    _HTTPConnection,
-)
+from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
 import jsonfmt
 import metrics
+from upstreams.http import AbortableConnection, http_client
 
 MAX_LINE = 8 * 1024 * 1024  # Ollama's own Go client allows 8 MB per line
 MAX_ERROR_BODY = 64 * 1024
@@ -113,32 +107,6 @@ class LineSplitter:
         return [jsonfmt.one_line(rest)] if rest else []
 
 
-class _AbortableConnection(_HTTPConnection):
-    """_HTTPConnection that its OllamaCall can abort, and that fails fast on a reset."""
-
-    def __init__(self, client, request, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        self.call: Optional[OllamaCall] = getattr(request.request, "ollama_call", None)
-        super().__init__(client, request, *args, **kwargs)
-        if self.call is not None:
-            self.call._connection = self
-            if self.call._abort_error is not None:  # aborted before its connection existed
-                self.abort(self.call._abort_error)
-
-    def abort(self, error: OllamaError) -> None:
-        if self.final_callback is not None:
-            self._handle_exception(type(error), error, None)
-
-    def on_connection_close(self) -> None:
-        # Tornado 6.6.1 re-raises the socket error here before reporting a result,
-        # which leaves fetch() pending until request_timeout.  Report it instead.
-        if self.final_callback is not None and getattr(self, "stream", None) is not None \
-                and self.stream.error is not None:
-            self.abort(OllamaBroken(f"connection to {self.call.client.label if self.call else 'Ollama'} "
-                                    f"failed: {self.stream.error}"))
-            return
-        super().on_connection_close()
-
-
 class Slots:
     """At most *size* Ollama requests at once; the others wait in order, for a bounded time."""
 
@@ -170,11 +138,6 @@ class Slots:
             self.busy -= 1
 
 
-class _AbortableHTTPClient(SimpleAsyncHTTPClient):
-    def _connection_class(self) -> type:
-        return _AbortableConnection
-
-
 class OllamaClient:
     """Talks to one Ollama server.  Create it on the running IOLoop.
 
@@ -196,7 +159,7 @@ class OllamaClient:
         # Requests queue here, explicitly, for at most queue_timeout; never in the HTTP client
         # (its max_clients queue would fail them after connect_timeout as a "timeout").
         self.slots = slots if slots is not None else Slots(max_streams)
-        self.http = _AbortableHTTPClient(force_instance=True, max_clients=max_streams)
+        self.http = http_client(max_streams)
 
     @staticmethod
     def base_url(url: str) -> str:
@@ -241,7 +204,7 @@ class OllamaCall:
         self.started_at = time.monotonic()
         self._splitter = LineSplitter()
         self._status_known: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._connection: Optional[_AbortableConnection] = None
+        self._connection: Optional[AbortableConnection] = None
         self._abort_error: Optional[OllamaError] = None
         self._aborted: asyncio.Future = asyncio.get_running_loop().create_future()
         self._slot_taken: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -258,9 +221,12 @@ class OllamaCall:
             connect_timeout=min(client.connect_timeout, self._idle),
             request_timeout=client.request_timeout if timeout is None else timeout,
             decompress_response=False)
-        request.ollama_call = self  # type: ignore[attr-defined]
+        request.upstream_call = self  # type: ignore[attr-defined]
         queue_timeout = client.queue_timeout if timeout is None else min(timeout, client.queue_timeout)
         self._fetch = asyncio.ensure_future(self._fetch_in_a_slot(request, queue_timeout))
+        # A call whose owner never waits for its end (aborted before it was awaited) must not
+        # log "exception was never retrieved": its error is reported through finished().
+        self._fetch.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._idle_timer = asyncio.get_running_loop().call_later(self._idle, self._check_idle)
 
     async def _fetch_in_a_slot(self, request: HTTPRequest, queue_timeout: float) -> object:
@@ -298,6 +264,10 @@ class OllamaCall:
     @property
     def failed_early(self) -> bool:
         return self.status is None and self._fetch.done()
+
+    def connection_failed(self, error: BaseException) -> OllamaError:
+        """What a reset of the upstream connection mid-body is reported as."""
+        return OllamaBroken(f"connection to {self.client.label} failed: {error}")
 
     def abort(self, error: OllamaError) -> None:
         """End the request now; finished() will raise *error*."""

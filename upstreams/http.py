@@ -1,0 +1,169 @@
+"""What chatterd changes in Tornado's HTTP client, all of it here (re-check on every Tornado
+upgrade; tests/test_upstream_http.py covers each override).
+
+Tornado's AsyncHTTPClient is the upstream path, with a streaming_callback.  It has no
+public hook for three things chatterd needs, so a small subclass of the private
+`_HTTPConnection` adds them:
+
+* abort: a call can be ended at once (the client left, a timeout, a shutdown), which
+  is how an upstream is told to stop generating;
+* a connection reset mid-body is reported at once (Tornado 6.6.1 waits for
+  request_timeout);
+* a chunked body is read a buffer at a time: every complete chunk already received is
+  decoded in one pass and handed over as one piece, where Tornado awaits three reads per
+  chunk.  An LLM server writes one chunk per token, so this is the relay's hot path.
+
+And a resolver that answers IP literals at once and caches names, instead of asking a
+thread pool for every request (Tornado's default resolver runs getaddrinfo in one).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from typing import Any
+
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado.iostream import IOStream
+from tornado.netutil import DefaultLoopResolver, Resolver, is_valid_ip
+from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
+
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_READ = 65536
+
+
+class BufferedChunkConnection(HTTP1Connection):
+    """HTTP1Connection whose chunked-body reader decodes whole buffers (client side only)."""
+
+    async def _read_chunked_body(self, delegate: httputil.HTTPMessageDelegate) -> None:
+        buf = b""
+        left = 0          # data bytes still due in the current chunk
+        crlf = False      # the current chunk's data is in; its CRLF is due
+        total = 0
+        while True:
+            buf += await self.stream.read_bytes(_READ, partial=True)
+            out = []
+            pos = 0
+            end = len(buf)
+            while pos < end:
+                if left:
+                    take = min(left, end - pos)
+                    out.append(buf[pos:pos + take])
+                    pos += take
+                    left -= take
+                    crlf = left == 0
+                    continue
+                if crlf:
+                    if end - pos < 2:
+                        break
+                    if buf[pos:pos + 2] != b"\r\n":
+                        raise httputil.HTTPInputError("improperly terminated chunk")
+                    pos += 2
+                    crlf = False
+                    continue
+                eol = buf.find(b"\r\n", pos, pos + 64)
+                if eol < 0:
+                    if end - pos >= 64:
+                        raise httputil.HTTPInputError("invalid chunk size")
+                    break
+                size = buf[pos:eol].split(b";", 1)[0].strip()  # chunk extensions ignored
+                if not _CHUNK_SIZE.fullmatch(size):
+                    raise httputil.HTTPInputError("invalid chunk size")
+                chunk_len = int(size, 16)
+                if chunk_len == 0:  # the last chunk: no trailers expected, as Tornado
+                    if end - eol - 2 < 2:
+                        break
+                    if buf[eol + 2:eol + 4] != b"\r\n":
+                        raise httputil.HTTPInputError("improperly terminated chunked request")
+                    if out:
+                        await self._deliver_body(delegate, b"".join(out))
+                    return
+                total += chunk_len
+                if total > self._max_body_size:
+                    raise httputil.HTTPInputError("chunked body too large")
+                left = chunk_len
+                pos = eol + 2
+            buf = buf[pos:]
+            if out:
+                await self._deliver_body(delegate, out[0] if len(out) == 1 else b"".join(out))
+
+
+class AbortableConnection(_HTTPConnection):
+    """_HTTPConnection that its call can abort, that reports a reset at once, and that reads
+    chunked bodies a buffer at a time.
+
+    The call (request.request.upstream_call) must have `_connection`, `_abort_error` and
+    `connection_failed(error) -> Exception`.
+    """
+
+    def __init__(self, client, request, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.call: Any = getattr(request.request, "upstream_call", None)
+        super().__init__(client, request, *args, **kwargs)
+        if self.call is not None:
+            self.call._connection = self
+            if self.call._abort_error is not None:  # aborted before its connection existed
+                self.abort(self.call._abort_error)
+
+    def abort(self, error: Exception) -> None:
+        if self.final_callback is not None:
+            self._handle_exception(type(error), error, None)
+
+    def on_connection_close(self) -> None:
+        # Tornado 6.6.1 re-raises the socket error here before reporting a result,
+        # which leaves fetch() pending until request_timeout.  Report it instead.
+        if self.final_callback is not None and getattr(self, "stream", None) is not None \
+                and self.stream.error is not None and self.call is not None:
+            self.abort(self.call.connection_failed(self.stream.error))
+            return
+        super().on_connection_close()
+
+    def _create_connection(self, stream: IOStream) -> HTTP1Connection:
+        stream.set_nodelay(True)
+        return BufferedChunkConnection(
+            stream, True,
+            HTTP1ConnectionParameters(no_keep_alive=True, max_header_size=self.max_header_size,
+                                      max_body_size=self.max_body_size,
+                                      decompress=bool(self.request.decompress_response)),
+            self._sockaddr)
+
+
+class AbortableHTTPClient(SimpleAsyncHTTPClient):
+    def _connection_class(self) -> type:
+        return AbortableConnection
+
+
+class CachingResolver(Resolver):
+    """IP literals answered at once; host names looked up (Tornado's default resolver) once
+    per `ttl` seconds, so an upstream named `localhost` costs no thread per request."""
+
+    def initialize(self, ttl: float = 60.0) -> None:  # type: ignore[override]
+        self.ttl = ttl
+        self.fallback = DefaultLoopResolver()
+        self.cache: dict[tuple, tuple[float, list]] = {}
+
+    async def resolve(self, host: str, port: int,
+                      family: socket.AddressFamily = socket.AF_UNSPEC) -> list:
+        if is_valid_ip(host):
+            inet6 = ":" in host
+            if family == socket.AF_UNSPEC or family == (socket.AF_INET6 if inet6 else socket.AF_INET):
+                return [(socket.AF_INET6, (host, port, 0, 0))] if inet6 \
+                    else [(socket.AF_INET, (host, port))]
+        key = (host, port, family)
+        hit = self.cache.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        addresses = await self.fallback.resolve(host, port, family)
+        self.cache[key] = (now + self.ttl, addresses)
+        return addresses
+
+    def close(self) -> None:
+        self.fallback.close()
+
+
+def http_client(max_clients: int) -> AbortableHTTPClient:
+    """A private client (Tornado's shared one caps max_clients at 10) with the resolver above."""
+    return AbortableHTTPClient(force_instance=True, max_clients=max_clients,
+                               resolver=CachingResolver())
