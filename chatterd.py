@@ -230,6 +230,7 @@ async def main() -> None:
     await app.drain(opts.shutdown_grace)
     await asyncio.wait_for(server.close_all_connections(), 10)
     ollama.close()
+    await app.turns.flush_delivered()
     app.turns.close()
     await asyncio.wait_for(pool.close(), 10)
     log.info("stopped")

@@ -36,6 +36,9 @@ log = logging.getLogger("chatterd")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+DELIVERY_FLUSH = 0.2  # seconds
+
+
 class TurnBusy(Exception):
     """Another turn of the appID kept running for the whole --turn-wait."""
 
@@ -62,12 +65,20 @@ class TurnKeeper:
         self.running = 0
         self._ended: dict[str, asyncio.Event] = {}  # appID -> set when a turn of it ends here
         self._renewer: Optional[asyncio.Task] = None
+        # Turns whose end reached the client, not yet recorded: the next begin_turn records
+        # them (no round trip of their own), or a flush DELIVERY_FLUSH seconds later.
+        self._delivered: list[int] = []
+        self._flush: Optional[asyncio.TimerHandle] = None
+        self.delivery_flush = DELIVERY_FLUSH
 
     def _start_renewing(self) -> None:
         if self._renewer is None:
             self._renewer = asyncio.ensure_future(self._renew_forever())
 
     def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         if self._renewer is not None:
             self._renewer.cancel()
             self._renewer = None
@@ -90,10 +101,16 @@ class TurnKeeper:
         pause = 0.01
         waited = False
         while True:
-            begun = await conversations.begin_turn(self.pool, app_id, self.owner, self.lease,
-                                                   messages, replace=replace,
-                                                   resend_seconds=self.resend_window,
-                                                   budget=budget, context=context)
+            delivered, self._delivered = self._delivered, []
+            try:
+                begun = await conversations.begin_turn(self.pool, app_id, self.owner, self.lease,
+                                                       messages, replace=replace,
+                                                       resend_seconds=self.resend_window,
+                                                       budget=budget, context=context,
+                                                       delivered=delivered)
+            except BaseException:
+                self._delivered[:0] = delivered  # not recorded: keep them for the next try
+                raise
             if begun is not None:
                 if waited:
                     metrics.TURN_WAITS.labels(outcome="started").inc()
@@ -125,6 +142,27 @@ class TurnKeeper:
                 metrics.TURN_WAITS.labels(outcome="client_left").inc()
                 raise ClientLeft()
             pause = min(pause * 2, 0.25)
+
+    def note_delivered(self, turn_id: int) -> None:
+        self._delivered.append(turn_id)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(
+                self.delivery_flush, lambda: asyncio.ensure_future(self.flush_delivered()))
+
+    async def flush_delivered(self) -> None:
+        """Record the deliveries noted since the last begin_turn (also called at shutdown)."""
+        if self._flush is not None:
+            self._flush.cancel()
+        self._flush = None
+        delivered, self._delivered = self._delivered, []
+        if not delivered:
+            return
+        try:
+            await conversations.mark_delivered(self.pool, delivered)
+        except DatabaseUnavailable as e:
+            # Best effort: an unrecorded delivery only means a resend within --resend-window
+            # gets the stored answer again, which is still right.
+            log.warning("could not record %d delivered turn(s): %s", len(delivered), e)
 
     def _turn_ended(self, app_id: str) -> None:
         self.running -= 1
@@ -204,13 +242,11 @@ class Turn:
                                 "database was unreachable")
 
     async def delivered(self) -> None:
-        """The client has the whole answer: a later identical turn is a new question, not a
-        resend.  Best effort: if it is not recorded, a resend within --resend-window gets the
-        stored answer again, which is still right."""
-        try:
-            await conversations.mark_delivered(self.keeper.pool, self.id)
-        except DatabaseUnavailable as e:
-            log.warning("could not record turn %d as delivered: %s", self.id, e)
+        """The client has the turn's end: a later identical turn is a new question, not a
+        resend.  Recorded with this process's next begin_turn, or DELIVERY_FLUSH seconds
+        later (so a repeat sent to another process within that time is answered from
+        storage, which is still right)."""
+        self.keeper.note_delivered(self.id)
 
     async def reject(self, reason: str) -> None:
         """End a turn whose answer never started: it never enters the conversation.

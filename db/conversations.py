@@ -76,7 +76,7 @@ def _pending(messages: list[dict]) -> list[dict]:
 async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds: float,
                      messages: list[dict], *, replace: bool = False,
                      resend_seconds: float = 0.0, budget: Optional[int] = None,
-                     context: Optional[int] = None
+                     context: Optional[int] = None, delivered: Optional[list[int]] = None
                      ) -> Optional[tuple[int, Optional[list[dict]], Window, Optional[dict]]]:
     """Take the appID's lease and store *messages* as a pending turn, in one round trip.
 
@@ -87,14 +87,15 @@ async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds:
     When *messages* resend the appID's last turn, which ended (complete or failed) less
     than *resend_seconds* ago but was never delivered, nothing is stored and the result
     is (that turn's id, None, an empty Window, its stored reply as {content, extra,
-    model, tokens, status, error}).
+    model, tokens, status, error}).  *delivered*: turns whose end reached their client
+    since the last call (see mark_delivered), recorded first.
     """
     async with connection(pool, "begin_turn") as con:
         row = await con.fetchrow(
             "SELECT turn_id, history, sent_messages, sent_tokens, omitted_messages,"
-            " omitted_tokens, replay FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8)",
+            " omitted_tokens, replay FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             app_id, owner, lease_seconds, _pending(messages), replace, resend_seconds,
-            budget, context)
+            budget, context, delivered or None)
     if row is None:
         return None
     return row["turn_id"], row["history"], Window(
@@ -102,10 +103,12 @@ async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds:
         row["omitted_tokens"], context), row["replay"]
 
 
-async def mark_delivered(pool: asyncpg.Pool, turn_id: int) -> None:
-    """Record that the client received the turn's end (so a resend is a new turn)."""
+async def mark_delivered(pool: asyncpg.Pool, turn_ids: list[int]) -> None:
+    """Record that these turns' ends reached their clients (so a resend is a new turn).
+    begin_turn takes the same list, so this runs only when no turn begins for a while."""
     async with connection(pool, "mark_delivered") as con:
-        await con.execute("UPDATE turns SET delivered = true WHERE id = $1", turn_id)
+        await con.execute("UPDATE turns SET delivered = true WHERE id = ANY($1::bigint[])"
+                          " AND NOT delivered", turn_ids)
 
 
 async def end_turn(pool: asyncpg.Pool, turn_id: int, status: str, error: Optional[str],

@@ -223,7 +223,9 @@ class ResendTest(ChatterdTestCase):
     between) is answered from storage when resent, not stored twice."""
 
     async def undeliver(self, app_id: str) -> None:
-        # What a SIGKILL between the commit and the `done` write leaves behind.
+        # What a SIGKILL between the commit and the `done` write leaves behind: no record of
+        # the delivery, neither stored nor waiting in the process to be stored.
+        self._app.turns._delivered.clear()
         con = await asyncpg.connect(self.dsn())
         try:
             await con.execute("UPDATE chatterd.turns SET delivered = false WHERE appid = $1", app_id)
@@ -285,3 +287,23 @@ class ResendTest(ChatterdTestCase):
         self.assertTrue(any("replay of turn" in c for c in comments))
         self.assertEqual(len(self.double.chat_requests()), 1)
         self.assertEqual([r["role"] for r in self.rows("rf")], ["user", "assistant"])
+
+
+class DeliveryRecordTest(ChatterdTestCase):
+    @gen_test(timeout=20)
+    async def test_deliveries_are_recorded_by_the_next_turn_or_soon_after(self):
+        self._app.turns.delivery_flush = 60  # only the next turn, or the explicit flush below
+        for app in ("d1", "d2"):
+            response = await AsyncHTTPClient().fetch(self.get_url("/llmchat"), method="POST",
+                                                     body=jsonfmt.dumps(chat_body(app, "hi")))
+            self.assertEqual(response.code, 200)
+        # d1's delivery rode on d2's begin_turn; d2's waits for the flush (or the next turn).
+        con = await asyncpg.connect(self.dsn())
+        try:
+            rows = await con.fetch("SELECT appid, delivered FROM chatterd.turns ORDER BY id")
+            self.assertEqual([tuple(r) for r in rows], [("d1", True), ("d2", False)])
+            await self._app.turns.flush_delivered()
+            rows = await con.fetch("SELECT delivered FROM chatterd.turns ORDER BY id")
+            self.assertEqual([r["delivered"] for r in rows], [True, True])
+        finally:
+            await con.close()
