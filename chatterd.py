@@ -19,6 +19,7 @@ from tornado.httpserver import HTTPServer
 
 import metrics
 import settings
+import tools.registry
 from accept_guard import GuardedHTTPServer
 from db import course_import
 from db.startup import describe_error, open_database
@@ -29,6 +30,7 @@ from handlers.limits import BodyTooLargeHandler
 from handlers.llm import LLMPrepHandler, LLMPromptHandler
 from handlers.openai_api import ChatCompletionsHandler, ModelsHandler
 from handlers.ops import HealthHandler, MetricsHandler, ReadyHandler
+from handlers.tools import LLMToolsHandler
 from ollama_client import OllamaClient
 from turns import TurnKeeper
 from upstreams.router import Router, parse_upstreams
@@ -43,6 +45,7 @@ ROUTES = [
     (r"/llmprompt/?", LLMPromptHandler),
     (r"/llmprep/?", LLMPrepHandler),
     (r"/llmchat/?", LLMChatHandler),
+    (r"/llmtools/?", LLMToolsHandler),
     (r"/v1/chat/completions/?", ChatCompletionsHandler),
     (r"/v1/models/?", ModelsHandler),
     (r"/healthz/?", HealthHandler),
@@ -85,18 +88,23 @@ class Application(tornado.web.Application):
                  write_timeout: float = 30.0, turn_wait: float = 30.0,
                  turn_lease: float = 10.0, store_retry: float = 15.0,
                  resend_window: float = 120.0, context_tokens: int = 8192,
-                 max_messages: int = 1000) -> None:
+                 max_messages: int = 1000, weather_url: str = "", tool_rounds: int = 4,
+                 tool_timeout: float = 10.0) -> None:
         self.pool = pool
         self.ollama = ollama if isinstance(ollama, Router) else Router([ollama])
         self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry,
                                 resend_window=resend_window)
+        # The resident tools of /llmtools (tools/): none when --tool-rounds is 0.
+        self.tools = tools.registry.resident(weather_url=weather_url if tool_rounds > 0 else "",
+                                             timeout=tool_timeout)
         self.draining = False
         self.in_flight: set = set()  # every request being handled, streams included
         self.request_finished = tornado.locks.Condition()
         super().__init__(ROUTES, default_handler_class=NotFoundHandler, log_function=log_request,
                          max_body_size=max_body_size, max_messages=max_messages,
                          heartbeat=heartbeat, status_grace=status_grace,
-                         write_timeout=write_timeout, context_tokens=context_tokens)
+                         write_timeout=write_timeout, context_tokens=context_tokens,
+                         tool_rounds=tool_rounds)
 
     def get_handler_delegate(self, request: Any, target_class: type, target_kwargs: Any = None,
                              path_args: Any = None, path_kwargs: Any = None) -> Any:
@@ -210,7 +218,8 @@ async def main() -> None:
                       status_grace=opts.status_grace, write_timeout=opts.write_timeout,
                       turn_wait=opts.turn_wait, turn_lease=opts.turn_lease,
                       store_retry=opts.store_retry, resend_window=opts.resend_window,
-                      context_tokens=opts.context_tokens)
+                      context_tokens=opts.context_tokens, weather_url=opts.weather_url,
+                      tool_rounds=opts.tool_rounds, tool_timeout=opts.tool_timeout)
     server = make_server(app, opts)
     try:
         server.listen(opts.port, opts.address)

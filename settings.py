@@ -73,6 +73,15 @@ SETTINGS = (
             "Context window (num_ctx) a chat turn is budgeted for and sent to Ollama with, "
             "unless the request's options.num_ctx says otherwise; history beyond it is left "
             "out, oldest whole turns first (0: send the whole conversation, no num_ctx)"),
+    Setting("weather-url", "https://api.open-meteo.com/v1/forecast", str,
+            "Open-Meteo forecast API behind the resident tool get_weather(lat, lon) of /llmtools "
+            "(empty: the tool is off)"),
+    Setting("tool-rounds", 4, int,
+            "Most rounds of resident tool calls one /llmtools turn may run; a model that calls "
+            "them again ends the turn as failed (0: resident tools are off)"),
+    Setting("tool-timeout", 10.0, float,
+            "Seconds a resident tool may take (the weather request included); then its result "
+            "is an error text for the model"),
     Setting("shutdown-grace", 30.0, float,
             "On SIGTERM, seconds in-flight streams may run before they are ended"),
 )

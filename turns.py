@@ -224,6 +224,8 @@ class Turn:
             reply.content = storable(reply.content)
             reply.extra = storable(reply.extra)
             reply.error = storable(reply.error)
+            reply.before = storable(reply.before)
+            reply.after = storable(reply.after)
         error = storable(error if reply is None else reply.error)
         try:
             outcome = await self._store(status, error, reply)

@@ -33,6 +33,11 @@ class Reply:
     tokens: Optional[int] = None
     extra: dict[str, Any] = field(default_factory=dict)
     prompt_tokens: Optional[int] = None  # Ollama's prompt_eval_count for the prompt sent
+    # Tool rounds (/llmtools), as stored messages {role, content, extra, model, tokens}:
+    # the earlier rounds' calls and results, stored before the reply, and the results of
+    # tools the reply itself called, stored after it (db/migrations/0007_tool_rounds.sql).
+    before: list[dict] = field(default_factory=list)
+    after: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -66,6 +71,14 @@ def as_stored(message: dict) -> dict:
         if k in message:
             stored[k] = message[k]
     return stored
+
+
+def round_message(message: dict, model: Optional[str] = None,
+                  tokens: Optional[int] = None) -> dict:
+    """A message of a tool round as end_turn stores it (see Reply.before/after)."""
+    return {"role": message["role"], "content": message["content"],
+            "extra": {k: message[k] for k in EXTRA_FIELDS if k in message} or None,
+            "model": model, "tokens": tokens}
 
 
 def _pending(messages: list[dict]) -> list[dict]:
@@ -126,9 +139,31 @@ async def end_turn(pool: asyncpg.Pool, turn_id: int, status: str, error: Optiona
             return await con.fetchval(
                 "SELECT end_turn($1, $2, $3, NULL, NULL, NULL, NULL, false, NULL::integer)",
                 turn_id, status, error)
+        if reply.before or reply.after:
+            return await con.fetchval(
+                "SELECT end_turn($1, $2, $3, $4, $5, $6, $7, true, $8, $9, $10)",
+                turn_id, status, error, reply.content, reply.extra or None, reply.model,
+                reply.tokens, reply.prompt_tokens, reply.before, reply.after)
         return await con.fetchval("SELECT end_turn($1, $2, $3, $4, $5, $6, $7, true, $8)",
                                   turn_id, status, error, reply.content, reply.extra or None,
                                   reply.model, reply.tokens, reply.prompt_tokens)
+
+
+async def tool_schemas(pool: asyncpg.Pool, app_id: str, replace: Optional[list] = None) -> list:
+    """The appID's client tool schemas (Ollama `tools`), kept with its conversation.
+
+    With *replace* (the client sent its tools), they become the appID's and are returned;
+    otherwise the ones kept (none: []).  One statement.
+    """
+    async with connection(pool, "tool_schemas") as con:
+        if replace is not None:
+            await con.execute(
+                "INSERT INTO tool_schemas AS s (appid, schemas) VALUES ($1, $2)"
+                " ON CONFLICT (appid) DO UPDATE SET schemas = EXCLUDED.schemas, updated_at = now()",
+                app_id, replace)
+            return replace
+        kept = await con.fetchval("SELECT schemas FROM tool_schemas WHERE appid = $1", app_id)
+    return kept if isinstance(kept, list) else []
 
 
 async def renew_leases(pool: asyncpg.Pool, owner: str, lease_seconds: float) -> int:

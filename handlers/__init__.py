@@ -1,2 +1,3 @@
 """HTTP handlers, one module per API family: board (/, /getchatts, /postchatt),
-llm (/llmprompt, /llmprep), chat (/llmchat) and ops (/healthz, /readyz, /metrics)."""
+llm (/llmprompt, /llmprep), chat (/llmchat), tools (/llmtools), openai_api (/v1) and ops
+(/healthz, /readyz, /metrics)."""

@@ -164,15 +164,19 @@ class LLMChatHandler(UpstreamHandler):
             return
         try:
             await self._open()
-            try:
-                await self.call.finished()
-            except OllamaAborted as e:
-                self._end("interrupted" if self.client_gone else "failed", e.message)
-            except OllamaError as e:
-                self._end("failed", e.message)
-            else:
-                if self.done_line is None:
-                    self._end("failed", "Ollama ended the reply without its final done message")
+            while True:
+                try:
+                    await self.call.finished()
+                except OllamaAborted as e:
+                    self._end("interrupted" if self.client_gone else "failed", e.message)
+                except OllamaError as e:
+                    self._end("failed", e.message)
+                else:
+                    if self.done_line is None:
+                        self._end("failed", "Ollama ended the reply without its final done message")
+                    elif await self.next_round(request):
+                        continue  # another upstream round of the same turn has started
+                break
             await self._finish_turn()
         finally:
             self.events.close()
@@ -330,6 +334,15 @@ class LLMChatHandler(UpstreamHandler):
 
     async def begin(self, request: LLMRequest) -> Turn:
         return await begin_turn(self, request)
+
+    async def next_round(self, request: LLMRequest) -> bool:
+        """The upstream round ended with its done line (held back, not relayed yet).
+
+        Return True after starting another round of the same turn as `self.call` (with a
+        fresh `self.reply`, `self.text`, `self.done_line`); False ends the turn with
+        `self.reply`.  /llmchat has one round; /llmtools runs resident tools here
+        (handlers/tools.py)."""
+        return False
 
     frame = staticmethod(sse.data_events)  # Ollama lines -> the bytes of their events
     frame_error = staticmethod(sse.error_event)  # an error after the stream started

@@ -69,6 +69,12 @@ class Behavior:
     content_value: Callable[[str], Any] | None = None  # message.content = content_value(piece)
     eval_count: Any = None  # the done line's eval_count instead of the real count
     max_ctx: int | None = None  # the model's own context: a larger num_ctx is capped to it
+    # Tool calls, as Ollama sends them: each call whole in one line
+    # (message.tool_calls = [{"function": {"name", "arguments": {...}}}], content ""), after
+    # the reply's text (if any), then the done line.  A list: called when the conversation's
+    # last message is not a tool result (so the model answers in text once the results are
+    # in); a callable(messages) -> list or None decides per request.
+    tool_calls: Any = None
 
 
 @dataclass
@@ -160,6 +166,23 @@ def fit_context(messages: list, num_ctx: int) -> tuple[list, int]:
         del kept[i]
         dropped += 1
     return kept, dropped
+
+
+def tool_call(name: str, **arguments: Any) -> dict:
+    """One call in Ollama's documented form: {"function": {"name", "arguments": {...}}}."""
+    return {"function": {"name": name, "arguments": arguments}}
+
+
+def calls_due(behavior: Behavior, messages: list) -> list | None:
+    """The tool calls the double answers *messages* with, if any."""
+    if behavior.tool_calls is None:
+        return None
+    if callable(behavior.tool_calls):
+        return behavior.tool_calls(messages) or None
+    last = messages[-1] if messages else None
+    if isinstance(last, dict) and last.get("role") == "tool":
+        return None
+    return list(behavior.tool_calls) or None
 
 
 def split_tokens(text: str) -> list[str]:
@@ -362,8 +385,13 @@ class _Handler(tornado.web.RequestHandler):
     async def _answer(self, b: Behavior, model: str, chat: bool, stream: bool,
                       messages: list) -> None:
         start = time.monotonic_ns()
-        text = b.reply if b.reply is not None else default_reply(messages)
+        calls = calls_due(b, messages) if chat else None
+        if calls:  # a model calling tools usually says nothing else
+            text = b.reply or ""
+        else:
+            text = b.reply if b.reply is not None else default_reply(messages)
         pieces = split_tokens(text)
+        eval_count = len(pieces) + (len(go_json(calls)) // 4 if calls else 0)
         self._raw_chars = b.raw_chars
 
         def chunk(content: Any) -> dict:
@@ -410,10 +438,20 @@ class _Handler(tornado.web.RequestHandler):
                 if stream and not await self._line(chunk(piece), content=True):
                     return
             elif not stream:
-                final = self._final(chunk(text), b, messages, len(pieces), start, gen_start)
+                whole = chunk(text)
+                if calls:
+                    whole["message"]["tool_calls"] = calls
+                final = self._final(whole, b, messages, eval_count, start, gen_start)
                 return await self._send(200, go_json(final), JSON)
-            elif not b.omit_done:
-                final = self._final(chunk(b.final_content), b, messages, len(pieces), start,
+            else:
+                if calls:  # each call whole, in one line of its own
+                    line = chunk("")
+                    line["message"]["tool_calls"] = calls
+                    if not await self._line(line, content=True):
+                        return
+                if b.omit_done:
+                    break
+                final = self._final(chunk(b.final_content), b, messages, eval_count, start,
                                     gen_start)
                 if not await self._line(final):
                     return

@@ -59,6 +59,9 @@ class ChatterdTestCase(AsyncHTTPTestCase):
     store_retry = 15.0
     context_tokens = 8192
     max_messages = 1000
+    weather_url = ""  # no resident weather tool unless a test serves a fake Open-Meteo
+    tool_rounds = 4
+    tool_timeout = 10.0
 
     def dsn(self) -> str:
         return database_url()
@@ -75,7 +78,9 @@ class ChatterdTestCase(AsyncHTTPTestCase):
                            write_timeout=self.write_timeout, turn_wait=self.turn_wait,
                            turn_lease=self.turn_lease, store_retry=self.store_retry,
                            resend_window=self.resend_window,
-                           context_tokens=self.context_tokens, max_messages=self.max_messages)
+                           context_tokens=self.context_tokens, max_messages=self.max_messages,
+                           weather_url=self.weather_url, tool_rounds=self.tool_rounds,
+                           tool_timeout=self.tool_timeout)
 
     async def _make_client(self) -> OllamaClient:
         return OllamaClient(self.double.url, idle_timeout=self.idle_timeout,
@@ -89,7 +94,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
             return
         try:
             await con.execute("TRUNCATE chatterd.chatts, chatterd.messages, chatterd.turns,"
-                              " chatterd.leases, chatterd.conversation_sizes")
+                              " chatterd.leases, chatterd.conversation_sizes, chatterd.tool_schemas")
         finally:
             await con.close()
 

@@ -22,7 +22,7 @@ import pytest
 import tornado.httpclient
 from tornado.testing import AsyncTestCase, bind_unused_port, gen_test
 
-from tests.ollama_double import Behavior, OllamaDouble, default_reply, split_tokens
+from tests.ollama_double import Behavior, OllamaDouble, default_reply, split_tokens, tool_call
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK_KEYS = ["model", "created_at", "message", "done"]
@@ -298,6 +298,38 @@ class InProcessTest(AsyncTestCase):
             async for part in await self.client.chat(model="llama3.2", messages=MESSAGES, stream=True):
                 received.append(part)
         assert len(received) == 1
+
+    @gen_test(timeout=30)
+    async def test_tool_calls_whole_in_one_line_accepted_by_the_official_client(self) -> None:
+        weather = {"type": "function", "function": {
+            "name": "get_weather", "description": "Current weather at a place",
+            "parameters": {"type": "object", "required": ["lat", "lon"],
+                           "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}}}}}
+        calls = [tool_call("get_weather", lat=42.28, lon=-83.74),
+                 {"id": "call_k3x9a0bq", "function": {"index": 1, "name": "get_location",
+                                                      "arguments": {}}}]
+        self.double.behave("llama3.2", tool_calls=calls)
+        ask = [{"role": "user", "content": "Weather here?"}]
+        parts = [p async for p in await self.client.chat(model="llama3.2", messages=ask,
+                                                         tools=[weather], stream=True)]
+        # One line with the calls (content ""), then the done line; nothing else.
+        lines = self.double.chat_requests()[0].lines_sent
+        assert len(parts) == len(lines) == 2 and parts[1].done and not parts[0].done
+        assert json.loads(lines[0])["message"] == {"role": "assistant", "content": "",
+                                                   "tool_calls": calls}
+        got = parts[0].message.tool_calls
+        assert [(c.function.name, dict(c.function.arguments)) for c in got] == \
+            [("get_weather", {"lat": 42.28, "lon": -83.74}), ("get_location", {})]
+        assert self.double.chat_requests()[0].body["tools"] == [weather]
+        # Non-streaming: the calls in the one object.
+        whole = await self.client.chat(model="llama3.2", messages=ask, stream=False)
+        assert [c.function.name for c in whole.message.tool_calls] == ["get_weather", "get_location"]
+        # Once the conversation ends with the tool's result, the model answers in text.
+        ask += [{"role": "assistant", "content": "", "tool_calls": calls[:1]},
+                {"role": "tool", "content": "12 °C", "tool_name": "get_weather"}]
+        parts = [p async for p in await self.client.chat(model="llama3.2", messages=ask, stream=True)]
+        assert "".join(p.message.content for p in parts) == default_reply(ask)
+        assert not any(p.message.tool_calls for p in parts)
 
     @gen_test(timeout=30)
     async def test_omit_done_and_custom_reply(self) -> None:

@@ -5,9 +5,15 @@
 --   statement, so marking a delivery costs no round trip of its own);
 -- * end_turn writes the turn row once (0005 updated it twice), and learns token counts
 --   from one pass over what the turn sent;
+-- * a resend is recognised by the turn's incoming messages only (nincoming), so a turn
+--   whose tool rounds added messages is answered from storage too;
 -- * begin_turn's commit does not wait for the WAL flush: a pending turn lost with a crash
 --   of PostgreSQL itself was never part of the conversation, and its end then reports
 --   the turn lost.  end_turn's commit still waits: `done` means stored.
+
+-- How many of a turn's messages are its incoming ones (the first, by seq): a turn's tool
+-- rounds add messages of their own, and a resend repeats only the incoming ones.
+ALTER TABLE turns ADD COLUMN nincoming integer;
 
 DROP FUNCTION begin_turn(text, text, double precision, jsonb, boolean, double precision,
                          integer, integer);
@@ -67,9 +73,11 @@ BEGIN
          ORDER BY id DESC LIMIT 1;
         IF v_last.status IN ('complete', 'failed') AND NOT v_last.delivered
            AND v_last.ended_at > now() - make_interval(secs => p_resend_seconds)
-           AND (SELECT jsonb_agg(jsonb_build_object('role', m.role, 'content', m.content,
-                                                    'extra', m.extra) ORDER BY m.seq)
-                  FROM messages m WHERE m.turn_id = v_last.id AND m.role <> 'assistant')
+           AND v_last.nincoming = jsonb_array_length(p_messages)
+           AND (SELECT jsonb_agg(jsonb_build_object('role', i.role, 'content', i.content,
+                                                    'extra', i.extra) ORDER BY i.seq)
+                  FROM (SELECT m.seq, m.role, m.content, m.extra FROM messages m
+                         WHERE m.turn_id = v_last.id ORDER BY m.seq LIMIT v_last.nincoming) i)
                = (SELECT jsonb_agg(jsonb_build_object('role', e.m->'role', 'content', e.m->'content',
                                                       'extra', nullif(e.m->'extra', 'null'::jsonb))
                                    ORDER BY e.i)
@@ -96,8 +104,8 @@ BEGIN
     IF p_replace THEN
         DELETE FROM turns WHERE appid = p_appid;  -- messages go with them (cascade)
         DELETE FROM conversation_sizes WHERE appid = p_appid;
-        INSERT INTO turns (id, appid, owner, context_tokens, sent_tokens, continues)
-        VALUES (v_turn, p_appid, p_owner, p_context, v_new_tokens, v_continues);
+        INSERT INTO turns (id, appid, owner, context_tokens, sent_tokens, continues, nincoming)
+        VALUES (v_turn, p_appid, p_owner, p_context, v_new_tokens, v_continues, v_new_n);
         INSERT INTO messages (appid, turn_id, role, content, extra, ntokens)
         SELECT p_appid, v_turn, e.m->>'role', e.m->>'content', nullif(e.m->'extra', 'null'::jsonb),
                estimate_tokens(e.m->>'content', nullif(e.m->'extra', 'null'::jsonb))
@@ -149,9 +157,9 @@ BEGIN
 
     -- The turn, written once, then its messages.
     INSERT INTO turns (id, appid, owner, context_tokens, continues, window_from, window_turns,
-                       sent_tokens)
+                       sent_tokens, nincoming)
     VALUES (v_turn, p_appid, p_owner, p_context, v_continues, v_from, v_ids,
-            v_sys_tokens + v_win_tokens + v_new_tokens);
+            v_sys_tokens + v_win_tokens + v_new_tokens, v_new_n);
     INSERT INTO messages (appid, turn_id, role, content, extra, ntokens)
     SELECT p_appid, v_turn, e.m->>'role', e.m->>'content', nullif(e.m->'extra', 'null'::jsonb),
            estimate_tokens(e.m->>'content', nullif(e.m->'extra', 'null'::jsonb))
