@@ -403,3 +403,23 @@ def test_registry_turns_every_failure_into_result_text():
         '{"x":1}', '{"x":2}', "error: the arguments of fine are not valid JSON",
         "error: arguments.x is required"]
 
+
+
+class ResentToolTurnTest(ToolsTestCase):
+    def test_a_resent_tool_turn_that_was_never_delivered_is_answered_from_storage(self):
+        call = tool_call("get_weather", lat=42.28, lon=-83.74)
+        self.double.behave("llama3.2", tool_calls=[call])
+        body = chat_body("rt", "Weather here?", tools=[LOCATION])
+        response, _ = self.tools(body)
+        self.assertEqual(response.code, 200)
+        asked = len(self.double.chat_requests())
+        # A SIGKILL between the commit and the done line: the delivery was never recorded.
+        self._app.turns._delivered.clear()
+        again, events = self.tools(body)
+        self.assertEqual(again.code, 200)
+        self.assertIn("X-Chatterd-Replayed", again.headers)
+        self.assertEqual(len(self.double.chat_requests()), asked)  # neither the model nor the tool
+        self.assertEqual(len(self.meteo.requests), 1)
+        stored = self.rows("rt")
+        self.assertEqual([r["role"] for r in stored], ["user", "assistant", "tool", "assistant"])
+        self.assertEqual(jsonfmt.loads(events[0].data)["message"]["content"], stored[-1]["content"])

@@ -413,8 +413,8 @@ LANGUAGE sql AS $$
 $$;
 
 -- Resolve unqualified names in chatterd's schema whoever calls (see 0003).
-ALTER FUNCTION estimate_tokens(text, jsonb) SET search_path FROM CURRENT;
-ALTER FUNCTION is_sent(text, text, jsonb) SET search_path FROM CURRENT;
+-- (estimate_tokens and is_sent read no table: without a SET clause they stay inlinable,
+-- which matters, as they run for every message a turn reads.)
 ALTER FUNCTION turn_size(bigint) SET search_path FROM CURRENT;
 ALTER FUNCTION begin_turn(text, text, double precision, jsonb, boolean, double precision,
                           integer, integer) SET search_path FROM CURRENT;

@@ -189,9 +189,9 @@ BEGIN
                        AND t.status IN ('complete', 'interrupted', 'failed')
                     UNION ALL
                     SELECT false, m.turn_id, m.seq, m.role, m.content, m.extra
-                      FROM unnest(v_ids) AS w(id),
-                           LATERAL (SELECT * FROM messages m WHERE m.turn_id = w.id OFFSET 0) m
-                     WHERE m.role <> 'system' AND is_sent(m.status, m.content, m.extra)) h),
+                      FROM messages m
+                     WHERE m.appid = p_appid AND m.turn_id = ANY(v_ids)
+                       AND m.role <> 'system' AND is_sent(m.status, m.content, m.extra)) h),
            v_sys_n + v_win_n + v_new_n,
            v_sys_tokens + v_win_tokens + v_new_tokens,
            greatest(v_size_n - v_sys_n - v_win_n, 0),
@@ -254,4 +254,26 @@ BEGIN
     DELETE FROM leases WHERE appid = v_appid AND turn_id = p_turn;
     RETURN CASE WHEN v_learned = 'suspect' THEN 'stored-suspect' ELSE 'stored' END;
 END
+$$;
+
+-- What turn p_turn sent (as 0005), reading the window's messages in one index scan.
+CREATE OR REPLACE FUNCTION sent_by(p_turn bigint)
+RETURNS TABLE (seq bigint, turn_id bigint, ntokens integer, ntokens_from text, est integer)
+LANGUAGE sql STABLE SET search_path FROM CURRENT AS $$
+    WITH t0 AS (SELECT appid, window_turns FROM turns WHERE id = p_turn)
+    SELECT m.seq, m.turn_id, coalesce(m.ntokens, estimate_tokens(m.content, m.extra)),
+           m.ntokens_from, estimate_tokens(m.content, m.extra)
+      FROM t0, messages m JOIN turns t ON t.id = m.turn_id
+     WHERE m.appid = t0.appid AND m.role = 'system' AND m.turn_id < p_turn
+       AND t.status IN ('complete', 'interrupted', 'failed')
+    UNION ALL
+    SELECT m.seq, m.turn_id, coalesce(m.ntokens, estimate_tokens(m.content, m.extra)),
+           m.ntokens_from, estimate_tokens(m.content, m.extra)
+      FROM t0, messages m
+     WHERE m.appid = t0.appid AND m.turn_id = ANY(t0.window_turns)
+       AND m.role <> 'system' AND is_sent(m.status, m.content, m.extra)
+    UNION ALL
+    SELECT m.seq, m.turn_id, coalesce(m.ntokens, estimate_tokens(m.content, m.extra)),
+           m.ntokens_from, estimate_tokens(m.content, m.extra)
+      FROM messages m WHERE m.turn_id = p_turn
 $$;
