@@ -57,6 +57,8 @@ SETTINGS = (
             "Seconds a request may wait for one of the --max-streams slots before it fails with 503"),
     Setting("db-pool-size", 10, int, "Maximum PostgreSQL connections per process"),
     Setting("db-timeout", 10.0, float, "Seconds a database operation may take before it fails"),
+    Setting("event-loop", "uvloop", str,
+            "The asyncio event loop: uvloop (faster) or asyncio (the standard library's)"),
     Setting("xheaders", False, bool,
             "Trust X-Real-IP/X-Forwarded-For/-Proto (turn on only behind nginx that sets them)"),
     Setting("turn-wait", 30.0, float,

@@ -171,7 +171,8 @@ async def renew_leases(pool: asyncpg.Pool, owner: str, lease_seconds: float) -> 
     async with connection(pool, "renew_leases") as con:
         result = await con.execute(
             "UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => $2)"
-            " WHERE owner = $1", owner, lease_seconds)
+            " WHERE owner = $1 AND expires_at > '-infinity'",  # not the released ones
+            owner, lease_seconds)
     return int(result.split()[-1])
 
 

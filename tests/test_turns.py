@@ -307,3 +307,20 @@ class DeliveryRecordTest(ChatterdTestCase):
             self.assertEqual([r["delivered"] for r in rows], [True, True])
         finally:
             await con.close()
+
+
+class ReleasedLeaseTest(ChatterdTestCase):
+    @gen_test(timeout=20)
+    async def test_renewing_never_revives_a_released_lease(self):
+        done = await conversations.begin_turn(self.pool, "rel", "me", 10,
+                                              [{"role": "user", "content": "u"}])
+        await conversations.end_turn(self.pool, done[0], "complete", None,
+                                     conversations.Reply(content="a"))
+        running = await conversations.begin_turn(self.pool, "other", "me", 10,
+                                                 [{"role": "user", "content": "u"}])
+        self.assertEqual(await conversations.renew_leases(self.pool, "me", 10), 1)
+        # Another process can take "rel" at once: its lease was released, not renewed.
+        self.assertIsNotNone(await conversations.begin_turn(self.pool, "rel", "them", 10,
+                                                            [{"role": "user", "content": "v"}]))
+        await conversations.end_turn(self.pool, running[0], "complete", None,
+                                     conversations.Reply(content="b"))

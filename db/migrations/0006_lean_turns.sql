@@ -7,6 +7,8 @@
 --   from one pass over what the turn sent;
 -- * a resend is recognised by the turn's incoming messages only (nincoming), so a turn
 --   whose tool rounds added messages is answered from storage too;
+-- * a lease is released by expiring it, not deleting its row: the next turn's upsert then
+--   updates the row in place instead of inserting it again (no index churn per turn);
 -- * begin_turn's commit does not wait for the WAL flush: a pending turn lost with a crash
 --   of PostgreSQL itself was never part of the conversation, and its end then reports
 --   the turn lost.  end_turn's commit still waits: `done` means stored.
@@ -52,7 +54,11 @@ DECLARE
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     IF p_delivered IS NOT NULL THEN
-        UPDATE turns SET delivered = true WHERE id = ANY(p_delivered) AND NOT delivered;
+        -- Best effort, never waiting: a row another transaction holds keeps its mark for a
+        -- later flush to miss, which only means a resend gets the stored answer again.
+        UPDATE turns SET delivered = true
+         WHERE id IN (SELECT id FROM turns WHERE id = ANY(p_delivered) AND NOT delivered
+                      FOR UPDATE SKIP LOCKED);
     END IF;
     INSERT INTO leases AS l (appid, turn_id, owner, expires_at)
     VALUES (p_appid, v_turn, p_owner, clock_timestamp() + make_interval(secs => p_lease_seconds))
@@ -87,7 +93,8 @@ BEGIN
                                       'error', v_last.error)
               INTO v_reply FROM messages m
              WHERE m.turn_id = v_last.id AND m.role = 'assistant' ORDER BY m.seq DESC LIMIT 1;
-            DELETE FROM leases WHERE appid = p_appid AND leases.turn_id = v_turn;
+            UPDATE leases SET expires_at = '-infinity'
+             WHERE appid = p_appid AND leases.turn_id = v_turn;
             RETURN QUERY SELECT v_last.id, NULL::jsonb, 0, 0, 0::bigint, 0::bigint,
                 coalesce(v_reply, jsonb_build_object('status', v_last.status, 'error', v_last.error));
             RETURN;
@@ -251,7 +258,7 @@ BEGIN
                      prompt_tokens = p_prompt_tokens,
                      tokens = coalesce(v_tokens, tokens), nmessages = coalesce(v_n, nmessages)
      WHERE id = p_turn;
-    DELETE FROM leases WHERE appid = v_appid AND turn_id = p_turn;
+    UPDATE leases SET expires_at = '-infinity' WHERE appid = v_appid AND turn_id = p_turn;
     RETURN CASE WHEN v_learned = 'suspect' THEN 'stored-suspect' ELSE 'stored' END;
 END
 $$;
