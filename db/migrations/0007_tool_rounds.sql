@@ -47,14 +47,18 @@ DECLARE
     v_old record;
     v_size record;
 BEGIN
-    SELECT status, appid INTO v_status, v_appid FROM turns WHERE id = p_turn FOR UPDATE;
-    IF v_status = 'running' AND p_status IN ('complete', 'interrupted', 'failed') THEN
-        PERFORM store_turn_messages(p_turn, v_appid, p_before);
+    -- Most turns have no tool rounds: then this is plain end_turn.
+    IF jsonb_array_length(coalesce(p_before, '[]'::jsonb)) > 0 THEN
+        SELECT status, appid INTO v_status, v_appid FROM turns WHERE id = p_turn FOR UPDATE;
+        IF v_status = 'running' AND p_status IN ('complete', 'interrupted', 'failed') THEN
+            PERFORM store_turn_messages(p_turn, v_appid, p_before);
+        END IF;
     END IF;
     v_result := end_turn(p_turn, p_status, p_error, p_content, p_extra, p_model, p_tokens,
                          p_reply, p_prompt_tokens);
     IF v_result LIKE 'stored%' AND p_status IN ('complete', 'interrupted', 'failed')
        AND jsonb_array_length(coalesce(p_after, '[]'::jsonb)) > 0 THEN
+        SELECT appid INTO v_appid FROM turns WHERE id = p_turn;
         SELECT tokens, nmessages INTO v_old FROM turns WHERE id = p_turn;
         PERFORM store_turn_messages(p_turn, v_appid, p_after);
         SELECT * INTO v_size FROM turn_size(p_turn);
