@@ -122,6 +122,21 @@ BEGIN
         RETURN;
     END IF;
 
+    -- The first turn of an appID (every conversation starts so) has nothing to read.
+    IF NOT EXISTS (SELECT 1 FROM turns t WHERE t.appid = p_appid) THEN
+        INSERT INTO turns (id, appid, owner, context_tokens, continues, sent_tokens, nincoming)
+        VALUES (v_turn, p_appid, p_owner, p_context, v_continues, v_new_tokens, v_new_n);
+        INSERT INTO messages (appid, turn_id, role, content, extra, ntokens)
+        SELECT p_appid, v_turn, e.m->>'role', e.m->>'content', nullif(e.m->'extra', 'null'::jsonb),
+               estimate_tokens(e.m->>'content', nullif(e.m->'extra', 'null'::jsonb))
+          FROM jsonb_array_elements(p_messages) WITH ORDINALITY AS e(m, i) ORDER BY e.i;
+        INSERT INTO conversation_sizes (appid, messages, tokens) VALUES (p_appid, 0, 0)
+        ON CONFLICT (appid) DO NOTHING;
+        RETURN QUERY SELECT v_turn, '[]'::jsonb, v_new_n, v_new_tokens, 0::bigint, 0::bigint,
+            NULL::jsonb;
+        RETURN;
+    END IF;
+
     -- The system prompts: always sent (index messages_system).
     SELECT count(*), coalesce(sum(coalesce(m.ntokens, estimate_tokens(m.content, m.extra))), 0)
       INTO v_sys_n, v_sys_tokens
