@@ -62,7 +62,7 @@ class TurnKeeper:
         self.wait = wait
         self.store_retry = store_retry
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.running = 0
+        self.running: set[int] = set()  # this process's running turns (their leases renew)
         self._ended: dict[str, asyncio.Event] = {}  # appID -> set when a turn of it ends here
         self._renewer: Optional[asyncio.Task] = None
         # Turns whose end reached the client, not yet recorded: the next begin_turn records
@@ -120,7 +120,7 @@ class TurnKeeper:
                     turn = Turn(self, app_id, turn_id, [])
                     turn.ended, turn.replay = True, replay
                     return turn
-                self.running += 1
+                self.running.add(turn_id)
                 turn = Turn(self, app_id, turn_id, with_new_messages(history, messages))
                 turn.window = window
                 return turn
@@ -164,9 +164,9 @@ class TurnKeeper:
             # gets the stored answer again, which is still right.
             log.warning("could not record %d delivered turn(s): %s", len(delivered), e)
 
-    def _turn_ended(self, app_id: str) -> None:
-        self.running -= 1
-        ended = self._ended.pop(app_id, None)
+    def _turn_ended(self, turn: "Turn") -> None:
+        self.running.discard(turn.id)
+        ended = self._ended.pop(turn.app_id, None)
         if ended is not None:
             ended.set()
 
@@ -177,7 +177,8 @@ class TurnKeeper:
             if not self.running:
                 continue
             try:
-                await conversations.renew_leases(self.pool, self.owner, self.lease)
+                await conversations.renew_leases(self.pool, self.owner, self.lease,
+                                                 list(self.running))
                 if failing:
                     log.info("turn leases renewed again")
                 failing = False
@@ -232,7 +233,7 @@ class Turn:
         finally:
             if not self.ended:
                 self.ended = True
-                self.keeper._turn_ended(self.app_id)
+                self.keeper._turn_ended(self)
         self.suspect = outcome == "stored-suspect"
         if self.suspect:
             metrics.CONTEXT_UPSTREAM_CUT.inc()

@@ -120,8 +120,9 @@ async def mark_delivered(pool: asyncpg.Pool, turn_ids: list[int]) -> None:
     """Record that these turns' ends reached their clients (so a resend is a new turn).
     begin_turn takes the same list, so this runs only when no turn begins for a while."""
     async with connection(pool, "mark_delivered") as con:
-        await con.execute("UPDATE turns SET delivered = true WHERE id = ANY($1::bigint[])"
-                          " AND NOT delivered", turn_ids)
+        await con.execute("UPDATE turns SET delivered = true WHERE id IN (SELECT id FROM turns"
+                          " WHERE id = ANY($1::bigint[]) AND NOT delivered"
+                          " FOR UPDATE SKIP LOCKED)", turn_ids)
 
 
 async def end_turn(pool: asyncpg.Pool, turn_id: int, status: str, error: Optional[str],
@@ -166,13 +167,16 @@ async def tool_schemas(pool: asyncpg.Pool, app_id: str, replace: Optional[list] 
     return kept if isinstance(kept, list) else []
 
 
-async def renew_leases(pool: asyncpg.Pool, owner: str, lease_seconds: float) -> int:
-    """Extend every lease *owner* holds; return how many."""
+async def renew_leases(pool: asyncpg.Pool, owner: str, lease_seconds: float,
+                       turn_ids: list[int]) -> int:
+    """Extend the leases *owner* holds for its running turns *turn_ids*; return how many.
+    (A turn whose end could not be stored is not running: its lease is left to expire.)"""
     async with connection(pool, "renew_leases") as con:
         result = await con.execute(
             "UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => $2)"
-            " WHERE owner = $1 AND expires_at > '-infinity'",  # not the released ones
-            owner, lease_seconds)
+            " WHERE owner = $1 AND turn_id = ANY($3::bigint[])"
+            " AND expires_at > '-infinity'",  # never a released one
+            owner, lease_seconds, turn_ids)
     return int(result.split()[-1])
 
 

@@ -321,8 +321,8 @@ class LLMChatHandler(UpstreamHandler):
             return
         try:
             await self.turn.end("complete", self.reply)
-        except (TurnNotStored, asyncpg.PostgresError) as e:
-            await self.turn.reject(f"storing it failed: {e}")
+        except (TurnNotStored, DatabaseUnavailable, asyncpg.PostgresError) as e:
+            await self.turn.reject(f"storing it failed: {e}")  # frees its lease, if it can
             raise ClientError(503, f"the reply could not be stored: {e}") from None
         self.tokens, self.outcome = self.reply.tokens, "complete"
         await self.finish_once(body)

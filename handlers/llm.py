@@ -64,6 +64,7 @@ class LLMPrepHandler(UpstreamHandler):
     """
 
     async def post(self) -> None:
+        self.refuse_when_draining()
         request = parse_llm_request(self.json_object(), allow_empty_messages=True,
                                     max_messages=self.settings["max_messages"])
         self.app_id = request.app_id

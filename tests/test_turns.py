@@ -318,9 +318,36 @@ class ReleasedLeaseTest(ChatterdTestCase):
                                      conversations.Reply(content="a"))
         running = await conversations.begin_turn(self.pool, "other", "me", 10,
                                                  [{"role": "user", "content": "u"}])
-        self.assertEqual(await conversations.renew_leases(self.pool, "me", 10), 1)
+        self.assertEqual(await conversations.renew_leases(self.pool, "me", 10, [running[0]]), 1)
         # Another process can take "rel" at once: its lease was released, not renewed.
         self.assertIsNotNone(await conversations.begin_turn(self.pool, "rel", "them", 10,
                                                             [{"role": "user", "content": "v"}]))
         await conversations.end_turn(self.pool, running[0], "complete", None,
                                      conversations.Reply(content="b"))
+
+
+class LeaseOfAFailedEndTest(ChatterdTestCase):
+    @gen_test(timeout=20)
+    async def test_a_turn_whose_end_failed_is_not_kept_alive_by_renewal(self):
+        """Its end could not be stored (the database was away): it is no longer running
+        here, so its lease is left to expire even while other turns keep renewing."""
+        keeper = self._app.turns
+        stuck = await keeper.begin("stuck", [{"role": "user", "content": "u"}])
+        live = await keeper.begin("live", [{"role": "user", "content": "u"}])
+        keeper._turn_ended(stuck)  # what Turn.end does however the store went
+
+        async def expiry(app_id):
+            con = await asyncpg.connect(self.dsn())
+            try:
+                return await con.fetchval("SELECT expires_at FROM chatterd.leases WHERE appid = $1",
+                                          app_id)
+            finally:
+                await con.close()
+
+        before = {app: await expiry(app) for app in ("stuck", "live")}
+        self.assertEqual(keeper.running, {live.id})
+        self.assertEqual(await conversations.renew_leases(self.pool, keeper.owner, 10,
+                                                          list(keeper.running)), 1)
+        self.assertEqual(await expiry("stuck"), before["stuck"])
+        self.assertGreater(await expiry("live"), before["live"])
+        await live.end("complete", conversations.Reply(content="a"))
