@@ -19,7 +19,9 @@ import asyncio
 import collections
 import errno
 import os
+import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -71,8 +73,8 @@ async def upstream(reader, writer):
                 await writer.drain()
         writer.write(chunk(DONE % tokens) + b"0\r\n\r\n")
         await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass
+    except (ConnectionError, RuntimeError, asyncio.IncompleteReadError):
+        pass  # chatterd ended the request (a client that left, a deadline): the usual end
     finally:
         writer.close()
 
@@ -101,6 +103,23 @@ def status_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def postgres_cpu(data_dir: str) -> float:
+    """CPU seconds of the embedded PostgreSQL's postmaster and its live children."""
+    try:
+        pm = int(next(Path(data_dir).rglob("postmaster.pid")).read_text().split()[0])
+    except (StopIteration, OSError, ValueError):
+        return 0.0
+    total = cpu_seconds(pm)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pm:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError):
+            pass
+    return total
 
 
 def open_fds(pid: int) -> int:
@@ -138,7 +157,7 @@ async def stream(port: int, app_id: str, tokens: int, interval: float, stats: St
     events = 0
     done = False
     error = None
-    counted_open = False
+    stats.open += 1
     try:
         writer.write(b"POST /llmchat HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
@@ -148,8 +167,6 @@ async def stream(port: int, app_id: str, tokens: int, interval: float, stats: St
         if status != b"200":
             stats.failures[f"status {status.decode()}"] += 1
             return
-        stats.open += 1
-        counted_open = True
         tail = b""
         latencies = stats.latencies_us
         while data := await reader.read(1 << 16):
@@ -183,8 +200,7 @@ async def stream(port: int, app_id: str, tokens: int, interval: float, stats: St
     except (OSError, asyncio.IncompleteReadError) as e:
         stats.failures[f"connection: {type(e).__name__}"] += 1
     finally:
-        if counted_open:
-            stats.open -= 1
+        stats.open -= 1
         writer.close()
 
 
@@ -202,19 +218,21 @@ def percentile(sorted_values, p: float) -> float:
 
 async def run_streams(proc, port, args, name: str, idle_kib: int | None) -> dict:
     stats = Stats()
-    samples = []  # (rss KiB, open streams, fds)
+    samples = []  # (rss KiB, open streams, fds, chatterd CPU-s, monotonic)
     stop = asyncio.Event()
 
     async def sample():
         while not stop.is_set():
-            samples.append((status_kib(proc.pid, "VmRSS"), stats.open, open_fds(proc.pid)))
+            samples.append((status_kib(proc.pid, "VmRSS"), stats.open, open_fds(proc.pid),
+                            cpu_seconds(proc.pid), time.monotonic()))
             try:
                 await asyncio.wait_for(stop.wait(), 0.25)
             except asyncio.TimeoutError:
                 pass
 
     sampler = asyncio.ensure_future(sample())
-    cpu0 = (cpu_seconds(proc.pid), self_cpu(), cpu_seconds(args.upstream_pid))
+    cpu0 = (cpu_seconds(proc.pid), self_cpu(), cpu_seconds(args.upstream_pid),
+            postgres_cpu(args.data_dir))
     t0 = time.monotonic()
     tasks = []
     per_stream = args.tokens * args.interval + args.slack
@@ -227,7 +245,8 @@ async def run_streams(proc, port, args, name: str, idle_kib: int | None) -> dict
             per_stream, stats)))
     await asyncio.gather(*tasks)
     wall = time.monotonic() - t0
-    cpu1 = (cpu_seconds(proc.pid), self_cpu(), cpu_seconds(args.upstream_pid))
+    cpu1 = (cpu_seconds(proc.pid), self_cpu(), cpu_seconds(args.upstream_pid),
+            postgres_cpu(args.data_dir))
     stop.set()
     await sampler
     lat = sorted(stats.latencies_us)
@@ -242,6 +261,8 @@ async def run_streams(proc, port, args, name: str, idle_kib: int | None) -> dict
         "max_open": max(s[1] for s in samples), "max_fds": max(s[2] for s in samples),
         "peak_kib": peak[0], "open_at_peak": peak[1],
         "cpu": [(b - a) / wall * 100 for a, b in zip(cpu0, cpu1)],
+        "cpu_peak": max(((b[3] - a[3]) / (b[4] - a[4]) * 100
+                         for a, b in zip(samples, samples[4:])), default=0.0),
     }
     if idle_kib is not None and peak[1]:
         result["per_stream_kib"] = (peak[0] - idle_kib) / peak[1]
@@ -258,21 +279,30 @@ def report(r: dict, idle_kib: int) -> None:
               f"with {r['open_at_peak']} open: {r['per_stream_kib']:.1f} KiB per open stream")
     print(f"  relay latency over {r['events']} events: p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms,"
           f" max {r['max']:.1f} ms; first event p99 {r['ttft_p99'] * 1000:.0f} ms after connecting")
-    c, me, up = r["cpu"]
+    c, me, up, pg = r["cpu"]
     print(f"  CPU (% of one core over the run): chatterd {c:.0f}%, clients (this process) "
-          f"{me:.0f}%, upstream {up:.0f}%")
+          f"{me:.0f}%, upstream {up:.0f}%, PostgreSQL {pg:.0f}%; chatterd's busiest second "
+          f"{r['cpu_peak']:.0f}%")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=10_000)
-    parser.add_argument("--tokens", type=int, default=20, help="lines per stream (+ the done line)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="lines per stream (+ the done line); default max(20, ramp + 10), so "
+                             "every stream is open at once")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between a stream's lines")
-    parser.add_argument("--ramp", type=float, default=10.0, help="seconds over which streams start")
+    parser.add_argument("--ramp", type=float, default=None,
+                        help="seconds over which streams start; default streams / 250 (chatterd "
+                             "begins about 250-300 turns per second on this 2-core VM)")
     parser.add_argument("--slack", type=float, default=15.0,
                         help="seconds a stream may take beyond tokens x interval")
     parser.add_argument("--db-pool-size", type=int, default=10)
     args = parser.parse_args()
+    if args.ramp is None:
+        args.ramp = max(2.0, args.streams / 250)
+    if args.tokens is None:
+        args.tokens = max(20, int(args.ramp / args.interval) + 10)
     hard = raise_nofile()
 
     up = subprocess.Popen([sys.executable, __file__, "--serve-upstream"], stdout=subprocess.PIPE)
@@ -281,7 +311,7 @@ async def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    data_dir = tempfile.mkdtemp(prefix="chatterd-scale-")
+    data_dir = args.data_dir = tempfile.mkdtemp(prefix="chatterd-scale-")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "chatterd.py"), f"--port={port}", f"--data-dir={data_dir}",
         f"--ollama-url=http://127.0.0.1:{up_port}", f"--max-streams={args.streams + 16}",
@@ -296,7 +326,8 @@ async def main() -> None:
         while line := await proc.stderr.readline():
             if b" WARNING " in line or b" ERROR " in line:
                 text = line.decode(errors="replace").split(": ", 1)[-1].strip()
-                warnings[" ".join(w for w in text.split() if not w[:1].isdigit())[:90]] += 1
+                text = re.sub(r"appID='[^']*' |\d[\d.]*(ms)?", "", text)
+                warnings[text[:110]] += 1
 
     logger = asyncio.ensure_future(read_log())
     try:
@@ -307,6 +338,8 @@ async def main() -> None:
         idle_kib, idle_fds = status_kib(proc.pid, "VmRSS"), open_fds(proc.pid)
         print(f"open-file limit: bench {hard}, chatterd {nofile_limit(proc.pid)} (soft/hard), "
               f"chatterd holds {idle_fds} fds at idle; each stream takes 2 more")
+        print(f"{args.streams} streams of {args.tokens} lines, one per {args.interval:g} s, "
+              f"started over {args.ramp:g} s")
         r = await run_streams(proc, port, args, f"{args.streams} slow streams", idle_kib)
         report(r, idle_kib)
         for text, n in warnings.most_common(5):
@@ -317,6 +350,7 @@ async def main() -> None:
         logger.cancel()
         up.terminate()
         up.wait()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
