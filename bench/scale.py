@@ -1,0 +1,358 @@
+"""Scale benchmark: N concurrent slow streams in one chatterd process.
+
+    .venv/bin/python bench/scale.py [--streams 10000] [--tokens 20] [--interval 1.0] [--ramp 10]
+
+Starts a real chatterd (embedded PostgreSQL in a temporary directory, --max-streams >= N)
+in front of a minimal upstream (its own process, so each bench process holds one socket per
+stream) that writes one NDJSON line per --interval seconds, each line carrying the
+CLOCK_MONOTONIC time it was written.  This process opens N raw-socket clients, their starts
+spread evenly over --ramp seconds, each with its own appID.  Reported:
+  completed: 200, every line and the final one as `data:` events, no error event, within
+             the stream's deadline (ramp slot + tokens x interval + --slack); failures by reason;
+  RSS/stream: (chatterd's peak VmRSS - its VmRSS at idle after a warm-up) / streams open then;
+  relay latency: upstream write (stamp in the line) -> client read, p50/p99/max over all events;
+  CPU: % of one core over the scenario for chatterd, the client process and the upstream.
+"""
+
+import argparse
+import asyncio
+import collections
+import errno
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+ROOT = Path(__file__).resolve().parent.parent
+LINE = (b'{"model":"bench","created_at":"2026-11-25T00:00:00Z",'
+        b'"message":{"role":"assistant","content":"@%d "},"done":false}\n')
+DONE = (b'{"model":"bench","created_at":"2026-11-25T00:00:00Z","message":{"role":"assistant",'
+        b'"content":""},"done":true,"done_reason":"stop","eval_count":%d}\n')
+STAMP = b'"content":"@'
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# ---- the upstream (a child process: `scale.py --serve-upstream`) ----------------------------
+
+async def upstream(reader, writer):
+    """One POST /api/chat: `tokens` lines, one per `interval` seconds, each stamped when written."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0]
+                     .split(b":")[1])
+        body = await reader.readexactly(length)
+        opts = body[body.index(b'"options"'):]
+        tokens = int(opts.split(b'"tokens":')[1].split(b",")[0].split(b"}")[0])
+        interval = float(opts.split(b'"interval":')[1].split(b",")[0].split(b"}")[0])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        start = time.monotonic()
+        for k in range(tokens):
+            delay = start + k * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            writer.write(chunk(LINE % time.monotonic_ns()))
+            if writer.transport.get_write_buffer_size() > 1 << 16:
+                await writer.drain()
+        writer.write(chunk(DONE % tokens) + b"0\r\n\r\n")
+        await writer.drain()
+    except (ConnectionError, RuntimeError, asyncio.IncompleteReadError):
+        pass  # chatterd ended the request (a client that left, a deadline): the usual end
+    finally:
+        writer.close()
+
+
+async def serve_upstream() -> None:
+    raise_nofile()
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0, backlog=4096)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()  # until terminated
+
+
+# ---- chatterd and /proc --------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def postgres_cpu(data_dir: str) -> float:
+    """CPU seconds of the embedded PostgreSQL's postmaster and its live children."""
+    try:
+        pm = int(next(Path(data_dir).rglob("postmaster.pid")).read_text().split()[0])
+    except (StopIteration, OSError, ValueError):
+        return 0.0
+    total = cpu_seconds(pm)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pm:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError):
+            pass
+    return total
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def nofile_limit(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return "/".join(line.split()[3:5])
+    return "?"
+
+
+# ---- the clients ---------------------------------------------------------------------------
+
+class Stats:
+    def __init__(self):
+        self.ok = 0
+        self.failures = collections.Counter()
+        self.latencies_us: list[int] = []  # upstream write -> client read, per event
+        self.open = 0
+        self.ttft: list[float] = []
+
+
+async def stream(port: int, app_id: str, tokens: int, interval: float, stats: Stats) -> None:
+    body = (b'{"appID":"%s","model":"bench","stream":true,"messages":[{"role":"user",'
+            b'"content":"go"}],"options":{"tokens":%d,"interval":%s}}'
+            % (app_id.encode(), tokens, repr(interval).encode()))
+    started = time.monotonic()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError as e:
+        stats.failures[f"connect: {errno.errorcode.get(e.errno, e)}"] += 1
+        return
+    events = 0
+    done = False
+    error = None
+    stats.open += 1
+    try:
+        writer.write(b"POST /llmchat HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1]
+        if status != b"200":
+            stats.failures[f"status {status.decode()}"] += 1
+            return
+        tail = b""
+        latencies = stats.latencies_us
+        while data := await reader.read(1 << 16):
+            now = time.monotonic_ns()
+            lines = (tail + data).split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                if line.startswith(b"data: "):
+                    if events == 0:
+                        stats.ttft.append(time.monotonic() - started)
+                    events += 1
+                    at = line.find(STAMP)
+                    if at >= 0:
+                        end = line.index(b" ", at)
+                        latencies.append((now - int(line[at + len(STAMP):end])) // 1000)
+                    elif b'"done":true' in line:
+                        done = True
+                    elif error == "":
+                        error = line[6:86].decode(errors="replace")
+                elif line.startswith(b"event: error"):
+                    error = ""
+        if error is not None:
+            stats.failures[f"error event: {error}"] += 1
+        elif not done or events != tokens + 1:
+            stats.failures[f"incomplete ({'done' if done else 'no done line'})"] += 1
+        else:
+            stats.ok += 1
+    except asyncio.CancelledError:
+        stats.failures[f"deadline ({events} events by then)" if events else
+                       "deadline (no event)"] += 1
+    except (OSError, asyncio.IncompleteReadError) as e:
+        stats.failures[f"connection: {type(e).__name__}"] += 1
+    finally:
+        stats.open -= 1
+        writer.close()
+
+
+async def bounded_stream(port, app_id, tokens, interval, deadline, stats) -> None:
+    task = asyncio.ensure_future(stream(port, app_id, tokens, interval, stats))
+    done, _ = await asyncio.wait([task], timeout=deadline)
+    if not done:
+        task.cancel()
+        await asyncio.wait([task])
+
+
+def percentile(sorted_values, p: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(p * len(sorted_values)))]
+
+
+async def run_streams(proc, port, args, name: str, idle_kib: int | None) -> dict:
+    stats = Stats()
+    samples = []  # (rss KiB, open streams, fds, chatterd CPU-s, monotonic)
+    stop = asyncio.Event()
+
+    async def sample():
+        while not stop.is_set():
+            samples.append((status_kib(proc.pid, "VmRSS"), stats.open, open_fds(proc.pid),
+                            cpu_seconds(proc.pid), time.monotonic()))
+            try:
+                await asyncio.wait_for(stop.wait(), 0.25)
+            except asyncio.TimeoutError:
+                pass
+
+    sampler = asyncio.ensure_future(sample())
+    cpu0 = (cpu_seconds(proc.pid), self_cpu(), cpu_seconds(args.upstream_pid),
+            postgres_cpu(args.data_dir))
+    t0 = time.monotonic()
+    tasks = []
+    per_stream = args.tokens * args.interval + args.slack
+    for i in range(args.streams):
+        due = t0 + i * args.ramp / args.streams
+        if (delay := due - time.monotonic()) > 0.005:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(bounded_stream(
+            port, f"{name}-{os.getpid()}-{i}", args.tokens, args.interval,
+            per_stream, stats)))
+    await asyncio.gather(*tasks)
+    wall = time.monotonic() - t0
+    cpu1 = (cpu_seconds(proc.pid), self_cpu(), cpu_seconds(args.upstream_pid),
+            postgres_cpu(args.data_dir))
+    stop.set()
+    await sampler
+    lat = sorted(stats.latencies_us)
+    peak = max(samples, key=lambda s: s[0])
+    result = {
+        "name": name, "streams": args.streams, "ok": stats.ok, "failures": stats.failures,
+        "wall": wall, "events": len(lat),
+        "p50": percentile(lat, 0.50) / 1000 if lat else float("nan"),
+        "p99": percentile(lat, 0.99) / 1000 if lat else float("nan"),
+        "max": lat[-1] / 1000 if lat else float("nan"),
+        "ttft_p99": percentile(sorted(stats.ttft), 0.99) if stats.ttft else float("nan"),
+        "max_open": max(s[1] for s in samples), "max_fds": max(s[2] for s in samples),
+        "peak_kib": peak[0], "open_at_peak": peak[1],
+        "cpu": [(b - a) / wall * 100 for a, b in zip(cpu0, cpu1)],
+        "cpu_peak": max(((b[3] - a[3]) / (b[4] - a[4]) * 100
+                         for a, b in zip(samples, samples[4:])), default=0.0),
+    }
+    if idle_kib is not None and peak[1]:
+        result["per_stream_kib"] = (peak[0] - idle_kib) / peak[1]
+    return result
+
+
+def report(r: dict, idle_kib: int) -> None:
+    failures = ", ".join(f"{n} {reason}" for reason, n in r["failures"].most_common()) or "none"
+    print(f"{r['name']}: {r['ok']}/{r['streams']} completed in {r['wall']:.1f} s "
+          f"(failures: {failures}); at most {r['max_open']} open at once, chatterd fds <= "
+          f"{r['max_fds']}")
+    if "per_stream_kib" in r:
+        print(f"  chatterd RSS idle {idle_kib / 1024:.1f} MiB, peak {r['peak_kib'] / 1024:.1f} MiB "
+              f"with {r['open_at_peak']} open: {r['per_stream_kib']:.1f} KiB per open stream")
+    print(f"  relay latency over {r['events']} events: p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms,"
+          f" max {r['max']:.1f} ms; first event p99 {r['ttft_p99'] * 1000:.0f} ms after connecting")
+    c, me, up, pg = r["cpu"]
+    print(f"  CPU (% of one core over the run): chatterd {c:.0f}%, clients (this process) "
+          f"{me:.0f}%, upstream {up:.0f}%, PostgreSQL {pg:.0f}%; chatterd's busiest second "
+          f"{r['cpu_peak']:.0f}%")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=10_000)
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="lines per stream (+ the done line); default max(20, ramp + 10), so "
+                             "every stream is open at once")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between a stream's lines")
+    parser.add_argument("--ramp", type=float, default=None,
+                        help="seconds over which streams start; default streams / 250 (chatterd "
+                             "begins about 250-300 turns per second on this 2-core VM)")
+    parser.add_argument("--slack", type=float, default=15.0,
+                        help="seconds a stream may take beyond tokens x interval")
+    parser.add_argument("--db-pool-size", type=int, default=10)
+    args = parser.parse_args()
+    if args.ramp is None:
+        args.ramp = max(2.0, args.streams / 250)
+    if args.tokens is None:
+        args.tokens = max(20, int(args.ramp / args.interval) + 10)
+    hard = raise_nofile()
+
+    up = subprocess.Popen([sys.executable, __file__, "--serve-upstream"], stdout=subprocess.PIPE)
+    up_port = int(up.stdout.readline())
+    args.upstream_pid = up.pid
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data_dir = args.data_dir = tempfile.mkdtemp(prefix="chatterd-scale-")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "chatterd.py"), f"--port={port}", f"--data-dir={data_dir}",
+        f"--ollama-url=http://127.0.0.1:{up_port}", f"--max-streams={args.streams + 16}",
+        f"--db-pool-size={args.db_pool_size}", stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL, cwd=ROOT)
+    while b"chatterd listening" not in (line := await proc.stderr.readline()):
+        if not line:
+            raise SystemExit("chatterd did not start")
+    warnings = collections.Counter()
+
+    async def read_log():
+        while line := await proc.stderr.readline():
+            if b" WARNING " in line or b" ERROR " in line:
+                text = line.decode(errors="replace").split(": ", 1)[-1].strip()
+                text = re.sub(r"appID='[^']*' |\d[\d.]*(ms)?", "", text)
+                warnings[text[:110]] += 1
+
+    logger = asyncio.ensure_future(read_log())
+    try:
+        warm = argparse.Namespace(**{**vars(args), "streams": 50, "tokens": 5, "interval": 0.05,
+                                     "ramp": 0.5})
+        await run_streams(proc, port, warm, "warm-up", None)
+        await asyncio.sleep(1.0)
+        idle_kib, idle_fds = status_kib(proc.pid, "VmRSS"), open_fds(proc.pid)
+        print(f"open-file limit: bench {hard}, chatterd {nofile_limit(proc.pid)} (soft/hard), "
+              f"chatterd holds {idle_fds} fds at idle; each stream takes 2 more")
+        print(f"{args.streams} streams of {args.tokens} lines, one per {args.interval:g} s, "
+              f"started over {args.ramp:g} s")
+        r = await run_streams(proc, port, args, f"{args.streams} slow streams", idle_kib)
+        report(r, idle_kib)
+        for text, n in warnings.most_common(5):
+            print(f"  chatterd logged {n}x: {text}")
+    finally:
+        proc.terminate()
+        await proc.wait()
+        logger.cancel()
+        up.terminate()
+        up.wait()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    uvloop.install()
+    asyncio.run(serve_upstream() if sys.argv[1:] == ["--serve-upstream"] else main())
