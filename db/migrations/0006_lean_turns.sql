@@ -34,8 +34,9 @@ DECLARE
     v_new_n integer;
     v_new_tokens integer;
     v_continues boolean;
-    v_sys_n integer;
-    v_sys_tokens integer;
+    v_fresh boolean;
+    v_sys_n integer := 0;
+    v_sys_tokens integer := 0;
     v_left bigint;
     v_ids bigint[] := '{}';
     v_from bigint;
@@ -111,71 +112,53 @@ BEGIN
     IF p_replace THEN
         DELETE FROM turns WHERE appid = p_appid;  -- messages go with them (cascade)
         DELETE FROM conversation_sizes WHERE appid = p_appid;
-        INSERT INTO turns (id, appid, owner, context_tokens, sent_tokens, continues, nincoming)
-        VALUES (v_turn, p_appid, p_owner, p_context, v_new_tokens, v_continues, v_new_n);
-        INSERT INTO messages (appid, turn_id, role, content, extra, ntokens)
-        SELECT p_appid, v_turn, e.m->>'role', e.m->>'content', nullif(e.m->'extra', 'null'::jsonb),
-               estimate_tokens(e.m->>'content', nullif(e.m->'extra', 'null'::jsonb))
-          FROM jsonb_array_elements(p_messages) WITH ORDINALITY AS e(m, i) ORDER BY e.i;
-        RETURN QUERY SELECT v_turn, '[]'::jsonb, v_new_n, v_new_tokens, 0::bigint, 0::bigint,
-            NULL::jsonb;
-        RETURN;
+        v_fresh := true;
+    ELSE
+        -- The first turn of an appID (every conversation starts so) has nothing to read.
+        v_fresh := NOT EXISTS (SELECT 1 FROM turns t WHERE t.appid = p_appid);
     END IF;
 
-    -- The first turn of an appID (every conversation starts so) has nothing to read.
-    IF NOT EXISTS (SELECT 1 FROM turns t WHERE t.appid = p_appid) THEN
-        INSERT INTO turns (id, appid, owner, context_tokens, continues, sent_tokens, nincoming)
-        VALUES (v_turn, p_appid, p_owner, p_context, v_continues, v_new_tokens, v_new_n);
-        INSERT INTO messages (appid, turn_id, role, content, extra, ntokens)
-        SELECT p_appid, v_turn, e.m->>'role', e.m->>'content', nullif(e.m->'extra', 'null'::jsonb),
-               estimate_tokens(e.m->>'content', nullif(e.m->'extra', 'null'::jsonb))
-          FROM jsonb_array_elements(p_messages) WITH ORDINALITY AS e(m, i) ORDER BY e.i;
-        INSERT INTO conversation_sizes (appid, messages, tokens) VALUES (p_appid, 0, 0)
-        ON CONFLICT (appid) DO NOTHING;
-        RETURN QUERY SELECT v_turn, '[]'::jsonb, v_new_n, v_new_tokens, 0::bigint, 0::bigint,
-            NULL::jsonb;
-        RETURN;
-    END IF;
+    IF NOT v_fresh THEN
+        -- The system prompts: always sent (index messages_system).
+        SELECT count(*), coalesce(sum(coalesce(m.ntokens, estimate_tokens(m.content, m.extra))), 0)
+          INTO v_sys_n, v_sys_tokens
+          FROM messages m JOIN turns t ON t.id = m.turn_id
+         WHERE m.appid = p_appid AND m.role = 'system' AND m.turn_id < v_turn
+           AND t.status IN ('complete', 'interrupted', 'failed');
 
-    -- The system prompts: always sent (index messages_system).
-    SELECT count(*), coalesce(sum(coalesce(m.ntokens, estimate_tokens(m.content, m.extra))), 0)
-      INTO v_sys_n, v_sys_tokens
-      FROM messages m JOIN turns t ON t.id = m.turn_id
-     WHERE m.appid = p_appid AND m.role = 'system' AND m.turn_id < v_turn
-       AND t.status IN ('complete', 'interrupted', 'failed');
-
-    -- The newest whole turns that fit, walking back from the newest (as 0005).
-    v_left := coalesce(p_budget::bigint, 9223372036854775807) - v_sys_tokens - v_new_tokens;
-    <<walk>>
-    LOOP
-        v_batch := 0;
-        FOR r IN SELECT t.id, t.tokens, t.nmessages, t.continues FROM turns t
-                  WHERE t.appid = p_appid AND t.id < v_below
-                    AND t.status IN ('complete', 'interrupted', 'failed')
-                  ORDER BY t.id DESC LIMIT 32 LOOP
-            v_batch := v_batch + 1;
-            v_below := r.id;
-            v_t_tokens := r.tokens;
-            v_t_n := r.nmessages;
-            IF v_t_tokens IS NULL THEN  -- a turn stored by other means
-                SELECT s.tokens, s.nmessages INTO v_t_tokens, v_t_n FROM turn_size(r.id) s;
-            END IF;
-            v_pend_ids := v_pend_ids || r.id;
-            v_pend_n := v_pend_n + v_t_n;
-            v_pend_tokens := v_pend_tokens + v_t_tokens;
-            EXIT walk WHEN v_pend_tokens > v_left;
-            CONTINUE WHEN r.continues;  -- needs the turn before it
-            v_left := v_left - v_pend_tokens;
-            v_ids := v_ids || v_pend_ids;
-            v_from := r.id;
-            v_win_n := v_win_n + v_pend_n;
-            v_win_tokens := v_win_tokens + v_pend_tokens;
-            v_pend_ids := '{}';
-            v_pend_n := 0;
-            v_pend_tokens := 0;
+        -- The newest whole turns that fit, walking back from the newest (as 0005).
+        v_left := coalesce(p_budget::bigint, 9223372036854775807) - v_sys_tokens - v_new_tokens;
+        <<walk>>
+        LOOP
+            v_batch := 0;
+            FOR r IN SELECT t.id, t.tokens, t.nmessages, t.continues FROM turns t
+                      WHERE t.appid = p_appid AND t.id < v_below
+                        AND t.status IN ('complete', 'interrupted', 'failed')
+                      ORDER BY t.id DESC LIMIT 32 LOOP
+                v_batch := v_batch + 1;
+                v_below := r.id;
+                v_t_tokens := r.tokens;
+                v_t_n := r.nmessages;
+                IF v_t_tokens IS NULL THEN  -- a turn stored by other means
+                    SELECT s.tokens, s.nmessages INTO v_t_tokens, v_t_n FROM turn_size(r.id) s;
+                END IF;
+                v_pend_ids := v_pend_ids || r.id;
+                v_pend_n := v_pend_n + v_t_n;
+                v_pend_tokens := v_pend_tokens + v_t_tokens;
+                EXIT walk WHEN v_pend_tokens > v_left;
+                CONTINUE WHEN r.continues;  -- needs the turn before it
+                v_left := v_left - v_pend_tokens;
+                v_ids := v_ids || v_pend_ids;
+                v_from := r.id;
+                v_win_n := v_win_n + v_pend_n;
+                v_win_tokens := v_win_tokens + v_pend_tokens;
+                v_pend_ids := '{}';
+                v_pend_n := 0;
+                v_pend_tokens := 0;
+            END LOOP;
+            EXIT walk WHEN v_batch < 32;
         END LOOP;
-        EXIT walk WHEN v_batch < 32;
-    END LOOP;
+    END IF;
 
     -- The turn, written once, then its messages.
     INSERT INTO turns (id, appid, owner, context_tokens, continues, window_from, window_turns,
@@ -186,6 +169,14 @@ BEGIN
     SELECT p_appid, v_turn, e.m->>'role', e.m->>'content', nullif(e.m->'extra', 'null'::jsonb),
            estimate_tokens(e.m->>'content', nullif(e.m->'extra', 'null'::jsonb))
       FROM jsonb_array_elements(p_messages) WITH ORDINALITY AS e(m, i) ORDER BY e.i;
+
+    IF v_fresh THEN
+        INSERT INTO conversation_sizes (appid, messages, tokens) VALUES (p_appid, 0, 0)
+        ON CONFLICT (appid) DO NOTHING;
+        RETURN QUERY SELECT v_turn, '[]'::jsonb, v_new_n, v_new_tokens, 0::bigint, 0::bigint,
+            NULL::jsonb;
+        RETURN;
+    END IF;
 
     SELECT s.messages, s.tokens INTO v_size_n, v_size_tokens
       FROM conversation_sizes s WHERE s.appid = p_appid;
