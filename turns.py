@@ -100,6 +100,7 @@ class TurnKeeper:
         deadline = loop.time() + self.wait
         pause = 0.01
         waited = False
+        waited_for: Optional[int] = None
         while True:
             delivered, self._delivered = self._delivered, []
             try:
@@ -107,14 +108,15 @@ class TurnKeeper:
                                                        messages, replace=replace,
                                                        resend_seconds=self.resend_window,
                                                        budget=budget, context=context,
-                                                       delivered=delivered)
+                                                       delivered=delivered,
+                                                       waited_for=waited_for)
             except BaseException:
                 self._delivered[:0] = delivered  # not recorded: keep them for the next try
                 raise
-            if begun is not None:
+            turn_id, history, window, replay = begun
+            if turn_id is not None:
                 if waited:
                     metrics.TURN_WAITS.labels(outcome="started").inc()
-                turn_id, history, window, replay = begun
                 if replay is not None:
                     metrics.RESENDS_REPLAYED.inc()
                     turn = Turn(self, app_id, turn_id, [])
@@ -125,6 +127,8 @@ class TurnKeeper:
                 turn.window = window
                 return turn
             waited = True
+            if waited_for is None:  # the turn this request arrived behind
+                waited_for = (replay or {}).get("waiting_for")
             if loop.time() >= deadline:
                 metrics.TURN_WAITS.labels(outcome="busy").inc()
                 raise TurnBusy()

@@ -89,28 +89,30 @@ def _pending(messages: list[dict]) -> list[dict]:
 async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds: float,
                      messages: list[dict], *, replace: bool = False,
                      resend_seconds: float = 0.0, budget: Optional[int] = None,
-                     context: Optional[int] = None, delivered: Optional[list[int]] = None
-                     ) -> Optional[tuple[int, Optional[list[dict]], Window, Optional[dict]]]:
+                     context: Optional[int] = None, delivered: Optional[list[int]] = None,
+                     waited_for: Optional[int] = None
+                     ) -> tuple[Optional[int], Optional[list[dict]], Window, Optional[dict]]:
     """Take the appID's lease and store *messages* as a pending turn, in one round trip.
 
     Returns (turn id, the conversation before this turn that fits *budget* tokens with
     the new messages: system prompts and the newest whole turns, what was sent and left
-    out, None), or None when another turn of the appID is running.  *budget* None: the
+    out, None).  *budget* None: the
     whole conversation.  With *replace*, the appID's earlier turns are deleted.
     When *messages* resend the appID's last turn, which ended (complete or failed) less
     than *resend_seconds* ago but was never delivered, nothing is stored and the result
     is (that turn's id, None, an empty Window, its stored reply as {content, extra,
     model, tokens, status, error}).  *delivered*: turns whose end reached their client
-    since the last call (see mark_delivered), recorded first.
+    since the last call (see mark_delivered), recorded first.  When the appID is busy the
+    turn id is None and the last item is {"waiting_for": the running turn's id}; pass that
+    id back as *waited_for* on the next try, so that a double send of the same messages
+    is answered from that turn's storage instead of being asked and stored twice.
     """
     async with connection(pool, "begin_turn") as con:
         row = await con.fetchrow(
             "SELECT turn_id, history, sent_messages, sent_tokens, omitted_messages,"
-            " omitted_tokens, replay FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            " omitted_tokens, replay FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             app_id, owner, lease_seconds, _pending(messages), replace, resend_seconds,
-            budget, context, delivered or None)
-    if row is None:
-        return None
+            budget, context, delivered or None, waited_for)
     return row["turn_id"], row["history"], Window(
         row["sent_messages"], row["sent_tokens"], row["omitted_messages"],
         row["omitted_tokens"], context), row["replay"]

@@ -140,7 +140,7 @@ class LeaseTest(ChatterdTestCase):
         """What a SIGKILLed process leaves: a running turn with pending messages, a lease."""
         got = await conversations.begin_turn(self.pool, app_id, "dead-host:1:x", seconds,
                                              [{"role": "user", "content": "orphan"}])
-        assert got is not None
+        assert got[0] is not None
         return got[0]
 
     @gen_test(timeout=20)
@@ -177,7 +177,7 @@ class LeaseTest(ChatterdTestCase):
             # Another process tries to take the appID over while the lease should be alive.
             for _ in range(10):
                 got = await con.fetchrow("SELECT * FROM chatterd.begin_turn('rn', 'other', 5, '[]')")
-                self.assertIsNone(got)
+                self.assertIsNone(got["turn_id"])  # busy
                 await asyncio.sleep(0.15)
         finally:
             await con.close()
@@ -320,8 +320,9 @@ class ReleasedLeaseTest(ChatterdTestCase):
                                                  [{"role": "user", "content": "u"}])
         self.assertEqual(await conversations.renew_leases(self.pool, "me", 10, [running[0]]), 1)
         # Another process can take "rel" at once: its lease was released, not renewed.
-        self.assertIsNotNone(await conversations.begin_turn(self.pool, "rel", "them", 10,
-                                                            [{"role": "user", "content": "v"}]))
+        taken = await conversations.begin_turn(self.pool, "rel", "them", 10,
+                                               [{"role": "user", "content": "v"}])
+        self.assertIsNotNone(taken[0])
         await conversations.end_turn(self.pool, running[0], "complete", None,
                                      conversations.Reply(content="b"))
 
@@ -351,3 +352,40 @@ class LeaseOfAFailedEndTest(ChatterdTestCase):
         self.assertEqual(await expiry("stuck"), before["stuck"])
         self.assertGreater(await expiry("live"), before["live"])
         await live.end("complete", conversations.Reply(content="a"))
+
+
+class DoubleSendTest(ChatterdTestCase):
+    @gen_test(timeout=30)
+    async def test_a_double_send_is_one_turn_and_both_get_its_answer(self):
+        """The same message sent twice at once (a double tap): the second waits for the first
+        and is answered from its storage, so the model is asked once and it is stored once."""
+        self.double.behave("slow", token_delay=0.02, reply="one two three four five")
+        body = jsonfmt.dumps(chat_body("tap", "hello?", model="slow"))
+        first = AsyncHTTPClient().fetch(self.get_url("/llmchat"), method="POST", body=body)
+        await self.double.wait_for_chats(1)
+        second = await AsyncHTTPClient().fetch(self.get_url("/llmchat"), method="POST", body=body)
+        first = await first
+        texts = []
+        for response in (first, second):
+            events, _ = parse(response.body)
+            self.assertTrue(jsonfmt.loads(events[-1].data)["done"])
+            texts.append("".join(jsonfmt.loads(e.data)["message"]["content"] for e in events))
+        self.assertEqual(texts[0], texts[1])
+        self.assertIn("X-Chatterd-Replayed", second.headers)
+        self.assertEqual(len(self.double.chat_requests()), 1)
+        self.assertEqual([(r["role"], r["content"]) for r in await self.conversation("tap")],
+                         [("user", "hello?"), ("assistant", texts[0])])
+
+    @gen_test(timeout=30)
+    async def test_a_different_message_sent_meanwhile_is_its_own_turn(self):
+        self.double.behave("slow", token_delay=0.02, reply="one two three four five")
+        first = AsyncHTTPClient().fetch(self.get_url("/llmchat"), method="POST",
+                                        body=jsonfmt.dumps(chat_body("tap2", "hello?", model="slow")))
+        await self.double.wait_for_chats(1)
+        second = await AsyncHTTPClient().fetch(self.get_url("/llmchat"), method="POST",
+                                               body=jsonfmt.dumps(chat_body("tap2", "and?", model="slow")))
+        await first
+        self.assertNotIn("X-Chatterd-Replayed", second.headers)
+        self.assertEqual(len(self.double.chat_requests()), 2)
+        self.assertEqual([r["content"] for r in await self.conversation("tap2") if r["role"] == "user"],
+                         ["hello?", "and?"])

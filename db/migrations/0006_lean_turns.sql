@@ -6,7 +6,9 @@
 -- * end_turn writes the turn row once (0005 updated it twice), and learns token counts
 --   from one pass over what the turn sent;
 -- * a resend is recognised by the turn's incoming messages only (nincoming), so a turn
---   whose tool rounds added messages is answered from storage too;
+--   whose tool rounds added messages is answered from storage too; and a double send (the
+--   same messages sent again while that turn runs) is answered from storage as well: a busy
+--   begin_turn returns the running turn's id, which the waiting request passes back;
 -- * a lease is released by expiring it, not deleting its row: the next turn's upsert then
 --   updates the row in place instead of inserting it again (no index churn per turn);
 -- * begin_turn's commit does not wait for the WAL flush: a pending turn lost with a crash
@@ -19,11 +21,12 @@ ALTER TABLE turns ADD COLUMN nincoming integer;
 
 DROP FUNCTION begin_turn(text, text, double precision, jsonb, boolean, double precision,
                          integer, integer);
+-- (The new begin_turn returns one row also when busy: turn_id NULL, replay.waiting_for.)
 CREATE FUNCTION begin_turn(p_appid text, p_owner text, p_lease_seconds double precision,
                            p_messages jsonb, p_replace boolean DEFAULT false,
                            p_resend_seconds double precision DEFAULT 0,
                            p_budget integer DEFAULT NULL, p_context integer DEFAULT NULL,
-                           p_delivered bigint[] DEFAULT NULL)
+                           p_delivered bigint[] DEFAULT NULL, p_waited_for bigint DEFAULT NULL)
 RETURNS TABLE (turn_id bigint, history jsonb, sent_messages integer, sent_tokens integer,
                omitted_messages bigint, omitted_tokens bigint, replay jsonb)
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
@@ -66,8 +69,10 @@ BEGIN
     ON CONFLICT (appid) DO UPDATE
         SET turn_id = EXCLUDED.turn_id, owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
         WHERE l.expires_at <= clock_timestamp();
-    IF NOT FOUND THEN
-        RETURN;  -- busy
+    IF NOT FOUND THEN  -- busy: say which turn holds the appID (turn_id NULL)
+        RETURN QUERY SELECT NULL::bigint, NULL::jsonb, 0, 0, 0::bigint, 0::bigint,
+            jsonb_build_object('waiting_for', (SELECT l.turn_id FROM leases l WHERE l.appid = p_appid));
+        RETURN;
     END IF;
     UPDATE turns SET status = 'abandoned', ended_at = now(),
                      error = 'its chatterd process stopped before the turn ended'
@@ -78,7 +83,11 @@ BEGIN
         SELECT * INTO v_last FROM turns
          WHERE appid = p_appid AND status IN ('complete', 'interrupted', 'failed')
          ORDER BY id DESC LIMIT 1;
-        IF v_last.status IN ('complete', 'failed') AND NOT v_last.delivered
+        -- A resend: the last turn's end never reached its client; or a double send: this
+        -- request arrived while that very turn was running (p_waited_for) with the same
+        -- messages.  Either way it is answered from storage.
+        IF v_last.status IN ('complete', 'failed')
+           AND (NOT v_last.delivered OR v_last.id = p_waited_for)
            AND v_last.ended_at > now() - make_interval(secs => p_resend_seconds)
            AND v_last.nincoming = jsonb_array_length(p_messages)
            AND (SELECT jsonb_agg(jsonb_build_object('role', i.role, 'content', i.content,
