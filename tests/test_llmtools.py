@@ -230,6 +230,16 @@ class ResidentToolTest(ToolsTestCase):
         self.tools(chat_body("s", "six", tools=[]))  # an empty list clears them
         self.assertEqual(self.double.chat_requests()[5].body["tools"], [weather.SCHEMA])
 
+    def test_llmprep_starts_over_without_the_kept_schemas(self):
+        self.tools(chat_body("sp", "one", tools=[LOCATION]))
+        self.assertEqual(self.kept_schemas("sp"), [LOCATION])
+        prep = self.post_json("/llmprep", {"appID": "sp", "model": "llama3.2",
+                                           "messages": [{"role": "system", "content": "Be brief."}]})
+        self.assertEqual(prep.code, 200)
+        self.assertIsNone(self.kept_schemas("sp"))
+        self.tools(chat_body("sp", "two"))
+        self.assertEqual(self.double.chat_requests()[-1].body["tools"], [weather.SCHEMA])
+
     def test_invalid_tools_and_bodies_are_422_naming_the_field(self):
         cases = [
             ({"tools": {"a": 1}}, "tools must be a list of tool schemas"),

@@ -121,6 +121,7 @@ BEGIN
     IF p_replace THEN
         DELETE FROM turns WHERE appid = p_appid;  -- messages go with them (cascade)
         DELETE FROM conversation_sizes WHERE appid = p_appid;
+        DELETE FROM tool_schemas WHERE appid = p_appid;  -- kept with the conversation (0003)
         v_fresh := true;
     ELSE
         -- The first turn of an appID (every conversation starts so) has nothing to read.
