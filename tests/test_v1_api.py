@@ -154,3 +154,23 @@ class V1Test(UpstreamsTestCase):
         self.assertIn("gpt-double", models)
         self.assertIn("llama3.2", models)
         self.assertNotIn("sk-test-KEY", jsonfmt.dumps(models))
+
+    @gen_test(timeout=30)
+    async def test_a_resend_on_v1_gets_the_stored_answer_in_openais_shape(self):
+        """The turn contract's replay speaks the client's dialect: a resent turn whose answer
+        never reached the SDK client comes back as OpenAI chunks, then [DONE]."""
+        async with self.sdk(**{"X-Chatterd-AppID": "v1rs"}) as client:
+            messages = [{"role": "user", "content": "Once only."}]
+            first = await client.chat.completions.create(model="llama3.2", messages=messages,
+                                                         stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in first if c.choices])
+            self._app.turns._delivered.clear()  # as if the process died before `done` went out
+            again = await client.chat.completions.create(model="llama3.2", messages=messages,
+                                                         stream=True)
+            chunks = [c async for c in again]
+        self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+                         text)
+        self.assertEqual(chunks[-1].choices[0].finish_reason, "stop")
+        self.assertEqual(len(self.double.chat_requests()), 1)  # the model was asked once
+        self.assertEqual([r["content"] for r in await self.conversation("v1rs")],
+                         ["Once only.", text])
