@@ -263,7 +263,12 @@ BEGIN
                      ELSE 'estimate' END);
     END IF;
     IF v_ended THEN
-        SELECT s.tokens, s.nmessages INTO v_tokens, v_n FROM turn_size(p_turn) s;
+        -- turn_size(p_turn), written out: a SQL function is planned again on every call.
+        SELECT coalesce(sum(coalesce(m.ntokens, estimate_tokens(m.content, m.extra))), 0)::integer,
+               count(*)::integer
+          INTO v_tokens, v_n
+          FROM messages m
+         WHERE m.turn_id = p_turn AND m.role <> 'system' AND is_sent(m.status, m.content, m.extra);
         INSERT INTO conversation_sizes AS c (appid, messages, tokens)
         SELECT v_appid, count(*), coalesce(sum(ntokens), 0) FROM messages
          WHERE turn_id = p_turn AND is_sent(status, content, extra)
@@ -280,9 +285,13 @@ END
 $$;
 
 -- What turn p_turn sent (as 0005), reading the window's messages in one index scan.
+ALTER FUNCTION sent_by(bigint) RESET search_path;
+ALTER FUNCTION turn_size(bigint) RESET search_path;
+-- No SET clause: a SQL function with one is planned again on every call and cannot be
+-- inlined; its callers (learn_tokens) set chatterd's search_path themselves.
 CREATE OR REPLACE FUNCTION sent_by(p_turn bigint)
 RETURNS TABLE (seq bigint, turn_id bigint, ntokens integer, ntokens_from text, est integer)
-LANGUAGE sql STABLE SET search_path FROM CURRENT AS $$
+LANGUAGE sql STABLE AS $$
     WITH t0 AS (SELECT appid, window_turns FROM turns WHERE id = p_turn)
     SELECT m.seq, m.turn_id, coalesce(m.ntokens, estimate_tokens(m.content, m.extra)),
            m.ntokens_from, estimate_tokens(m.content, m.extra)
