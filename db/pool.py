@@ -36,12 +36,21 @@ async def _init_connection(con: asyncpg.Connection) -> None:
                                  encoder=jsonfmt.dumps, decoder=jsonfmt.loads)
 
 
+async def _reset_connection(con: asyncpg.Connection) -> None:
+    """Before a connection goes back to the pool.  chatterd keeps no session state (every
+    SET and advisory lock is transaction-scoped, nothing LISTENs), so asyncpg's default
+    reset (RESET ALL, CLOSE ALL, UNLISTEN *, unlock all: a round trip per release) is
+    only needed for an unfinished transaction, which is rolled back."""
+    if con.is_in_transaction():
+        await con.execute("ROLLBACK")
+
+
 async def create_pool(dsn: str, *, max_size: int = 10, timeout: float = 10.0) -> asyncpg.Pool:
     """Create the pool on the running loop.  No connection is opened until first use,
     so chatterd starts (and reports 503) even while PostgreSQL is down.  Every connection
     works in chatterd's own schema (unqualified names resolve there, nowhere else)."""
     return await asyncpg.create_pool(
-        dsn, min_size=0, max_size=max_size, init=_init_connection,
+        dsn, min_size=0, max_size=max_size, init=_init_connection, reset=_reset_connection,
         server_settings={"search_path": SCHEMA},
         command_timeout=timeout, timeout=timeout, max_inactive_connection_lifetime=60.0)
 
