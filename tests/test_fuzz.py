@@ -32,7 +32,7 @@ def examples(ci: int) -> settings:
     return settings(FUZZ, max_examples=SCALE or ci)
 
 
-PATHS = ("/llmchat", "/llmprep", "/llmprompt", "/postchatt")
+PATHS = ("/llmchat", "/llmtools", "/llmprep", "/llmprompt", "/postchatt")
 
 # -- JSON text with hostile leaves ---------------------------------------------------
 
@@ -108,6 +108,14 @@ VALID = {
                                          "message": clean_texts}),
 }
 VALID["/llmprep"] = VALID["/llmchat"]
+# /llmtools: llmchat's body plus the client's tool schemas.
+tool_schema = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.text("abcdefgh_", min_size=1, max_size=12), "description": clean_texts},
+    optional={"parameters": st.just({"type": "object", "properties": {"x": {"type": "string"}}})})})
+VALID["/llmtools"] = st.fixed_dictionaries(
+    {"appID": st.text("abcdefxyz-.", min_size=1, max_size=20), "model": models,
+     "messages": st.lists(message, min_size=1, max_size=3)},
+    optional={**ollama_fields, "tools": st.lists(tool_schema, max_size=2)})
 VALUE_MARK, KEY_MARK = "\x01value\x01", "\x01key\x01"  # json.dumps writes them the same either way
 
 
