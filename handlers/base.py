@@ -195,7 +195,11 @@ class BaseHandler(RequestHandler):
         # A message quoting the client (a path, a key) must still encode: never a traceback here.
         message = message.encode("utf-8", "replace").decode("utf-8")
         self.set_header("Content-Type", "application/json")
-        self.finish(jsonfmt.dumpb({"error": message}))
+        self.finish(self.error_body(status_code, message))
+
+    def error_body(self, status_code: int, message: str) -> bytes:
+        """The JSON body of an error answer (a client dialect may shape it its own way)."""
+        return jsonfmt.dumpb({"error": message})
 
     def log_exception(self, typ, value, tb) -> None:  # type: ignore[no-untyped-def]
         if isinstance(value, (ClientError, DatabaseUnavailable)):

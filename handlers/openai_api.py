@@ -18,7 +18,6 @@ conversation, exactly as on /llmchat: the client sends only its new messages.
 import time
 from typing import Any, Optional
 
-from db.pool import DatabaseUnavailable
 from handlers.base import BaseHandler, ClientError
 from handlers.chat import LLMChatHandler, begin_turn
 from handlers.llm_request import LLMRequest, parse_llm_request
@@ -200,19 +199,11 @@ class ChatCompletionsHandler(LLMChatHandler):
                          "finish_reason": translator.finish_reason(answer)}],
             "usage": usage_of(answer)}))
 
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, ClientError):
-            message = exc.message
-        elif isinstance(exc, DatabaseUnavailable):
-            message = str(exc)
-        else:
-            message = self._reason
+    def error_body(self, status_code: int, message: str) -> bytes:  # type: ignore[override]
         if status_code == 422:  # OpenAI says 400 for every invalid request
             status_code = 400
             self.set_status(400)
-        self.set_header("Content-Type", "application/json")
-        self.finish(encode_line(error_object(message, status_code)))
+        return encode_line(error_object(message, status_code))
 
 
 class ModelsHandler(BaseHandler):

@@ -5,7 +5,6 @@ import errno
 import os
 import resource
 import socket
-import sys
 import time
 
 from tornado.httpclient import AsyncHTTPClient
@@ -14,7 +13,7 @@ from tornado.testing import AsyncTestCase, gen_test
 import accept_guard
 from tests.ollama_double import OllamaDouble
 from tests.support import database_url
-from tests.test_process import ROOT, _drain, stop, unused_port
+from tests.test_process import start_chatterd, stop
 
 
 class FlakySocket(socket.socket):
@@ -90,30 +89,10 @@ class FileLimitProcessTest(AsyncTestCase):
     async def start_limited(self, *args):
         """chatterd with RLIMIT_NOFILE soft = hard = NOFILE (raise_open_file_limit raises the
         soft limit only up to the hard one, so it cannot lift this)."""
-        port = unused_port()
-
         def limit():
             resource.setrlimit(resource.RLIMIT_NOFILE, (self.NOFILE, self.NOFILE))
 
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "chatterd.py", *args, cwd=ROOT, preexec_fn=limit,
-            env={**os.environ, "CHATTERD_PORT": str(port)},
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        log = []
-        try:
-            while True:
-                line = await asyncio.wait_for(proc.stderr.readline(), 60)
-                assert line, "chatterd exited during start-up:\n" + "".join(log)
-                log.append(line.decode())
-                if b"chatterd listening" in line:
-                    break
-        except BaseException:
-            proc.kill()
-            await proc.wait()
-            raise
-        asyncio.ensure_future(_drain(proc.stderr, log))
-        proc.log = log
-        return proc, port
+        return await start_chatterd(*args, preexec_fn=limit)
 
     @gen_test(timeout=90)
     async def test_at_the_fd_limit_it_neither_spins_nor_floods_the_log(self):

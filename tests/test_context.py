@@ -11,7 +11,7 @@ import asyncpg
 import jsonfmt
 from db import conversations
 from db.conversations import Reply
-from tests.ollama_double import message_tokens, prompt_tokens, split_tokens
+from tests.ollama_double import message_tokens, prompt_tokens
 from tests.sse_parser import parse
 from tests.support import ChatterdTestCase, chat_body
 

@@ -23,13 +23,14 @@ def unused_port() -> int:
     return port
 
 
-async def start_chatterd(*args, env=None):
-    """Start chatterd; return (process, port) once it says it is listening."""
+async def start_chatterd(*args, env=None, preexec_fn=None):
+    """Start chatterd; return (process, port) once it says it is listening.
+    *preexec_fn* runs in the child before chatterd (e.g. to lower a resource limit)."""
     port = unused_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "chatterd.py", *args, cwd=ROOT, env={**os.environ, "CHATTERD_PORT": str(port),
                                                              **(env or {})},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        preexec_fn=preexec_fn, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     log = []
     try:
         while True:

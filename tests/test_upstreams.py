@@ -4,7 +4,6 @@ import asyncio
 import socket
 
 import pytest
-from tornado.testing import gen_test
 
 import jsonfmt
 from tests.openai_double import OpenAIDouble

@@ -303,7 +303,7 @@ class RoutedCall:
             await self.attempt.finished()
         except OllamaAborted:
             raise
-        except OllamaError as e:
+        except OllamaError:
             if self.attempt.status == 200 and self.member is not None:
                 self.member.failures += 1
                 metrics.UPSTREAM_FAILURES.labels(upstream=self.member.label).inc()
