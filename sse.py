@@ -11,6 +11,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
 import jsonfmt
+from direct_write import DirectWriter, direct_writer
 
 KEEPALIVE = b": keepalive\n\n"
 
@@ -103,6 +104,7 @@ class EventStream:
         self.write_timeout = float(handler.settings.get("write_timeout", 30.0))
         self.opened = False
         self._flushing: asyncio.Future | None = None
+        self._direct: DirectWriter | None = None  # once the headers are out (direct_write.py)
         self._last_write = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -124,9 +126,20 @@ class EventStream:
         """
         while self._flushing is not None:
             await self._flushing
-        if data:
-            self.handler.write(data)
-        future = self._flushing = self.handler.flush()
+        if self._direct is not None:
+            if not data:
+                return
+            future = self._direct.write(data)
+            if future.done():  # the kernel took it all: the usual case costs no await
+                self._last_write = time.monotonic()
+                future.result()
+                return
+            self._flushing = future
+        else:
+            if data:
+                self.handler.write(data)
+            future = self._flushing = self.handler.flush()  # the headers go out with the first
+            self._direct = direct_writer(self.handler)
         try:
             await bounded(self.handler, future, self.write_timeout)
         finally:

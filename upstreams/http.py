@@ -100,6 +100,8 @@ class AbortableConnection(_HTTPConnection):
 
     def __init__(self, client, request, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         self.call: Any = getattr(request.request, "upstream_call", None)
+        # The streaming_callback, when the body can go to it without a redirect check.
+        self._on_body = None if request.follow_redirects else request.streaming_callback
         super().__init__(client, request, *args, **kwargs)
         if self.call is not None:
             self.call._connection = self
@@ -118,6 +120,13 @@ class AbortableConnection(_HTTPConnection):
             self.abort(self.call.connection_failed(self.stream.error))
             return
         super().on_connection_close()
+
+    def data_received(self, chunk: bytes) -> Any:
+        # Tornado asks _should_follow_redirect() for every chunk, through two _RequestProxy
+        # attribute lookups; a request that follows no redirect needs neither.
+        if self._on_body is not None:
+            return self._on_body(chunk)
+        return super().data_received(chunk)
 
     def _create_connection(self, stream: IOStream) -> HTTP1Connection:
         stream.set_nodelay(True)

@@ -1,0 +1,118 @@
+"""direct_write.py: an SSE body written straight to the client's IOStream, framed as Tornado
+would frame it (chunked for HTTP/1.1, raw for HTTP/1.0), and awaited only when the client
+is behind."""
+
+import asyncio
+import socket
+
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.testing import AsyncTestCase, gen_test
+
+import jsonfmt
+from direct_write import DirectWriter
+from tests import sse_parser
+from tests.support import ChatterdTestCase, chat_body
+
+
+async def raw_exchange(port: int, request_line: bytes, body: dict) -> tuple[bytes, bytes]:
+    """Send one POST on a raw socket and read until the server closes; (head, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = jsonfmt.dumpb(body)
+    writer.write(request_line + b"\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def dechunk(body: bytes) -> list[bytes]:
+    """The chunks of a chunked body, strictly: every size line, CRLF and the last chunk."""
+    chunks = []
+    while True:
+        size_line, sep, body = body.partition(b"\r\n")
+        assert sep, f"no chunk size line in {body[:60]!r}"
+        size = int(size_line, 16)
+        if size == 0:
+            assert body == b"\r\n", f"bytes after the last chunk: {body!r}"
+            return chunks
+        chunks.append(body[:size])
+        assert body[size:size + 2] == b"\r\n", "chunk not terminated by CRLF"
+        body = body[size + 2:]
+
+
+class DirectWriteTest(ChatterdTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.double.behave("llama3.2", reply="one two three four five six", token_delay=0.01)
+
+    @gen_test
+    async def test_http11_body_is_well_formed_chunks_of_whole_events(self) -> None:
+        head, body = await raw_exchange(self.get_http_port(), b"POST /llmchat HTTP/1.1",
+                                        chat_body("dw-11", "hi"))
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        chunks = dechunk(body)
+        self.assertGreater(len(chunks), 3)  # one chunk per upstream write, not one in all
+        for chunk in chunks:
+            self.assertTrue(chunk.endswith(b"\n\n"), f"a chunk splits an event: {chunk!r}")
+        events, _ = sse_parser.parse(b"".join(chunks))
+        lines = [jsonfmt.loads(e.data) for e in events]
+        self.assertEqual("".join(x["message"]["content"] for x in lines),
+                         "one two three four five six")
+        self.assertTrue(lines[-1]["done"])
+        rows = await self.conversation("dw-11")
+        self.assertEqual([r["content"] for r in rows], ["hi", "one two three four five six"])
+
+    @gen_test
+    async def test_http10_body_is_raw_events_until_close(self) -> None:
+        head, body = await raw_exchange(self.get_http_port(), b"POST /llmchat HTTP/1.0",
+                                        chat_body("dw-10", "hi"))
+        self.assertNotIn(b"Transfer-Encoding", head)
+        self.assertNotIn(b"\r\n0\r\n", body)
+        events, _ = sse_parser.parse(body)  # no chunk size lines in between
+        lines = [jsonfmt.loads(e.data) for e in events]
+        self.assertEqual("".join(x["message"]["content"] for x in lines),
+                         "one two three four five six")
+        self.assertTrue(lines[-1]["done"])
+
+
+class DirectWriterTest(AsyncTestCase):
+    """The writer itself, on a real socket pair."""
+
+    @gen_test
+    async def test_done_at_once_when_the_kernel_takes_it_pending_when_the_peer_lags(self) -> None:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        stream = IOStream(ours)
+        writer = DirectWriter(stream, chunked=True)
+        first = writer.write(b"data: x\n\n")
+        self.assertTrue(first.done())  # the usual case: nothing to await
+        self.assertEqual(theirs.recv(100), b"9\r\ndata: x\n\n\r\n")
+        block = b"y" * 65536
+        future = writer.write(block)
+        while future.done():  # fill the socket buffers until the kernel stops taking bytes
+            future = writer.write(block)
+        self.assertFalse(future.done())
+        got = 0
+        while not future.done():  # the peer reads: the pending write completes
+            try:
+                got += len(theirs.recv(1 << 20))
+            except BlockingIOError:
+                await asyncio.sleep(0)
+        await future
+        self.assertGreater(got, 65536)
+        theirs.close()
+        with self.assertRaises(StreamClosedError):
+            for _ in range(100):  # the close is noticed at the next write that fails
+                await writer.write(block)
+        stream.close()
+
+    @gen_test
+    async def test_raw_framing_for_http10(self) -> None:
+        ours, theirs = socket.socketpair()
+        stream = IOStream(ours)
+        await DirectWriter(stream, chunked=False).write(b"data: x\n\n")
+        self.assertEqual(theirs.recv(100), b"data: x\n\n")
+        stream.close()
+        theirs.close()
