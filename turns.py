@@ -37,6 +37,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 DELIVERY_FLUSH = 0.2  # seconds
+CUT_WARNING_EVERY = 60.0  # seconds between "Ollama cut the prompt" warnings
 
 
 class TurnBusy(Exception):
@@ -70,6 +71,8 @@ class TurnKeeper:
         self._delivered: list[int] = []
         self._flush: Optional[asyncio.TimerHandle] = None
         self.delivery_flush = DELIVERY_FLUSH
+        self._cut_warned_at: Optional[float] = None  # see warn_cut
+        self._cut_unlogged = 0
 
     def _start_renewing(self) -> None:
         if self._renewer is None:
@@ -168,6 +171,22 @@ class TurnKeeper:
             # gets the stored answer again, which is still right.
             log.warning("could not record %d delivered turn(s): %s", len(delivered), e)
 
+    def warn_cut(self, turn: "Turn", prompt_tokens: Optional[int]) -> None:
+        """Log that Ollama cut *turn*'s prompt: the first time, then at most once per
+        CUT_WARNING_EVERY seconds with the number of turns since (an upstream that always
+        under-counts, such as an Ollama from before its PR #5371 on a cache hit, must not write a
+        line per turn; chatterd_context_upstream_cut_total counts every one)."""
+        now = asyncio.get_running_loop().time()
+        if self._cut_warned_at is not None and now - self._cut_warned_at < CUT_WARNING_EVERY:
+            self._cut_unlogged += 1
+            return
+        since = f" ({self._cut_unlogged} more such turns since the last warning)" \
+            if self._cut_unlogged else ""
+        self._cut_warned_at, self._cut_unlogged = now, 0
+        log.warning("turn %d of appID %r: Ollama counted %s prompt tokens, fewer than were "
+                    "sent (%s): it cut the prompt%s", turn.id, turn.app_id, prompt_tokens,
+                    turn.window.describe(), since)
+
     def _turn_ended(self, turn: "Turn") -> None:
         self.running.discard(turn.id)
         ended = self._ended.pop(turn.app_id, None)
@@ -241,9 +260,7 @@ class Turn:
         self.suspect = outcome == "stored-suspect"
         if self.suspect:
             metrics.CONTEXT_UPSTREAM_CUT.inc()
-            log.warning("turn %d of appID %r: Ollama counted %s prompt tokens, fewer than "
-                        "were sent (%s): it cut the prompt", self.id, self.app_id,
-                        reply.prompt_tokens if reply else None, self.window.describe())
+            self.keeper.warn_cut(self, reply.prompt_tokens if reply else None)
         if outcome == "lost":
             raise TurnNotStored("the turn was taken over: its lease expired while the "
                                 "database was unreachable")

@@ -5,9 +5,10 @@ import asyncio
 
 import asyncpg
 from tornado.httpclient import AsyncHTTPClient
-from tornado.testing import gen_test
+from tornado.testing import AsyncTestCase, gen_test
 
 import jsonfmt
+from turns import CUT_WARNING_EVERY, Turn, TurnKeeper
 from db import conversations
 from tests.ollama_double import default_reply
 from tests.sse_parser import parse
@@ -389,3 +390,24 @@ class DoubleSendTest(ChatterdTestCase):
         self.assertEqual(len(self.double.chat_requests()), 2)
         self.assertEqual([r["content"] for r in await self.conversation("tap2") if r["role"] == "user"],
                          ["hello?", "and?"])
+
+
+class CutWarningTest(AsyncTestCase):
+    """An upstream that cuts (or under-counts) every prompt gets one warning a minute, not a
+    log line per turn (the metric counts each; test_context covers the cut itself)."""
+
+    @gen_test
+    async def test_warned_once_per_interval_with_the_count_since(self) -> None:
+        keeper = TurnKeeper(None)  # type: ignore[arg-type]  # warn_cut needs no database
+        turn = Turn(keeper, "cut-app", 7, [])
+        with self.assertLogs("chatterd", "WARNING") as logs:
+            for _ in range(3):
+                keeper.warn_cut(turn, 3)
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn("turn 7 of appID 'cut-app': Ollama counted 3 prompt tokens", logs.output[0])
+        keeper._cut_warned_at -= CUT_WARNING_EVERY  # a minute later
+        with self.assertLogs("chatterd", "WARNING") as logs:
+            keeper.warn_cut(turn, 3)
+            keeper.warn_cut(turn, 3)
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn("(2 more such turns since the last warning)", logs.output[0])
