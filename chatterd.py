@@ -23,6 +23,7 @@ import tools.registry
 from accept_guard import GuardedHTTPServer
 from db import course_import
 from db.startup import describe_error, open_database
+from gc_schedule import FullCollections
 from handlers.base import JSONBodyHandler, NotFoundHandler
 from handlers.board import GetChattsHandler, PostChattHandler, TopHandler
 from handlers.chat import LLMChatHandler
@@ -225,6 +226,7 @@ async def main(opts: Any) -> None:
     log.info("chatterd listening on http://%s:%d (upstreams: %s)", opts.address, opts.port,
              ", ".join(m.name for m in ollama.members))
 
+    full_collections = FullCollections(opts.gc_full_interval)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -238,6 +240,7 @@ async def main(opts: Any) -> None:
     await app.turns.flush_delivered()
     app.turns.close()
     await asyncio.wait_for(pool.close(), 10)
+    full_collections.stop()
     log.info("stopped")
 
 

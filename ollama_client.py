@@ -17,7 +17,7 @@ from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
 import jsonfmt
 import metrics
-from upstreams.http import AbortableConnection, http_client
+from upstreams.http import AbortableConnection, forget_traceback, http_client
 
 MAX_LINE = 8 * 1024 * 1024  # Ollama's own Go client allows 8 MB per line
 MAX_ERROR_BODY = 64 * 1024
@@ -227,7 +227,31 @@ class OllamaCall:
         # A call whose owner never waits for its end (aborted before it was awaited) must not
         # log "exception was never retrieved": its error is reported through finished().
         self._fetch.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._fetch.add_done_callback(self._unlink)
+        self._request = request
         self._idle_timer = asyncio.get_running_loop().call_later(self._idle, self._check_idle)
+
+    def _unlink(self, _: object) -> None:
+        """The response is over: drop the links between this call, its connection and its
+        request (each refers to the others), so reference counting frees them at once
+        (see gc_schedule.py)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.call = None
+        request = self._request
+        request.streaming_callback = request.header_callback = None
+        request.upstream_call = None  # type: ignore[attr-defined]
+
+    def release(self) -> None:
+        """The owner is done with this call: drop what still refers back to it or to the
+        owner (its lines callback; the frames in the tracebacks of the errors it keeps),
+        so neither waits for a full garbage collection (see gc_schedule.py)."""
+        self.on_lines = None
+        errors = [self._abort_error]
+        if self._fetch.done() and not self._fetch.cancelled():
+            errors.append(self._fetch.exception())
+        for error in errors:
+            forget_traceback(error)
 
     async def _fetch_in_a_slot(self, request: HTTPRequest, queue_timeout: float) -> object:
         self._busy = True  # the wait for a slot is not Ollama's silence
@@ -296,6 +320,7 @@ class OllamaCall:
             self._idle_timer.cancel()
         if self._abort_error is not None:
             raise self._abort_error
+        response.error = None  # Tornado's HTTPClientError for a non-200 refers back to it
         if response.code != 200:
             raise self._http_error(response.code)
         await self._at_end()

@@ -57,6 +57,9 @@ SETTINGS = (
             "Seconds a request may wait for one of the --max-streams slots before it fails with 503"),
     Setting("db-pool-size", 10, int, "Maximum PostgreSQL connections per process"),
     Setting("db-timeout", 10.0, float, "Seconds a database operation may take before it fails"),
+    Setting("gc-full-interval", 300.0, float,
+            "Seconds between full garbage collections (0: never), instead of Python's "
+            "heap-growth trigger, whose pauses were the whole p99 relay latency at scale"),
     Setting("event-loop", "uvloop", str,
             "The asyncio event loop: uvloop (faster) or asyncio (the standard library's)"),
     Setting("xheaders", False, bool,

@@ -9,7 +9,9 @@ CLOCK_MONOTONIC time it was written.  This process opens N raw-socket clients, t
 spread evenly over --ramp seconds, each with its own appID.  Reported:
   completed: 200, every line and the final one as `data:` events, no error event, within
              the stream's deadline (ramp slot + tokens x interval + --slack); failures by reason;
-  RSS/stream: (chatterd's peak VmRSS - its VmRSS at idle after a warm-up) / streams open then;
+  RSS/stream: (chatterd's VmRSS when the most streams were open - its VmRSS at idle after a
+             warm-up) / streams open then; the peak VmRSS (often later: freed memory is
+             not handed back) is shown too;
   relay latency: upstream write (stamp in the line) -> client read, p50/p99/max over all events;
   CPU: % of one core over the scenario for chatterd, the client process and the upstream.
 """
@@ -251,6 +253,7 @@ async def run_streams(proc, port, args, name: str, idle_kib: int | None) -> dict
     await sampler
     lat = sorted(stats.latencies_us)
     peak = max(samples, key=lambda s: s[0])
+    full = max(samples, key=lambda s: (s[1], -s[0]))  # the most streams open (least RSS of those)
     result = {
         "name": name, "streams": args.streams, "ok": stats.ok, "failures": stats.failures,
         "wall": wall, "events": len(lat),
@@ -259,13 +262,13 @@ async def run_streams(proc, port, args, name: str, idle_kib: int | None) -> dict
         "max": lat[-1] / 1000 if lat else float("nan"),
         "ttft_p99": percentile(sorted(stats.ttft), 0.99) if stats.ttft else float("nan"),
         "max_open": max(s[1] for s in samples), "max_fds": max(s[2] for s in samples),
-        "peak_kib": peak[0], "open_at_peak": peak[1],
+        "peak_kib": peak[0], "open_at_peak": peak[1], "full_kib": full[0], "open_full": full[1],
         "cpu": [(b - a) / wall * 100 for a, b in zip(cpu0, cpu1)],
         "cpu_peak": max(((b[3] - a[3]) / (b[4] - a[4]) * 100
                          for a, b in zip(samples, samples[4:])), default=0.0),
     }
-    if idle_kib is not None and peak[1]:
-        result["per_stream_kib"] = (peak[0] - idle_kib) / peak[1]
+    if idle_kib is not None and full[1]:
+        result["per_stream_kib"] = (full[0] - idle_kib) / full[1]
     return result
 
 
@@ -275,8 +278,9 @@ def report(r: dict, idle_kib: int) -> None:
           f"(failures: {failures}); at most {r['max_open']} open at once, chatterd fds <= "
           f"{r['max_fds']}")
     if "per_stream_kib" in r:
-        print(f"  chatterd RSS idle {idle_kib / 1024:.1f} MiB, peak {r['peak_kib'] / 1024:.1f} MiB "
-              f"with {r['open_at_peak']} open: {r['per_stream_kib']:.1f} KiB per open stream")
+        print(f"  chatterd RSS idle {idle_kib / 1024:.1f} MiB, {r['full_kib'] / 1024:.1f} MiB with "
+              f"{r['open_full']} streams open: {r['per_stream_kib']:.1f} KiB per open stream "
+              f"(peak {r['peak_kib'] / 1024:.1f} MiB, with {r['open_at_peak']} open)")
     print(f"  relay latency over {r['events']} events: p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms,"
           f" max {r['max']:.1f} ms; first event p99 {r['ttft_p99'] * 1000:.0f} ms after connecting")
     c, me, up, pg = r["cpu"]

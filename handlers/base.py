@@ -11,6 +11,7 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 import jsonfmt
 from db.pool import DatabaseUnavailable
 from ollama_client import OllamaAborted
+from upstreams.http import forget_frames
 
 
 class ClientError(HTTPError):
@@ -309,6 +310,18 @@ class UpstreamHandler(JSONBodyHandler):
         if self.client_gone:
             self.call.abort(OllamaAborted("client disconnected"))
         return self.call
+
+    def on_finish(self) -> None:
+        super().on_finish()
+        # Unlink the finished request (handler -> call -> on_lines -> handler, handler <->
+        # its event stream), so reference counting frees it at once: see gc_schedule.py.
+        if self.call is not None:
+            self.call.release()
+        forget_frames(getattr(self.request.connection, "stream", None))  # a client's reset
+        events = getattr(self, "events", None)
+        if events is not None:
+            events.close()
+            events.handler = None
 
     def on_connection_close(self) -> None:
         super().on_connection_close()  # fails a body still being received

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import socket
 import time
-from typing import Any
+from typing import Any, Optional
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
@@ -113,13 +113,17 @@ class AbortableConnection(_HTTPConnection):
             self._handle_exception(type(error), error, None)
 
     def on_connection_close(self) -> None:
-        # Tornado 6.6.1 re-raises the socket error here before reporting a result,
-        # which leaves fetch() pending until request_timeout.  Report it instead.
-        if self.final_callback is not None and getattr(self, "stream", None) is not None \
-                and self.stream.error is not None and self.call is not None:
-            self.abort(self.call.connection_failed(self.stream.error))
-            return
-        super().on_connection_close()
+        stream = getattr(self, "stream", None)
+        try:
+            # Tornado 6.6.1 re-raises the socket error here before reporting a result,
+            # which leaves fetch() pending until request_timeout.  Report it instead.
+            if self.final_callback is not None and stream is not None \
+                    and stream.error is not None and self.call is not None:
+                self.abort(self.call.connection_failed(stream.error))
+                return
+            super().on_connection_close()
+        finally:
+            forget_frames(stream)
 
     def data_received(self, chunk: bytes) -> Any:
         # Tornado asks _should_follow_redirect() for every chunk, through two _RequestProxy
@@ -136,6 +140,19 @@ class AbortableConnection(_HTTPConnection):
                                       max_body_size=self.max_body_size,
                                       decompress=bool(self.request.decompress_response)),
             self._sockaddr)
+
+
+def forget_frames(stream: Any) -> None:
+    """Drop the traceback of the error a closed IOStream keeps: its frames refer back to
+    the stream (a cycle only a full garbage collection would free; gc_schedule.py)."""
+    forget_traceback(getattr(stream, "error", None))
+
+
+def forget_traceback(error: Optional[BaseException]) -> None:
+    """Drop the tracebacks of *error* and of what it was raised from (done with it)."""
+    while error is not None:
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
 
 
 class AbortableHTTPClient(SimpleAsyncHTTPClient):

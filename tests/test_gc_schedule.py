@@ -1,0 +1,80 @@
+"""gc_schedule.py and the unlinking it relies on: a finished turn is freed by reference
+counting (no cyclic garbage left for a full collection), and full collections run on a
+timer, not on heap growth."""
+
+import asyncio
+import gc
+
+from tornado.testing import AsyncTestCase, gen_test
+
+from gc_schedule import NEVER, FullCollections
+from tests.support import ChatterdTestCase, chat_and_leave, chat_body, streams_finished
+
+# What one request's object graph is made of: none of these may be left to the collector.
+REQUEST_TYPES = {"LLMChatHandler", "ChatCompletionsHandler", "OllamaCall", "OpenAICall",
+                 "EventStream", "AbortableConnection", "BufferedChunkConnection",
+                 "HTTP1Connection", "HTTP1ServerConnection", "IOStream", "HTTPServerRequest",
+                 "HTTPRequest", "Turn", "ReplyText"}
+
+
+class NoCyclicGarbageTest(ChatterdTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.double.behave("llama3.2", reply="one two three four five six", token_delay=0.005)
+        self.double.behave("slow", reply="a b c d e f g h i j k l m n o p", token_delay=0.05)
+
+    def tearDown(self) -> None:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        super().tearDown()
+
+    def left_to_the_collector(self) -> dict:
+        """Types of REQUEST_TYPES that only a cyclic collection would free, with counts."""
+        gc.collect()
+        found: dict = {}
+        for o in gc.garbage:
+            name = type(o).__name__
+            if name in REQUEST_TYPES:
+                found[name] = found.get(name, 0) + 1
+        return found
+
+    def test_complete_failed_and_abandoned_turns_are_freed_by_refcounting(self) -> None:
+        self.post_json("/llmchat", chat_body("warm-up", "hi"))  # first-use objects aside
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds stays in gc.garbage
+        for i in range(3):  # complete
+            self.assertEqual(self.post_json("/llmchat", chat_body(f"gc-{i}", "hi")).code, 200)
+        self.double.behave("broken", reply="x y z", reset_after=1)
+        response = self.post_json("/llmchat", chat_body("gc-broken", "hi", model="broken"))
+        self.assertIn(b"event: error", response.body)  # failed mid-stream
+        response = self.post_json("/llmchat", chat_body("gc-404", "hi", model="nosuch"))
+        self.assertEqual(response.code, 404)  # refused before the stream
+        self.io_loop.run_sync(lambda: chat_and_leave(  # the client leaves mid-stream
+            self.get_http_port(), chat_body("gc-left", "hi", model="slow")))
+        self.io_loop.run_sync(lambda: streams_finished(self._app))
+        self.io_loop.run_sync(lambda: asyncio.sleep(0.1))  # the aborted upstream closes
+        found = self.left_to_the_collector()
+        self.assertEqual(found, {})
+
+
+class FullCollectionsTest(AsyncTestCase):
+    def tearDown(self) -> None:
+        gc.set_debug(0)
+        super().tearDown()
+
+    @gen_test
+    async def test_full_collections_run_on_the_timer_only(self) -> None:
+        before = gc.get_threshold()
+        schedule = FullCollections(0.05)
+        try:
+            self.assertEqual(gc.get_threshold()[2], NEVER)  # no heap-growth trigger
+            self.assertGreater(gc.get_freeze_count(), 0)  # start-up objects frozen
+            collected = asyncio.Event()
+            gc.callbacks.append(lambda phase, info: phase == "stop" and info["generation"] == 2
+                                and collected.set())
+            await asyncio.wait_for(collected.wait(), 5)  # the timer's full collection
+        finally:
+            gc.callbacks.pop()
+            schedule.stop()
+        self.assertEqual(gc.get_threshold(), before)
+        self.assertEqual(gc.get_freeze_count(), 0)
