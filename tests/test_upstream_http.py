@@ -78,6 +78,15 @@ class BufferedChunkTest(AsyncTestCase):
         self.assertEqual(received, [b"a\nb\nc\nd\n"])  # one callback, not four
 
     @gen_test(timeout=10)
+    async def test_reads_grow_for_a_burst(self):
+        # Reads start at 4 KiB (a token at a time needs no more) and double while they come
+        # back full: a 1 MiB burst arrives in a few dozen reads, not 256 of 4 KiB.
+        pieces = [b"%06d" % i + b"x" * 1017 + b"\n" for i in range(1024)]
+        data, received, response = await self.fetch(chunked(pieces), [])
+        self.assertEqual((response.code, data), (200, b"".join(pieces)))
+        self.assertLess(len(received), 64)
+
+    @gen_test(timeout=10)
     async def test_chunk_extensions_are_ignored(self):
         data, _, response = await self.fetch(chunked([b"x\n", b"y\n"], b";name=v"), [3])
         self.assertEqual((response.code, data), (200, b"x\ny\n"))

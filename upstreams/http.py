@@ -32,6 +32,7 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _READ = 65536
+_MIN_READ = 4096
 
 
 class BufferedChunkConnection(HTTP1Connection):
@@ -42,8 +43,18 @@ class BufferedChunkConnection(HTTP1Connection):
         left = 0          # data bytes still due in the current chunk
         crlf = False      # the current chunk's data is in; its CRLF is due
         total = 0
+        stream = self.stream
         while True:
-            buf += await self.stream.read_bytes(_READ, partial=True)
+            data = await stream.read_bytes(_READ, partial=True)
+            # IOStream allocates and zero-fills read_chunk_size bytes for every read it
+            # tries, the one that finds the socket empty included (two per token): size it
+            # to what arrives, 4 KiB for a token at a time, up to 64 KiB for bursts.
+            size = stream.read_chunk_size
+            if len(data) >= size:
+                stream.read_chunk_size = min(size * 2, _READ)
+            elif len(data) * 4 < size and size > _MIN_READ:
+                stream.read_chunk_size = size // 2
+            buf += data
             out = []
             pos = 0
             end = len(buf)
@@ -134,6 +145,7 @@ class AbortableConnection(_HTTPConnection):
 
     def _create_connection(self, stream: IOStream) -> HTTP1Connection:
         stream.set_nodelay(True)
+        stream.read_chunk_size = _MIN_READ  # BufferedChunkConnection adapts it
         return BufferedChunkConnection(
             stream, True,
             HTTP1ConnectionParameters(no_keep_alive=True, max_header_size=self.max_header_size,
