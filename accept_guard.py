@@ -21,6 +21,9 @@ from typing import Any, Callable, Iterable
 
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream
+
+import lean_streams
 
 log = logging.getLogger("chatterd")
 
@@ -89,3 +92,6 @@ class GuardedHTTPServer(HTTPServer):
         for sock in sockets:
             self._sockets[sock.fileno()] = sock
             self._handlers[sock.fileno()] = add_accept_handler(sock, self._handle_connection)
+
+    def handle_stream(self, stream: IOStream, address: tuple) -> None:
+        super().handle_stream(lean_streams.lighten(stream), address)

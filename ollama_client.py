@@ -341,6 +341,10 @@ class OllamaCall:
             if self._interim or self.status is not None:
                 return
             self.status, self.reason = start.code, start.reason
+            # The request is sent: its body (the conversation) and headers are not needed
+            # for the rest of a response that may stream for minutes.
+            self._request.body = None
+            self._request.headers = None
             if not self._status_known.done():
                 self._status_known.set_result(self.status)
         elif self._interim:

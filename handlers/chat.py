@@ -40,7 +40,8 @@ class ReplyText:
     """A reply's text as it streams in.
 
     The hot path appends each token to `recent`; `compact()`, once per upstream chunk,
-    joins them into blocks, since a str per token costs ~50 bytes of overhead.
+    joins every 32 of them into a block, since a str per token costs ~50 bytes of overhead
+    (an open stream's largest item, bench/scale.py); blocks are joined the same way.
     """
 
     __slots__ = ("recent", "blocks", "pieces")
@@ -51,10 +52,12 @@ class ReplyText:
         self.pieces = 0  # tokens in blocks
 
     def compact(self) -> None:
-        if len(self.recent) >= 256:
+        if len(self.recent) >= 32:
             self.pieces += len(self.recent)
             self.blocks.append("".join(self.recent))
             self.recent.clear()
+            if len(self.blocks) >= 32:
+                self.blocks = ["".join(self.blocks)]
 
     def __len__(self) -> int:
         return self.pieces + len(self.recent)

@@ -30,6 +30,8 @@ from tornado.iostream import IOStream
 from tornado.netutil import DefaultLoopResolver, Resolver, is_valid_ip
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 
+import lean_streams
+
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _READ = 65536
 _MIN_READ = 4096
@@ -145,6 +147,7 @@ class AbortableConnection(_HTTPConnection):
 
     def _create_connection(self, stream: IOStream) -> HTTP1Connection:
         stream.set_nodelay(True)
+        lean_streams.lighten(stream)
         stream.read_chunk_size = _MIN_READ  # BufferedChunkConnection adapts it
         return BufferedChunkConnection(
             stream, True,

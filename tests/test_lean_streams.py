@@ -1,0 +1,92 @@
+"""lean_streams.py: IOStreams whose write queues are short lists, not 600-byte deques."""
+
+import asyncio
+import socket
+
+from tornado.iostream import IOStream
+from tornado.httpclient import AsyncHTTPClient
+from tornado.testing import AsyncTestCase, bind_unused_port, gen_test
+from tornado.web import Application, RequestHandler
+
+import upstreams.http
+from accept_guard import GuardedHTTPServer
+
+from lean_streams import ShortQueue, lighten
+from tests.support import ChatterdTestCase, chat_body
+
+
+class LightenedStreamTest(AsyncTestCase):
+    @gen_test
+    async def test_writes_queue_and_complete_in_order_when_the_peer_lags(self) -> None:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        stream = lighten(IOStream(ours))
+        self.assertIsInstance(stream._write_futures, ShortQueue)
+        self.assertIsInstance(stream._write_buffer._buffers, ShortQueue)
+        sent = []
+        futures = []
+        for i in range(200):  # far more than the socket buffers take: writes queue up
+            piece = bytes([65 + i % 26]) * 20000
+            sent.append(piece)
+            futures.append(stream.write(piece))
+        self.assertFalse(futures[-1].done())
+        received = bytearray()
+        while len(received) < 200 * 20000:
+            try:
+                received += theirs.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        await asyncio.gather(*futures)
+        self.assertEqual(bytes(received), b"".join(sent))
+        self.assertEqual(len(stream._write_futures), 0)
+        stream.close()
+        theirs.close()
+
+    @gen_test
+    async def test_a_close_fails_the_queued_writes(self) -> None:
+        ours, theirs = socket.socketpair()
+        stream = lighten(IOStream(ours))
+        futures = [stream.write(b"x" * 1_000_000) for _ in range(3)]
+        theirs.close()
+        stream.close()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        self.assertTrue(all(r is None or isinstance(r, Exception) for r in results))
+
+
+class ChatStreamsAreLightenedTest(ChatterdTestCase):
+    def test_the_upstream_connection_uses_short_queues(self) -> None:
+        seen = []
+
+        def spy(stream):  # type: ignore[no-untyped-def]
+            seen.append(stream)
+            return lighten(stream)
+
+        upstreams.http.lean_streams.lighten = spy
+        try:
+            response = self.post_json("/llmchat", chat_body("lean", "hi"))
+        finally:
+            upstreams.http.lean_streams.lighten = lighten
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(seen), 1)
+        self.assertIsInstance(seen[0]._write_futures, ShortQueue)
+
+
+class ServerStreamsAreLightenedTest(AsyncTestCase):
+    @gen_test
+    async def test_chatterds_server_gives_handlers_lightened_streams(self) -> None:
+        seen = []
+
+        class Probe(RequestHandler):
+            def get(self) -> None:
+                seen.append(type(self.request.connection.stream._write_futures))
+                self.write("ok")
+
+        server = GuardedHTTPServer(Application([("/", Probe)]))
+        sock, port = bind_unused_port()
+        server.add_sockets([sock])
+        try:
+            response = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/")
+        finally:
+            server.stop()
+        self.assertEqual(response.body, b"ok")
+        self.assertEqual(seen, [ShortQueue])
