@@ -90,11 +90,11 @@ class Application(tornado.web.Application):
                  turn_lease: float = 10.0, store_retry: float = 15.0,
                  resend_window: float = 120.0, context_tokens: int = 8192,
                  max_messages: int = 1000, weather_url: str = "", tool_rounds: int = 4,
-                 tool_timeout: float = 10.0) -> None:
+                 tool_timeout: float = 10.0, history_cache: int = 1000) -> None:
         self.pool = pool
         self.ollama = ollama if isinstance(ollama, Router) else Router([ollama])
         self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry,
-                                resend_window=resend_window)
+                                resend_window=resend_window, history_cache=history_cache)
         # The resident tools of /llmtools (tools/): none when --tool-rounds is 0.
         self.tools = tools.registry.resident(weather_url=weather_url if tool_rounds > 0 else "",
                                              timeout=tool_timeout)
@@ -220,7 +220,8 @@ async def main(opts: Any) -> None:
                       turn_wait=opts.turn_wait, turn_lease=opts.turn_lease,
                       store_retry=opts.store_retry, resend_window=opts.resend_window,
                       context_tokens=opts.context_tokens, weather_url=opts.weather_url,
-                      tool_rounds=opts.tool_rounds, tool_timeout=opts.tool_timeout)
+                      tool_rounds=opts.tool_rounds, tool_timeout=opts.tool_timeout,
+                      history_cache=opts.history_cache)
     server = make_server(app, opts)
     try:
         server.listen(opts.port, opts.address)

@@ -57,6 +57,9 @@ SETTINGS = (
             "Seconds a request may wait for one of the --max-streams slots before it fails with 503"),
     Setting("db-pool-size", 10, int, "Maximum PostgreSQL connections per process"),
     Setting("db-timeout", 10.0, float, "Seconds a database operation may take before it fails"),
+    Setting("history-cache", 1000, int,
+            "AppIDs whose recent conversation each process keeps in memory, so a turn reads "
+            "only what is new from PostgreSQL (0: off)"),
     Setting("gc-full-interval", 300.0, float,
             "Seconds between full garbage collections (0: never), instead of Python's "
             "heap-growth trigger, whose pauses were the whole p99 relay latency at scale"),

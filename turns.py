@@ -29,6 +29,7 @@ import asyncpg
 import metrics
 from db import conversations
 from db.conversations import Reply, Window
+from db.history_cache import HistoryCache
 from db.pool import DatabaseUnavailable
 
 log = logging.getLogger("chatterd")
@@ -56,8 +57,10 @@ class TurnKeeper:
     """This process's turns: begins them, renews their leases, wakes local waiters."""
 
     def __init__(self, pool: asyncpg.Pool, *, lease: float = 10.0, wait: float = 30.0,
-                 store_retry: float = 15.0, resend_window: float = 120.0) -> None:
+                 store_retry: float = 15.0, resend_window: float = 120.0,
+                 history_cache: int = 1000) -> None:
         self.pool = pool
+        self.history = HistoryCache(history_cache)  # conversations read, by appID
         self.resend_window = resend_window
         self.lease = lease
         self.wait = wait
@@ -112,7 +115,8 @@ class TurnKeeper:
                                                        resend_seconds=self.resend_window,
                                                        budget=budget, context=context,
                                                        delivered=delivered,
-                                                       waited_for=waited_for)
+                                                       waited_for=waited_for,
+                                                       cache=self.history)
             except BaseException:
                 self._delivered[:0] = delivered  # not recorded: keep them for the next try
                 raise

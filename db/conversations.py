@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import asyncpg
 
+from db.history_cache import HistoryCache
 from db.pool import connection
 
 # Ollama message fields stored verbatim in `extra` and sent back upstream.
@@ -90,7 +91,7 @@ async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds:
                      messages: list[dict], *, replace: bool = False,
                      resend_seconds: float = 0.0, budget: Optional[int] = None,
                      context: Optional[int] = None, delivered: Optional[list[int]] = None,
-                     waited_for: Optional[int] = None
+                     waited_for: Optional[int] = None, cache: Optional[HistoryCache] = None
                      ) -> tuple[Optional[int], Optional[list[dict]], Window, Optional[dict]]:
     """Take the appID's lease and store *messages* as a pending turn, in one round trip.
 
@@ -105,15 +106,24 @@ async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds:
     since the last call (see mark_delivered), recorded first.  When the appID is busy the
     turn id is None and the last item is {"waiting_for": the running turn's id}; pass that
     id back as *waited_for* on the next try, so that a double send of the same messages
-    is answered from that turn's storage instead of being asked and stored twice.
+    is answered from that turn's storage instead of being asked and stored twice.  With
+    *cache* (db/history_cache.py), turns it holds are not read again.
     """
+    if cache is not None and replace:
+        cache.forget(app_id)
+    cached = cache.turn_ids(app_id) if cache is not None else None
     async with connection(pool, "begin_turn") as con:
         row = await con.fetchrow(
             "SELECT turn_id, history, sent_messages, sent_tokens, omitted_messages,"
-            " omitted_tokens, replay FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            " omitted_tokens, replay, window_turns, history_turns"
+            " FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             app_id, owner, lease_seconds, _pending(messages), replace, resend_seconds,
-            budget, context, delivered or None, waited_for)
-    return row["turn_id"], row["history"], Window(
+            budget, context, delivered or None, waited_for, cached)
+    history = row["history"]
+    if history is not None:
+        if cache is not None:  # (without one, everything was fetched, in order)
+            history = cache.assemble(app_id, history, row["history_turns"], row["window_turns"])
+    return row["turn_id"], history, Window(
         row["sent_messages"], row["sent_tokens"], row["omitted_messages"],
         row["omitted_tokens"], context), row["replay"]
 

@@ -1,0 +1,56 @@
+"""The messages of conversations this process has read, so begin_turn need not read them
+again (db/migrations/0009_history_cache.sql).
+
+An ended turn's sent messages never change (only their token counts are learned later,
+and the history sent upstream carries none), and a turn id is never reused, so a cached
+turn is valid for as long as its conversation exists; /llmprep (replace) forgets the
+appID.  Per appID only the turns of its latest window are kept, and only the most recently
+used `size` appIDs.  The cached message dicts are shared by every turn that sends them:
+read them, never change them.
+
+    cache = HistoryCache(1000)
+    cached = cache.turn_ids(app_id)                  # -> begin_turn's p_cached
+    history = cache.assemble(app_id, history, history_turns, window_turns)
+"""
+
+from collections import OrderedDict
+from typing import Optional
+
+
+class HistoryCache:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._apps: OrderedDict[str, dict[int, tuple]] = OrderedDict()
+
+    def turn_ids(self, app_id: str) -> Optional[list[int]]:
+        turns = self._apps.get(app_id)
+        return list(turns) if turns else None
+
+    def forget(self, app_id: str) -> None:
+        self._apps.pop(app_id, None)
+
+    def assemble(self, app_id: str, fetched: list[dict], fetched_turns: list[int],
+                 window: list[int]) -> list[dict]:
+        """The history begin_turn means: its system prompts (fetched always), then each
+        window turn's messages in turn order, from *fetched* (with the turn of each in
+        *fetched_turns*) or from the cache; the cache then holds the window's turns."""
+        history: list[dict] = []
+        new: dict[int, list[dict]] = {}
+        for message, turn in zip(fetched, fetched_turns):
+            if message["role"] == "system":
+                history.append(message)
+            else:
+                new.setdefault(turn, []).append(message)
+        known = self._apps.pop(app_id, None) or {}
+        kept: dict[int, tuple] = {}
+        for turn in sorted(window):
+            # A window turn neither fetched nor cached has no message to send (say, an
+            # interrupted reply that never got any text).
+            messages = known.get(turn) if turn not in new else tuple(new[turn])
+            kept[turn] = messages if messages is not None else ()
+            history.extend(kept[turn])
+        if self.size > 0:
+            self._apps[app_id] = kept
+            while len(self._apps) > self.size:
+                self._apps.popitem(last=False)
+        return history
