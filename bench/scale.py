@@ -302,6 +302,9 @@ async def main() -> None:
     parser.add_argument("--slack", type=float, default=15.0,
                         help="seconds a stream may take beyond tokens x interval")
     parser.add_argument("--db-pool-size", type=int, default=10)
+    parser.add_argument("--no-fit", action="store_true",
+                        help="run every stream even beyond chatterd's open-file limit (the "
+                             "default runs as many as fit, and says so)")
     args = parser.parse_args()
     if args.ramp is None:
         args.ramp = max(2.0, args.streams / 250)
@@ -342,6 +345,12 @@ async def main() -> None:
         idle_kib, idle_fds = status_kib(proc.pid, "VmRSS"), open_fds(proc.pid)
         print(f"open-file limit: bench {hard}, chatterd {nofile_limit(proc.pid)} (soft/hard), "
               f"chatterd holds {idle_fds} fds at idle; each stream takes 2 more")
+        limit = int(nofile_limit(proc.pid).split("/")[0])
+        fits = (limit - idle_fds - 8) // 2  # a few spare: the pool may open a connection
+        if args.streams > fits and not args.no_fit:
+            print(f"{args.streams} streams do not fit under chatterd's open-file limit {limit} "
+                  f"(two sockets each): running the {fits} that do (--no-fit: all of them)")
+            args.streams = fits
         print(f"{args.streams} streams of {args.tokens} lines, one per {args.interval:g} s, "
               f"started over {args.ramp:g} s")
         r = await run_streams(proc, port, args, f"{args.streams} slow streams", idle_kib)
