@@ -37,6 +37,8 @@ class FullCollections:
             self._arm()
 
     def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = asyncio.get_running_loop().call_later(self.interval, self.collect)
 
     def collect(self) -> int:

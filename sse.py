@@ -103,6 +103,7 @@ class EventStream:
         self.heartbeat = heartbeat
         self.write_timeout = float(handler.settings.get("write_timeout", 30.0))
         self.opened = False
+        self.closed = False
         self._flushing: asyncio.Future | None = None
         self._direct: DirectWriter | None = None  # once the headers are out (direct_write.py)
         self._last_write = time.monotonic()
@@ -126,6 +127,8 @@ class EventStream:
         """
         while self._flushing is not None:
             await self._flushing
+        if self.closed:  # a heartbeat that waited for the stream's last write: nothing more
+            return
         if self._direct is not None:
             if not data:
                 return
@@ -147,6 +150,8 @@ class EventStream:
             self._last_write = time.monotonic()
 
     def close(self) -> None:
+        """The stream is over (its handler writes no more): stop heartbeats."""
+        self.closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -346,7 +346,7 @@ async def main() -> None:
         print(f"open-file limit: bench {hard}, chatterd {nofile_limit(proc.pid)} (soft/hard), "
               f"chatterd holds {idle_fds} fds at idle; each stream takes 2 more")
         limit = int(nofile_limit(proc.pid).split("/")[0])
-        fits = (limit - idle_fds - 8) // 2  # a few spare: the pool may open a connection
+        fits = (limit - idle_fds - 24) // 2  # spare: the pool may open connections
         if args.streams > fits and not args.no_fit:
             print(f"{args.streams} streams do not fit under chatterd's open-file limit {limit} "
                   f"(two sockets each): running the {fits} that do (--no-fit: all of them)")

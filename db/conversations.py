@@ -111,18 +111,19 @@ async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds:
     """
     if cache is not None and replace:
         cache.forget(app_id)
-    cached = cache.turn_ids(app_id) if cache is not None else None
+    known = cache.snapshot(app_id) if cache is not None else {}
     async with connection(pool, "begin_turn") as con:
         row = await con.fetchrow(
             "SELECT turn_id, history, sent_messages, sent_tokens, omitted_messages,"
             " omitted_tokens, replay, window_turns, history_turns"
             " FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             app_id, owner, lease_seconds, _pending(messages), replace, resend_seconds,
-            budget, context, delivered or None, waited_for, cached)
+            budget, context, delivered or None, waited_for, list(known) or None)
     history = row["history"]
     if history is not None:
         if cache is not None:  # (without one, everything was fetched, in order)
-            history = cache.assemble(app_id, history, row["history_turns"], row["window_turns"])
+            history = cache.assemble(app_id, known, history, row["history_turns"],
+                                     row["window_turns"])
     return row["turn_id"], history, Window(
         row["sent_messages"], row["sent_tokens"], row["omitted_messages"],
         row["omitted_tokens"], context), row["replay"]

@@ -9,8 +9,8 @@ used `size` appIDs.  The cached message dicts are shared by every turn that send
 read them, never change them.
 
     cache = HistoryCache(1000)
-    cached = cache.turn_ids(app_id)                  # -> begin_turn's p_cached
-    history = cache.assemble(app_id, history, history_turns, window_turns)
+    known = cache.snapshot(app_id)                   # list(known) -> begin_turn's p_cached
+    history = cache.assemble(app_id, known, history, history_turns, window_turns)
 """
 
 from collections import OrderedDict
@@ -22,6 +22,12 @@ class HistoryCache:
         self.size = size
         self._apps: OrderedDict[str, dict[int, tuple]] = OrderedDict()
 
+    def snapshot(self, app_id: str) -> dict[int, tuple]:
+        """The appID's cached turns, as begin_turn is told about them.  assemble() must get
+        this same mapping: the appID may be evicted or forgotten meanwhile (never changed in
+        place), and a turn the database was told not to send must still be found."""
+        return self._apps.get(app_id) or {}
+
     def turn_ids(self, app_id: str) -> Optional[list[int]]:
         turns = self._apps.get(app_id)
         return list(turns) if turns else None
@@ -29,8 +35,8 @@ class HistoryCache:
     def forget(self, app_id: str) -> None:
         self._apps.pop(app_id, None)
 
-    def assemble(self, app_id: str, fetched: list[dict], fetched_turns: list[int],
-                 window: list[int]) -> list[dict]:
+    def assemble(self, app_id: str, known: dict[int, tuple], fetched: list[dict],
+                 fetched_turns: list[int], window: list[int]) -> list[dict]:
         """The history begin_turn means: its system prompts (fetched always), then each
         window turn's messages in turn order, from *fetched* (with the turn of each in
         *fetched_turns*) or from the cache; the cache then holds the window's turns."""
@@ -41,7 +47,7 @@ class HistoryCache:
                 history.append(message)
             else:
                 new.setdefault(turn, []).append(message)
-        known = self._apps.pop(app_id, None) or {}
+        self._apps.pop(app_id, None)
         kept: dict[int, tuple] = {}
         for turn in sorted(window):
             # A window turn neither fetched nor cached has no message to send (say, an

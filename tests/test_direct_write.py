@@ -6,10 +6,12 @@ import asyncio
 import socket
 
 from tornado.iostream import IOStream, StreamClosedError
-from tornado.testing import AsyncTestCase, gen_test
+from tornado.testing import AsyncHTTPTestCase, AsyncTestCase, gen_test
+from tornado.web import Application, RequestHandler
 
 import jsonfmt
 from direct_write import DirectWriter
+from sse import KEEPALIVE, EventStream
 from tests import sse_parser
 from tests.support import ChatterdTestCase, chat_body
 
@@ -49,8 +51,20 @@ class DirectWriteTest(ChatterdTestCase):
 
     @gen_test
     async def test_http11_body_is_well_formed_chunks_of_whole_events(self) -> None:
-        head, body = await raw_exchange(self.get_http_port(), b"POST /llmchat HTTP/1.1",
-                                        chat_body("dw-11", "hi"))
+        writes = []
+        original = DirectWriter.write
+
+        def counted(writer, data):  # type: ignore[no-untyped-def]
+            writes.append(data)
+            return original(writer, data)
+
+        DirectWriter.write = counted  # type: ignore[method-assign]
+        try:
+            head, body = await raw_exchange(self.get_http_port(), b"POST /llmchat HTTP/1.1",
+                                            chat_body("dw-11", "hi"))
+        finally:
+            DirectWriter.write = original  # type: ignore[method-assign]
+        self.assertGreater(len(writes), 3)  # the events after the first went the direct way
         self.assertIn(b"Transfer-Encoding: chunked", head)
         chunks = dechunk(body)
         self.assertGreater(len(chunks), 3)  # one chunk per upstream write, not one in all
@@ -116,3 +130,24 @@ class DirectWriterTest(AsyncTestCase):
         self.assertEqual(theirs.recv(100), b"data: x\n\n")
         stream.close()
         theirs.close()
+
+
+class ClosedStreamTest(AsyncHTTPTestCase):
+    """A write that waited for the stream's last one (a heartbeat) writes nothing once the
+    stream is closed: after finish() it would land behind the chunked body's end."""
+
+    def get_app(self) -> Application:
+        class Probe(RequestHandler):
+            async def get(self) -> None:
+                events = EventStream(self, 15.0)
+                events.set_headers()
+                await events.open(b"data: first\n\n")
+                await events.send(b"data: second\n\n")
+                events.close()
+                await events.send(KEEPALIVE)
+
+        return Application([("/", Probe)])
+
+    def test_nothing_is_written_after_close(self) -> None:
+        response = self.fetch("/")
+        self.assertEqual(response.body, b"data: first\n\ndata: second\n\n")

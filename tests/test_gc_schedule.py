@@ -9,6 +9,7 @@ from tornado.testing import AsyncTestCase, gen_test
 
 from gc_schedule import NEVER, FullCollections
 from tests.support import ChatterdTestCase, chat_and_leave, chat_body, streams_finished
+from tests.test_upstreams import UpstreamsTestCase
 
 # What one request's object graph is made of: none of these may be left to the collector.
 REQUEST_TYPES = {"LLMChatHandler", "ChatCompletionsHandler", "OllamaCall", "OpenAICall",
@@ -78,3 +79,30 @@ class FullCollectionsTest(AsyncTestCase):
             schedule.stop()
         self.assertEqual(gc.get_threshold(), before)
         self.assertEqual(gc.get_freeze_count(), 0)
+
+
+class RoutedNoCyclicGarbageTest(UpstreamsTestCase):
+    """The same through the router (several upstreams, the OpenAI dialect)."""
+
+    def tearDown(self) -> None:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        super().tearDown()
+
+    def test_routed_turns_are_freed_by_refcounting_and_finish_cleanly(self) -> None:
+        self.post_json("/llmchat", chat_body("warm-up", "hi", model="gpt-double"))
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        with self.assertNoLogs("tornado.application", "ERROR"):
+            for model in ("gpt-double", "llama3.2"):  # OpenAI dialect, then Ollama
+                response = self.post_json("/llmchat", chat_body(f"gc-r-{model}", "hi", model=model))
+                self.assertEqual(response.code, 200)
+                response = self.post_json("/llmchat", chat_body(f"gc-o-{model}", "hi", model=model,
+                                                                 stream=False))
+                self.assertEqual(response.code, 200)
+            self.assertEqual(self.post_json("/v1/chat/completions", {
+                "model": "gpt-double", "messages": [{"role": "user", "content": "hi"}],
+                "stream": True}).code, 200)
+        gc.collect()
+        found = {type(o).__name__ for o in gc.garbage} & (REQUEST_TYPES | {"RoutedCall"})
+        self.assertEqual(found, set())

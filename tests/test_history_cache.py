@@ -19,31 +19,44 @@ def msg(role: str, content: str) -> dict:
 class AssembleTest(unittest.TestCase):
     def test_system_prompts_first_then_window_turns_in_order_from_fetch_or_cache(self) -> None:
         cache = HistoryCache(10)
-        first = cache.assemble("a", [msg("system", "S"), msg("user", "q1"), msg("assistant", "r1")],
+        first = cache.assemble("a", cache.snapshot("a"), [msg("system", "S"), msg("user", "q1"), msg("assistant", "r1")],
                                [1, 1, 1], [1])
         self.assertEqual([m["content"] for m in first], ["S", "q1", "r1"])
         self.assertEqual(cache.turn_ids("a"), [1])
         # Turn 1 cached, turn 2 fetched, turn 3 in the window but with nothing to send.
-        second = cache.assemble("a", [msg("system", "S"), msg("user", "q2"), msg("assistant", "r2")],
+        second = cache.assemble("a", cache.snapshot("a"), [msg("system", "S"), msg("user", "q2"), msg("assistant", "r2")],
                                 [1, 2, 2], [3, 2, 1])
         self.assertEqual([m["content"] for m in second], ["S", "q1", "r1", "q2", "r2"])
         self.assertEqual(sorted(cache.turn_ids("a")), [1, 2, 3])
         # The window moved on: turn 1 left it, so the cache lets it go.
-        cache.assemble("a", [], [], [2, 3])
+        cache.assemble("a", cache.snapshot("a"), [], [], [2, 3])
         self.assertEqual(sorted(cache.turn_ids("a")), [2, 3])
 
     def test_least_recently_used_appids_are_let_go(self) -> None:
         cache = HistoryCache(2)
         for app in ("a", "b", "c"):
-            cache.assemble(app, [msg("user", app)], [1], [1])
+            cache.assemble(app, cache.snapshot(app), [msg("user", app)], [1], [1])
         self.assertIsNone(cache.turn_ids("a"))
         self.assertEqual(cache.turn_ids("c"), [1])
         cache.forget("c")
         self.assertIsNone(cache.turn_ids("c"))
 
+    def test_an_appid_evicted_or_forgotten_while_its_turn_begins_loses_nothing(self) -> None:
+        # begin_turn told the database which turns it has (the snapshot); before the answer
+        # came, other appIDs pushed this one out, or /llmprep forgot it.  The snapshot still
+        # supplies the turns the database did not send.
+        cache = HistoryCache(1)
+        cache.assemble("x", {}, [msg("user", "q1"), msg("assistant", "r1")], [1, 1], [1])
+        for lose in (lambda: cache.assemble("y", {}, [], [], []), lambda: cache.forget("x")):
+            known = cache.snapshot("x") or {1: (msg("user", "q1"), msg("assistant", "r1"))}
+            lose()
+            history = cache.assemble("x", known, [msg("user", "q2"), msg("assistant", "r2")],
+                                     [2, 2], [1, 2])
+            self.assertEqual([m["content"] for m in history], ["q1", "r1", "q2", "r2"])
+
     def test_size_zero_keeps_nothing(self) -> None:
         cache = HistoryCache(0)
-        history = cache.assemble("a", [msg("user", "q")], [1], [1])
+        history = cache.assemble("a", {}, [msg("user", "q")], [1], [1])
         self.assertEqual(history, [msg("user", "q")])
         self.assertIsNone(cache.turn_ids("a"))
 

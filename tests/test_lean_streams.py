@@ -3,7 +3,7 @@
 import asyncio
 import socket
 
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.httpclient import AsyncHTTPClient
 from tornado.testing import AsyncTestCase, bind_unused_port, gen_test
 from tornado.web import Application, RequestHandler
@@ -50,7 +50,8 @@ class LightenedStreamTest(AsyncTestCase):
         theirs.close()
         stream.close()
         results = await asyncio.gather(*futures, return_exceptions=True)
-        self.assertTrue(all(r is None or isinstance(r, Exception) for r in results))
+        self.assertIsInstance(results[-1], StreamClosedError)  # not left pending forever
+        self.assertEqual(len(stream._write_futures), 0)
 
 
 class ChatStreamsAreLightenedTest(ChatterdTestCase):

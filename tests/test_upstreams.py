@@ -159,6 +159,17 @@ class UpstreamsTestCase(ChatterdTestCase):
 
 
 class OpenAIUpstreamTest(UpstreamsTestCase):
+    def test_a_routed_stream_false_turn_is_recorded_delivered(self):
+        # The same question again after its answer arrived is a new turn, not a resend.
+        for model in ("gpt-double", "llama3.2"):
+            body = chat_body(f"once-{model}", "ok", model=model, stream=False)
+            first = self.post_json("/llmchat", body)
+            self.io_loop.run_sync(self._app.turns.flush_delivered)
+            second = self.post_json("/llmchat", body)
+            self.assertEqual((first.code, second.code), (200, 200))
+            self.assertNotIn("X-Chatterd-Replayed", second.headers)
+            self.assertEqual(len(self.rows(f"once-{model}")), 4)
+
     def test_llmchat_streams_ollama_lines_and_stores_the_reply(self):
         response, events = self.chat(chat_body("a1", "hi", model="gpt-double"))
         self.assertEqual(response.code, 200)

@@ -27,6 +27,7 @@ import jsonfmt
 import metrics
 from ollama_client import (LinesCallback, OllamaAborted, OllamaBroken, OllamaClient, OllamaError,
                            OllamaHTTPError, OllamaUnreachable, Slots)
+from upstreams.http import forget_traceback
 from upstreams.ollama import OllamaUpstream, model_key, wrap
 from upstreams.openai import OpenAIClient, display_url
 
@@ -248,6 +249,17 @@ class RoutedCall:
         self._run = asyncio.ensure_future(self._choose())
 
     # -- OllamaCall's interface -------------------------------------------------------------
+
+    def release(self) -> None:
+        """As OllamaCall.release: the owner is done with this call."""
+        self.on_lines = None
+        if self.attempt is not None:
+            self.attempt.release()
+        errors = [self.error, self._abort_error, self._settled_error]
+        if self._run.done() and not self._run.cancelled():
+            errors.append(self._run.exception())
+        for error in errors:
+            forget_traceback(error)
 
     @property
     def status(self) -> Optional[int]:
