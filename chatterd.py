@@ -208,7 +208,8 @@ async def main(opts: Any) -> None:
                                   connect_timeout=opts.connect_timeout,
                                   request_timeout=opts.request_timeout,
                                   idle_timeout=opts.idle_timeout, max_streams=opts.max_streams,
-                                  queue_timeout=opts.queue_timeout)
+                                  queue_timeout=opts.queue_timeout,
+                                  keepalive=opts.upstream_keepalive)
     except ValueError as e:
         pool.terminate()
         raise SystemExit(f"chatterd: {e} (see --help)") from None

@@ -150,7 +150,8 @@ class OllamaClient:
 
     def __init__(self, url: str, *, connect_timeout: float = 5.0, request_timeout: float = 1800.0,
                  idle_timeout: float = 300.0, max_streams: int = 2048,
-                 queue_timeout: float = 30.0, slots: Optional["Slots"] = None) -> None:
+                 queue_timeout: float = 30.0, slots: Optional["Slots"] = None,
+                 keepalive: int = 64) -> None:
         self.base = self.base_url(url)
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
@@ -159,7 +160,8 @@ class OllamaClient:
         # Requests queue here, explicitly, for at most queue_timeout; never in the HTTP client
         # (its max_clients queue would fail them after connect_timeout as a "timeout").
         self.slots = slots if slots is not None else Slots(max_streams)
-        self.http = http_client(max_streams)
+        self.keepalive = keepalive
+        self.http = http_client(max_streams, max_idle=keepalive)
 
     @staticmethod
     def base_url(url: str) -> str:
@@ -209,11 +211,13 @@ class OllamaCall:
         self._aborted: asyncio.Future = asyncio.get_running_loop().create_future()
         self._slot_taken: asyncio.Future = asyncio.get_running_loop().create_future()
         self._busy = False
+        self.reused_connection = False  # set by the connection: a kept-alive one
         self._last_activity = time.monotonic()
         self._idle = client.idle_timeout if timeout is None else timeout
         request = HTTPRequest(
             self.url, method="POST" if body is not None else "GET", body=body,
             headers={"Content-Type": "application/json", "Accept": "application/x-ndjson",
+                     "Connection": "keep-alive" if client.keepalive > 0 else "close",
                      **client.extra_headers},
             header_callback=self._on_header, streaming_callback=self._on_chunk,
             # A redirect is not Ollama's answer: report it (see _http_error), never follow it.
@@ -265,7 +269,19 @@ class OllamaCall:
             if self._abort_error is not None:
                 raise self._abort_error
             self._last_activity = time.monotonic()
-            return await self.client.http.fetch(request, raise_error=False)
+            for _ in range(self.client.keepalive + 1):
+                try:
+                    return await self.client.http.fetch(request, raise_error=False)
+                except (HTTPStreamClosedError, ConnectionError) as e:
+                    # A kept-alive connection the server had closed just before we wrote on
+                    # it (the race every keep-alive client has): nothing was answered, so
+                    # ask again; the pool drops closed connections, so this ends.
+                    if not (self.reused_connection and self.status is None and not self.body
+                            and self._abort_error is None):
+                        raise
+                    forget_traceback(e)
+                    self.reused_connection = False
+            raise OllamaBroken(f"{self.client.label} closed every kept-alive connection")
         finally:
             self.client.slots.give_back()
 

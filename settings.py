@@ -31,6 +31,9 @@ SETTINGS = (
     Setting("upstreams", "", str,
             "Comma-separated LLM servers in order of preference: Ollama base URLs, or "
             "OpenAI-compatible ones as openai+http(s)://[:KEY@]host[:port]/v1; empty: --ollama-url"),
+    Setting("upstream-keepalive", 64, int,
+            "Idle connections kept open per upstream for the next request (0: one connection "
+            "per request)"),
     Setting("upstream-cooldown", 10.0, float,
             "Seconds an upstream that failed (unreachable, 5xx/429) is tried only after the others"),
     Setting("models-refresh", 60.0, float,

@@ -137,3 +137,139 @@ class ResolverTest(AsyncTestCase):
         await resolver.resolve("localhost", 11434)
         await resolver.resolve("localhost", 11434)
         self.assertEqual(len(calls), 3)
+
+
+class KeepAliveServer:
+    """Answers POSTs with a small chunked NDJSON body, several per connection; counts the
+    connections.  `close_after_answer` closes each connection once answered, without
+    saying so (what a server's idle timeout does); `say_close` sends Connection: close;
+    `stall` holds the body open after its first line."""
+
+    def __init__(self, close_after_answer=False, say_close=False, stall=False,
+                 drop_second=False):
+        self.drop_second = drop_second  # a connection's second request: closed unanswered
+        self.connections = 0
+        self.requests = 0
+        self.close_after_answer, self.say_close, self.stall = close_after_answer, say_close, stall
+        self.closed = asyncio.Event()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def serve(self, reader, writer):
+        self.connections += 1
+        answered = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int([h for h in head.split(b"\r\n")
+                              if h.lower().startswith(b"content-length")][0].split(b":")[1])
+                await reader.readexactly(length)
+                self.requests += 1
+                if self.drop_second and answered == 1:
+                    return  # closed in the client's face: the keep-alive race
+                answered += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                             + (b"Connection: close\r\n" if self.say_close else b"")
+                             + b"Transfer-Encoding: chunked\r\n\r\n")
+                writer.write(chunked([b'{"n":1}\n']).removesuffix(b"0\r\n\r\n"))
+                if self.stall:
+                    await writer.drain()
+                    await reader.read()  # until the client closes
+                    return
+                writer.write(chunked([b'{"n":2,"done":true}\n']))
+                await writer.drain()
+                if self.close_after_answer or self.say_close:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.closed.set()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class KeepAliveTest(AsyncTestCase):
+    async def calls(self, server: KeepAliveServer, n: int, keepalive: int = 4) -> list:
+        from ollama_client import OllamaClient
+        port = await server.start()
+        client = OllamaClient(f"http://127.0.0.1:{port}", keepalive=keepalive)
+        got = []
+        try:
+            for _ in range(n):
+                lines: list = []
+
+                async def on_lines(new, lines=lines):
+                    lines.extend(new)
+                call = client.post("/api/chat", b"{}", on_lines)
+                await call.finished()
+                got.append((lines, call.reused_connection))
+                await asyncio.sleep(0.01)  # a real gap between turns
+        finally:
+            client.close()
+            server.close()
+        return got
+
+    @gen_test(timeout=20)
+    async def test_consecutive_requests_share_one_connection(self):
+        server = KeepAliveServer()
+        got = await self.calls(server, 3)
+        self.assertEqual([len(lines) for lines, _ in got], [2, 2, 2])
+        self.assertEqual([reused for _, reused in got], [False, True, True])
+        self.assertEqual(server.connections, 1)
+
+    @gen_test(timeout=20)
+    async def test_keepalive_zero_connects_every_time(self):
+        server = KeepAliveServer()
+        await self.calls(server, 3, keepalive=0)
+        self.assertEqual(server.connections, 3)
+
+    @gen_test(timeout=20)
+    async def test_a_connection_the_server_closed_is_not_used_again(self):
+        server = KeepAliveServer(close_after_answer=True)
+        got = await self.calls(server, 3)
+        self.assertEqual([len(lines) for lines, _ in got], [2, 2, 2])  # no request failed
+        self.assertEqual(server.connections, 3)
+
+    @gen_test(timeout=20)
+    async def test_connection_close_is_honoured(self):
+        server = KeepAliveServer(say_close=True)
+        got = await self.calls(server, 2)
+        self.assertEqual([reused for _, reused in got], [False, False])
+        self.assertEqual(server.connections, 2)
+
+    @gen_test(timeout=20)
+    async def test_a_stale_kept_connection_is_retried_on_a_new_one(self):
+        # The server closes the kept connection as the next request arrives on it, without
+        # answering (its idle timeout fired just then): the request is asked again on a new
+        # connection, and the caller sees only the answer.
+        server = KeepAliveServer(drop_second=True)
+        got = await self.calls(server, 3)
+        self.assertEqual([len(lines) for lines, _ in got], [2, 2, 2])
+        self.assertEqual(server.connections, 3)
+        self.assertEqual(server.requests, 5)  # calls 2 and 3 went out twice
+
+    @gen_test(timeout=20)
+    async def test_an_aborted_call_does_not_leave_its_connection_for_the_next(self):
+        from ollama_client import OllamaAborted, OllamaClient, OllamaError
+        server = KeepAliveServer(stall=True)
+        port = await server.start()
+        client = OllamaClient(f"http://127.0.0.1:{port}", keepalive=4)
+        try:
+            lines_seen = asyncio.Event()
+
+            async def on_lines(new):
+                lines_seen.set()
+            call = client.post("/api/chat", b"{}", on_lines)
+            await lines_seen.wait()
+            call.abort(OllamaAborted("client disconnected"))
+            with self.assertRaises(OllamaError):
+                await call.finished()
+            await asyncio.wait_for(server.closed.wait(), 5)  # the upstream sees the close
+            self.assertEqual(client.http.tcp_client.idle.get(("127.0.0.1", port, False), []), [])
+        finally:
+            client.close()
+            server.close()

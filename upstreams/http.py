@@ -13,6 +13,10 @@ public hook for three things chatterd needs, so a small subclass of the private
   decoded in one pass and handed over as one piece, where Tornado awaits three reads per
   chunk.  An LLM server writes one chunk per token, so this is the relay's hot path.
 
+* keep-alive: a connection whose response ended cleanly is kept (KeptAliveTCPClient) and
+  the next request to the same upstream reuses it, instead of a TCP (and TLS) handshake per
+  turn; Tornado's client closes every connection after one response.
+
 And a resolver that answers IP literals at once and caches names, instead of asking a
 thread pool for every request (Tornado's default resolver runs getaddrinfo in one).
 """
@@ -29,6 +33,7 @@ from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.iostream import IOStream
 from tornado.netutil import DefaultLoopResolver, Resolver, is_valid_ip
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
+from tornado.tcpclient import TCPClient
 
 import lean_streams
 
@@ -145,13 +150,42 @@ class AbortableConnection(_HTTPConnection):
             return self._on_body(chunk)
         return super().data_received(chunk)
 
+    async def run(self) -> None:
+        self._keep = False
+        # Asked for before Tornado's run() fills in its own headers (and before OllamaCall
+        # lets the request's headers go).
+        self._keep_wanted = self.request.headers.get("Connection", "").lower() == "keep-alive"
+        await super().run()
+        # Only now: Tornado's HTTP1Connection clears the stream's callbacks when it has read
+        # the response, after finish() ran.
+        if self._keep and self.stream.closed() is False:
+            self.tcp_client.keep(self.stream)
+
+    def _on_end_request(self) -> None:
+        # The response ended cleanly (finish() runs only then): keep the connection unless
+        # either side said close, or it holds bytes that belong to no response.
+        response_headers = self.headers or {}
+        keep = (self._keep_wanted and isinstance(self.tcp_client, KeptAliveTCPClient)
+                and "close" not in response_headers.get("Connection", "").lower()
+                and getattr(self.connection, "_response_start_line", None) is not None
+                and self.connection._response_start_line.version == "HTTP/1.1"
+                and not self.stream._read_buffer_size)  # type: ignore[attr-defined]
+        if keep:
+            self._keep = True
+        else:
+            super()._on_end_request()
+
     def _create_connection(self, stream: IOStream) -> HTTP1Connection:
-        stream.set_nodelay(True)
-        lean_streams.lighten(stream)
+        reused = getattr(stream, "kept_alive", False)
+        if self.call is not None:
+            self.call.reused_connection = reused
+        if not reused:
+            stream.set_nodelay(True)
+            lean_streams.lighten(stream)
         stream.read_chunk_size = _MIN_READ  # BufferedChunkConnection adapts it
         return BufferedChunkConnection(
             stream, True,
-            HTTP1ConnectionParameters(no_keep_alive=True, max_header_size=self.max_header_size,
+            HTTP1ConnectionParameters(max_header_size=self.max_header_size,
                                       max_body_size=self.max_body_size,
                                       decompress=bool(self.request.decompress_response)),
             self._sockaddr)
@@ -170,7 +204,60 @@ def forget_traceback(error: Optional[BaseException]) -> None:
         error = error.__cause__ or error.__context__
 
 
+class KeptAliveTCPClient(TCPClient):
+    """TCPClient that hands out a kept connection to the same host and port when it has one
+    (at most `max_idle` per upstream are kept; a kept one the server closes is dropped)."""
+
+    def __init__(self, resolver: Resolver, max_idle: int) -> None:
+        super().__init__(resolver=resolver)
+        self.max_idle = max_idle
+        self.idle: dict[tuple, list[IOStream]] = {}
+
+    async def connect(self, host: str, port: int, af: socket.AddressFamily = socket.AF_UNSPEC,
+                      ssl_options: Any = None, max_buffer_size: Optional[int] = None,
+                      source_ip: Optional[str] = None, source_port: Optional[int] = None,
+                      timeout: Any = None) -> IOStream:
+        key = (host, port, ssl_options is not None)
+        idle = self.idle.get(key)
+        while idle:
+            stream = idle.pop()
+            stream.set_close_callback(None)
+            if not stream.closed() and not stream._read_buffer_size:  # type: ignore[attr-defined]
+                stream.kept_alive = True  # type: ignore[attr-defined]
+                return stream
+            stream.close()
+        stream = await super().connect(host, port, af=af, ssl_options=ssl_options,
+                                       max_buffer_size=max_buffer_size, source_ip=source_ip,
+                                       source_port=source_port, timeout=timeout)
+        stream.kept_alive = False  # type: ignore[attr-defined]
+        stream.pool_key = key  # type: ignore[attr-defined]
+        return stream
+
+    def keep(self, stream: IOStream) -> None:
+        """A connection whose response ended cleanly, for the next request."""
+        idle = self.idle.setdefault(stream.pool_key, [])  # type: ignore[attr-defined]
+        if len(idle) >= self.max_idle:
+            stream.close()
+            return
+        idle.append(stream)
+        # Also makes the stream watch for the server's close while nothing is read.
+        stream.set_close_callback(lambda: stream in idle and idle.remove(stream))
+
+    def close(self) -> None:
+        for idle in self.idle.values():
+            for stream in idle:
+                stream.close()
+        self.idle.clear()
+        super().close()
+
+
 class AbortableHTTPClient(SimpleAsyncHTTPClient):
+    def initialize(self, *args: Any, max_idle: int = 0, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(*args, **kwargs)
+        if max_idle > 0:
+            self.tcp_client.close()
+            self.tcp_client = KeptAliveTCPClient(self.resolver, max_idle)
+
     def _connection_class(self) -> type:
         return AbortableConnection
 
@@ -204,7 +291,8 @@ class CachingResolver(Resolver):
         self.fallback.close()
 
 
-def http_client(max_clients: int) -> AbortableHTTPClient:
-    """A private client (Tornado's shared one caps max_clients at 10) with the resolver above."""
+def http_client(max_clients: int, max_idle: int = 0) -> AbortableHTTPClient:
+    """A private client (Tornado's shared one caps max_clients at 10) with the resolver above,
+    keeping up to *max_idle* connections per upstream alive between requests."""
     return AbortableHTTPClient(force_instance=True, max_clients=max_clients,
-                               resolver=CachingResolver())
+                               resolver=CachingResolver(), max_idle=max_idle)
