@@ -269,19 +269,23 @@ class OllamaCall:
             if self._abort_error is not None:
                 raise self._abort_error
             self._last_activity = time.monotonic()
-            for _ in range(self.client.keepalive + 1):
-                try:
-                    return await self.client.http.fetch(request, raise_error=False)
-                except (HTTPStreamClosedError, ConnectionError) as e:
-                    # A kept-alive connection the server had closed just before we wrote on
-                    # it (the race every keep-alive client has): nothing was answered, so
-                    # ask again; the pool drops closed connections, so this ends.
-                    if not (self.reused_connection and self.status is None and not self.body
-                            and self._abort_error is None):
-                        raise
-                    forget_traceback(e)
-                    self.reused_connection = False
-            raise OllamaBroken(f"{self.client.label} closed every kept-alive connection")
+            started = time.monotonic()
+            try:
+                return await self.client.http.fetch(request, raise_error=False)
+            except (HTTPStreamClosedError, ConnectionError) as e:
+                # A kept-alive connection the server closed just as we wrote on it (the race
+                # every keep-alive client has): it answered nothing, within a round trip, so
+                # ask once more, on a new connection.  A later failure may mean the server
+                # was working on the request: that is not asked twice.
+                if not (self.reused_connection and self.status is None and not self.body
+                        and self._abort_error is None and time.monotonic() - started < 1.0):
+                    raise
+                forget_traceback(e)
+                self.reused_connection = False
+                tcp_client = self.client.http.tcp_client
+                if hasattr(tcp_client, "drop_idle"):
+                    tcp_client.drop_idle()
+                return await self.client.http.fetch(request, raise_error=False)
         finally:
             self.client.slots.give_back()
 

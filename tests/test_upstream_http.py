@@ -146,7 +146,8 @@ class KeepAliveServer:
     `stall` holds the body open after its first line."""
 
     def __init__(self, close_after_answer=False, say_close=False, stall=False,
-                 drop_second=False):
+                 drop_second=False, stray=False):
+        self.stray = stray  # bytes after the body's end
         self.drop_second = drop_second  # a connection's second request: closed unanswered
         self.connections = 0
         self.requests = 0
@@ -178,7 +179,7 @@ class KeepAliveServer:
                     await writer.drain()
                     await reader.read()  # until the client closes
                     return
-                writer.write(chunked([b'{"n":2,"done":true}\n']))
+                writer.write(chunked([b'{"n":2,"done":true}\n']) + (b"junk" if self.stray else b""))
                 await writer.drain()
                 if self.close_after_answer or self.say_close:
                     return
@@ -273,3 +274,45 @@ class KeepAliveTest(AsyncTestCase):
         finally:
             client.close()
             server.close()
+
+    @gen_test(timeout=20)
+    async def test_bytes_after_the_body_mean_the_connection_is_not_kept(self):
+        server = KeepAliveServer(stray=True)
+        got = await self.calls(server, 2)
+        self.assertEqual([reused for _, reused in got], [False, False])
+        self.assertEqual(server.connections, 2)
+
+    @gen_test(timeout=20)
+    async def test_a_connection_kept_too_long_is_not_used_again(self):
+        import upstreams.http
+        from ollama_client import OllamaClient
+        server = KeepAliveServer()
+        port = await server.start()
+        client = OllamaClient(f"http://127.0.0.1:{port}", keepalive=4)
+        try:
+            await client.post("/api/chat", b"{}", None).finished()
+            for idle in client.http.tcp_client.idle.values():
+                for stream in idle:
+                    stream.kept_since -= upstreams.http.KEPT_FOR  # as if kept that long
+            second = client.post("/api/chat", b"{}", None)
+            await second.finished()
+            self.assertFalse(second.reused_connection)
+            self.assertEqual(server.connections, 2)
+        finally:
+            client.close()
+            server.close()
+
+    @gen_test(timeout=20)
+    async def test_nothing_is_kept_after_the_client_closed(self):
+        # A call that ends cleanly during shutdown, after the client closed its pool.
+        from tornado.iostream import IOStream
+        from upstreams.http import KeptAliveTCPClient
+        pool = KeptAliveTCPClient(DefaultLoopResolver(), 4)
+        ours, theirs = socket.socketpair()
+        stream = IOStream(ours)
+        stream.pool_key = ("h", 1, False)
+        pool.close()
+        pool.keep(stream)
+        self.assertTrue(stream.closed())
+        self.assertEqual(pool.idle, {})
+        theirs.close()

@@ -40,10 +40,13 @@ import lean_streams
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _READ = 65536
 _MIN_READ = 4096
+KEPT_FOR = 30.0  # seconds a kept-alive upstream connection may wait for its next request
 
 
 class BufferedChunkConnection(HTTP1Connection):
     """HTTP1Connection whose chunked-body reader decodes whole buffers (client side only)."""
+
+    stray_bytes = False  # the server sent more after the body's end
 
     async def _read_chunked_body(self, delegate: httputil.HTTPMessageDelegate) -> None:
         buf = b""
@@ -95,6 +98,8 @@ class BufferedChunkConnection(HTTP1Connection):
                         break
                     if buf[eol + 2:eol + 4] != b"\r\n":
                         raise httputil.HTTPInputError("improperly terminated chunked request")
+                    # Bytes after the body belong to no response: never reuse this connection.
+                    self.stray_bytes = end > eol + 4
                     if out:
                         await self._deliver_body(delegate, b"".join(out))
                     return
@@ -169,6 +174,7 @@ class AbortableConnection(_HTTPConnection):
                 and "close" not in response_headers.get("Connection", "").lower()
                 and getattr(self.connection, "_response_start_line", None) is not None
                 and self.connection._response_start_line.version == "HTTP/1.1"
+                and not getattr(self.connection, "stray_bytes", False)
                 and not self.stream._read_buffer_size)  # type: ignore[attr-defined]
         if keep:
             self._keep = True
@@ -179,8 +185,8 @@ class AbortableConnection(_HTTPConnection):
         reused = getattr(stream, "kept_alive", False)
         if self.call is not None:
             self.call.reused_connection = reused
+        stream.set_nodelay(True)  # (Tornado turns it off again after each request)
         if not reused:
-            stream.set_nodelay(True)
             lean_streams.lighten(stream)
         stream.read_chunk_size = _MIN_READ  # BufferedChunkConnection adapts it
         return BufferedChunkConnection(
@@ -212,6 +218,7 @@ class KeptAliveTCPClient(TCPClient):
         super().__init__(resolver=resolver)
         self.max_idle = max_idle
         self.idle: dict[tuple, list[IOStream]] = {}
+        self.closed = False
 
     async def connect(self, host: str, port: int, af: socket.AddressFamily = socket.AF_UNSPEC,
                       ssl_options: Any = None, max_buffer_size: Optional[int] = None,
@@ -219,10 +226,15 @@ class KeptAliveTCPClient(TCPClient):
                       timeout: Any = None) -> IOStream:
         key = (host, port, ssl_options is not None)
         idle = self.idle.get(key)
+        now = time.monotonic()
         while idle:
             stream = idle.pop()
             stream.set_close_callback(None)
-            if not stream.closed() and not stream._read_buffer_size:  # type: ignore[attr-defined]
+            # Not one kept longer than KEPT_FOR: a NAT or load balancer on the way may have
+            # dropped it without telling either end, and a request written on it would wait
+            # for the idle timeout.
+            if not stream.closed() and not stream._read_buffer_size \
+                    and now - stream.kept_since < KEPT_FOR:  # type: ignore[attr-defined]
                 stream.kept_alive = True  # type: ignore[attr-defined]
                 return stream
             stream.close()
@@ -235,15 +247,25 @@ class KeptAliveTCPClient(TCPClient):
 
     def keep(self, stream: IOStream) -> None:
         """A connection whose response ended cleanly, for the next request."""
-        idle = self.idle.setdefault(stream.pool_key, [])  # type: ignore[attr-defined]
-        if len(idle) >= self.max_idle:
+        idle = [] if self.closed else self.idle.setdefault(stream.pool_key, [])  # type: ignore[attr-defined]
+        if self.closed or len(idle) >= self.max_idle:
             stream.close()
             return
+        stream.kept_since = time.monotonic()  # type: ignore[attr-defined]
         idle.append(stream)
         # Also makes the stream watch for the server's close while nothing is read.
         stream.set_close_callback(lambda: stream in idle and idle.remove(stream))
 
+    def drop_idle(self) -> None:
+        """Close every kept connection (one turned out dead: the others may be too)."""
+        for idle in self.idle.values():
+            for stream in idle:
+                stream.set_close_callback(None)
+                stream.close()
+        self.idle.clear()
+
     def close(self) -> None:
+        self.closed = True
         for idle in self.idle.values():
             for stream in idle:
                 stream.close()
