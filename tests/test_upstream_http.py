@@ -86,6 +86,33 @@ class BufferedChunkTest(AsyncTestCase):
         self.assertEqual((response.code, data), (200, b"".join(pieces)))
         self.assertLess(len(received), 64)
 
+    @gen_test(timeout=20)
+    async def test_a_trickling_body_costs_one_recv_per_piece(self):
+        # Tornado tries a read at once whenever one is asked for, which for a body that
+        # trickles in fails with EAGAIN every time; UpstreamStream skips that try.
+        import upstreams.http
+        calls = [0]
+        original = upstreams.http.UpstreamStream.read_from_fd
+
+        def counted(stream, buf):  # type: ignore[no-untyped-def]
+            calls[0] += 1
+            return original(stream, buf)
+
+        pieces = [b'{"n":%d}\n' % i for i in range(40)]
+        body = chunked(pieces)
+        cuts = []
+        at = 0
+        for piece in pieces:  # one write per chunk, as an LLM server writes tokens
+            at += len(b"%x\r\n" % len(piece)) + len(piece) + 2
+            cuts.append(at)
+        upstreams.http.UpstreamStream.read_from_fd = counted
+        try:
+            data, _, response = await self.fetch(body, cuts)
+        finally:
+            upstreams.http.UpstreamStream.read_from_fd = original
+        self.assertEqual((response.code, data), (200, b"".join(pieces)))
+        self.assertLess(calls[0], 1.5 * len(pieces))  # about 2 per piece without the change
+
     @gen_test(timeout=10)
     async def test_chunk_extensions_are_ignored(self):
         data, _, response = await self.fetch(chunked([b"x\n", b"y\n"], b";name=v"), [3])

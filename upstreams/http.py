@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
 from tornado.netutil import DefaultLoopResolver, Resolver, is_valid_ip
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
@@ -40,6 +41,7 @@ import lean_streams
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _READ = 65536
 _MIN_READ = 4096
+_TRICKLE = 1024  # a read this small: the body comes a token at a time
 KEPT_FOR = 30.0  # seconds a kept-alive upstream connection may wait for its next request
 
 
@@ -64,6 +66,8 @@ class BufferedChunkConnection(HTTP1Connection):
                 stream.read_chunk_size = min(size * 2, _READ)
             elif len(data) * 4 < size and size > _MIN_READ:
                 stream.read_chunk_size = size // 2
+            if isinstance(stream, UpstreamStream):
+                stream.trickle = len(data) < _TRICKLE
             buf += data
             out = []
             pos = 0
@@ -111,6 +115,26 @@ class BufferedChunkConnection(HTTP1Connection):
             buf = buf[pos:]
             if out:
                 await self._deliver_body(delegate, out[0] if len(out) == 1 else b"".join(out))
+
+
+class UpstreamStream(IOStream):
+    """IOStream that, while a body comes a token at a time, does not try a read that will
+    find the socket empty.  Tornado tries to read at once whenever a read is asked for: for
+    a body read as it trickles in, that is a recv that fails with EAGAIN (an exception
+    raised and caught, a buffer allocated) for every token, before the wait for the socket
+    to be readable that follows anyway.  Bursts keep the read at once."""
+
+    trickle = False  # set by BufferedChunkConnection after each read
+
+    def _try_inline_read(self) -> None:
+        if not self.trickle:
+            return super()._try_inline_read()
+        pos = self._find_read_pos()  # what is already buffered is still used at once
+        if pos is not None:
+            self._read_from_buffer(pos)
+            return
+        self._check_closed()
+        self._add_io_state(IOLoop.READ)  # the socket is level-triggered: data waiting shows
 
 
 class AbortableConnection(_HTTPConnection):
@@ -188,6 +212,9 @@ class AbortableConnection(_HTTPConnection):
         stream.set_nodelay(True)  # (Tornado turns it off again after each request)
         if not reused:
             lean_streams.lighten(stream)
+            if type(stream) is IOStream:  # (not TLS): same object, one method more
+                stream.__class__ = UpstreamStream
+        stream.trickle = False  # a response's headers are read at once
         stream.read_chunk_size = _MIN_READ  # BufferedChunkConnection adapts it
         return BufferedChunkConnection(
             stream, True,
