@@ -1,11 +1,12 @@
 """The Ollama client: one POST whose NDJSON body arrives line by line, and can be cancelled.
 
 The transport is Tornado's AsyncHTTPClient with a streaming_callback, mended where it
-has no public hook (abort, resets, buffered chunk reading) in upstreams/http.py.
+has no public hook (abort, resets, buffered chunk reading, keep-alive) in upstreams/http.py;
+the errors are upstreams/errors.py, the line framing upstreams/lines.py, the queue of
+--max-streams slots upstreams/slots.py.
 """
 
 import asyncio
-import collections
 import socket
 import time
 from typing import Awaitable, Callable, Optional
@@ -17,50 +18,15 @@ from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
 import jsonfmt
 import metrics
+from upstreams.errors import (OllamaAborted, OllamaBroken, OllamaBusy, OllamaError,  # noqa: F401
+                              OllamaHTTPError, OllamaTimeout, OllamaUnreachable)
 from upstreams.http import AbortableConnection, forget_traceback, http_client
+from upstreams.lines import LineSplitter
+from upstreams.slots import Slots
 
-MAX_LINE = 8 * 1024 * 1024  # Ollama's own Go client allows 8 MB per line
 MAX_ERROR_BODY = 64 * 1024
 
 LinesCallback = Callable[[list[bytes]], Awaitable[None]]
-
-
-class OllamaError(Exception):
-    """A failed Ollama request; `status` is what a client should see before streaming."""
-
-    status = 502
-
-    def __init__(self, message: str, status: Optional[int] = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if status is not None:
-            self.status = status
-
-
-class OllamaUnreachable(OllamaError):
-    status = 502
-
-
-class OllamaHTTPError(OllamaError):
-    """Ollama answered with a non-200 status and (usually) {"error": "..."}."""
-
-
-class OllamaTimeout(OllamaError):
-    status = 504
-
-
-class OllamaBroken(OllamaError):
-    """The connection failed after Ollama had started answering."""
-
-
-class OllamaAborted(OllamaError):
-    """We cancelled the request ourselves (the client left, or the turn ended)."""
-
-
-class OllamaBusy(OllamaError):
-    """Every upstream slot stayed taken for the whole queue timeout."""
-
-    status = 503
 
 
 def api_base(url: str) -> str:
@@ -72,70 +38,6 @@ def api_base(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"not an http(s) URL: {url!r}")
     return url
-
-
-class LineSplitter:
-    """Cuts a byte stream into NDJSON lines; chunk boundaries mean nothing.
-
-    Every line it returns is safe on one line of SSE or NDJSON: a raw CR, any other
-    control character or U+2028/U+2029 an upstream put in a line is escaped (see
-    jsonfmt.one_line).  The check runs once per chunk that completes lines, on all of
-    its bytes (a U+2028 may arrive split across chunks); only a chunk holding such a
-    byte pays for a look at each of its lines.
-    """
-
-    __slots__ = ("pending",)
-
-    def __init__(self) -> None:
-        self.pending = b""
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        if b"\n" not in chunk:
-            self.pending += chunk
-            if len(self.pending) > MAX_LINE:
-                raise OllamaBroken(f"Ollama sent a line longer than {MAX_LINE} bytes")
-            return []
-        data = self.pending + chunk
-        parts = data.split(b"\n")
-        self.pending = parts.pop()
-        if not jsonfmt.has_breakers(data):  # the hot path
-            return [p for p in parts if p and not p.isspace()]
-        return [jsonfmt.one_line(p.rstrip(b"\r")) for p in parts if p and not p.isspace()]
-
-    def rest(self) -> list[bytes]:
-        rest, self.pending = self.pending.strip(), b""
-        return [jsonfmt.one_line(rest)] if rest else []
-
-
-class Slots:
-    """At most *size* Ollama requests at once; the others wait in order, for a bounded time."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.busy = 0
-        self.waiting: collections.deque[asyncio.Future] = collections.deque()
-
-    async def take(self, timeout: float, aborted: asyncio.Future) -> bool:
-        """Take a slot (True); False when *aborted* first; OllamaBusy after *timeout* s."""
-        if self.busy < self.size and not self.waiting:
-            self.busy += 1
-            return True
-        turn = asyncio.get_running_loop().create_future()
-        self.waiting.append(turn)
-        await asyncio.wait([turn, aborted], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if turn.done():
-            return True  # handed over by give_back
-        self.waiting.remove(turn)
-        turn.cancel()
-        if aborted.done():
-            return False
-        raise OllamaBusy(f"all {self.size} upstream slots are busy; retry later")
-
-    def give_back(self) -> None:
-        if self.waiting:
-            self.waiting.popleft().set_result(None)  # the slot passes straight to the next
-        else:
-            self.busy -= 1
 
 
 class OllamaClient:

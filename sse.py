@@ -27,7 +27,7 @@ def data_events(lines: list[bytes]) -> bytes:
     """Frame each NDJSON line as one `data:` event.
 
     JSON text never holds a raw newline, so a line needs no further splitting.  Lines
-    from ollama_client.LineSplitter also hold no raw CR, control character or
+    from upstreams/lines.py (LineSplitter) also hold no raw CR, control character or
     U+2028/U+2029 (an upstream's are escaped there); a CR from anywhere else, which
     would end the SSE line early and could forge an `event:` line, is escaped here too
     (one scan per write, not per line).

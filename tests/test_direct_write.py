@@ -109,11 +109,9 @@ class DirectWriterTest(AsyncTestCase):
             future = writer.write(block)
         self.assertFalse(future.done())
         got = 0
-        while not future.done():  # the peer reads: the pending write completes
-            try:
-                got += len(theirs.recv(1 << 20))
-            except BlockingIOError:
-                await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        while not future.done():  # the peer reads (each recv waits for data): the write completes
+            got += len(await loop.sock_recv(theirs, 1 << 20))
         await future
         self.assertGreater(got, 65536)
         theirs.close()

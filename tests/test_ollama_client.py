@@ -6,9 +6,10 @@ import time
 from tornado.testing import AsyncTestCase, gen_test
 
 import jsonfmt
-from ollama_client import (LineSplitter, OllamaAborted, OllamaBroken, OllamaBusy, OllamaClient,
+from ollama_client import (OllamaAborted, OllamaBroken, OllamaBusy, OllamaClient,
                            OllamaHTTPError, OllamaTimeout, api_base)
 from tests.ollama_double import OllamaDouble, default_reply
+from upstreams.lines import LineSplitter
 
 
 def test_line_splitter_ignores_chunk_boundaries():

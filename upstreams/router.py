@@ -26,9 +26,10 @@ from typing import Any, Optional
 import jsonfmt
 import metrics
 from ollama_client import (LinesCallback, OllamaAborted, OllamaBroken, OllamaClient, OllamaError,
-                           OllamaHTTPError, OllamaUnreachable, Slots)
+                           OllamaHTTPError, OllamaUnreachable)
 from upstreams.http import forget_traceback
 from upstreams.ollama import OllamaUpstream, model_key, wrap
+from upstreams.slots import Slots
 from upstreams.openai import OpenAIClient, display_url
 
 log = logging.getLogger("chatterd")

@@ -1,0 +1,51 @@
+"""A reply as it streams in from the upstream, and the token counts its done line carries."""
+
+from typing import Any, Optional
+
+import jsonfmt
+
+
+class ReplyText:
+    """A reply's text as it streams in.
+
+    The hot path appends each token to `recent`; `compact()`, once per upstream chunk,
+    joins every 32 of them into a block, since a str per token costs ~50 bytes of overhead
+    (an open stream's largest item, bench/scale.py); blocks are joined the same way.
+    """
+
+    __slots__ = ("recent", "blocks", "pieces")
+
+    def __init__(self) -> None:
+        self.recent: list[str] = []
+        self.blocks: list[str] = []
+        self.pieces = 0  # tokens in blocks
+
+    def compact(self) -> None:
+        if len(self.recent) >= 32:
+            self.pieces += len(self.recent)
+            self.blocks.append("".join(self.recent))
+            self.recent.clear()
+            if len(self.blocks) >= 32:
+                self.blocks = ["".join(self.blocks)]
+
+    def __len__(self) -> int:
+        return self.pieces + len(self.recent)
+
+    def __str__(self) -> str:
+        return "".join(self.blocks) + "".join(self.recent)
+
+
+def token_count(value: Any) -> Optional[int]:
+    """Ollama's eval_count if it is a sane count; an upstream's odd value is ignored."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
+    return None
+
+
+def prompt_count(done_line: Optional[bytes]) -> Optional[int]:
+    """The prompt_eval_count of Ollama's final line, if it holds a sane one."""
+    try:
+        done = jsonfmt.loads(done_line) if done_line else None
+    except ValueError:
+        return None
+    return token_count(done.get("prompt_eval_count")) if isinstance(done, dict) else None

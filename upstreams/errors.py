@@ -1,0 +1,42 @@
+"""What can go wrong with an upstream call, as the exceptions every dialect raises: each
+carries the HTTP status a client should see when it happens before the stream starts."""
+
+from typing import Optional
+
+
+class OllamaError(Exception):
+    """A failed Ollama request; `status` is what a client should see before streaming."""
+
+    status = 502
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class OllamaUnreachable(OllamaError):
+    status = 502
+
+
+class OllamaHTTPError(OllamaError):
+    """Ollama answered with a non-200 status and (usually) {"error": "..."}."""
+
+
+class OllamaTimeout(OllamaError):
+    status = 504
+
+
+class OllamaBroken(OllamaError):
+    """The connection failed after Ollama had started answering."""
+
+
+class OllamaAborted(OllamaError):
+    """We cancelled the request ourselves (the client left, or the turn ended)."""
+
+
+class OllamaBusy(OllamaError):
+    """Every upstream slot stayed taken for the whole queue timeout."""
+
+    status = 503
