@@ -53,7 +53,8 @@ class NoCyclicGarbageTest(ChatterdTestCase):
         self.io_loop.run_sync(lambda: chat_and_leave(  # the client leaves mid-stream
             self.get_http_port(), chat_body("gc-left", "hi", model="slow")))
         self.io_loop.run_sync(lambda: streams_finished(self._app))
-        self.io_loop.run_sync(lambda: asyncio.sleep(0.1))  # the aborted upstream closes
+        left = [r for r in self.double.chat_requests() if r.body["model"] == "slow"][-1]
+        self.io_loop.run_sync(lambda: asyncio.wait_for(left.closed.wait(), 5))  # Ollama told
         found = self.left_to_the_collector()
         self.assertEqual(found, {})
 
