@@ -13,14 +13,14 @@ from typing import Awaitable, Callable, Optional
 from urllib.parse import urlsplit
 
 from tornado import httputil
-from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.httpclient import HTTPClientError
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
 import jsonfmt
 import metrics
 from upstreams.errors import (OllamaAborted, OllamaBroken, OllamaBusy, OllamaError,  # noqa: F401
                               OllamaHTTPError, OllamaTimeout, OllamaUnreachable)
-from upstreams.http import AbortableConnection, forget_traceback, http_client
+from upstreams.http import AbortableConnection, UpstreamRequest, forget_traceback, http_client
 from upstreams.lines import LineSplitter
 from upstreams.slots import Slots
 
@@ -116,7 +116,7 @@ class OllamaCall:
         self.reused_connection = False  # set by the connection: a kept-alive one
         self._last_activity = time.monotonic()
         self._idle = client.idle_timeout if timeout is None else timeout
-        request = HTTPRequest(
+        request = UpstreamRequest(
             self.url, method="POST" if body is not None else "GET", body=body,
             headers={"Content-Type": "application/json", "Accept": "application/x-ndjson",
                      "Connection": "keep-alive" if client.keepalive > 0 else "close",
@@ -127,7 +127,7 @@ class OllamaCall:
             connect_timeout=min(client.connect_timeout, self._idle),
             request_timeout=client.request_timeout if timeout is None else timeout,
             decompress_response=False)
-        request.upstream_call = self  # type: ignore[attr-defined]
+        request.upstream_call = self
         queue_timeout = client.queue_timeout if timeout is None else min(timeout, client.queue_timeout)
         self._fetch = asyncio.ensure_future(self._fetch_in_a_slot(request, queue_timeout))
         # A call whose owner never waits for its end (aborted before it was awaited) must not
@@ -146,7 +146,7 @@ class OllamaCall:
             connection.call = None
         request = self._request
         request.streaming_callback = request.header_callback = None
-        request.upstream_call = None  # type: ignore[attr-defined]
+        request.upstream_call = None
 
     def release(self) -> None:
         """The owner is done with this call: drop what still refers back to it or to the
@@ -159,7 +159,7 @@ class OllamaCall:
         for error in errors:
             forget_traceback(error)
 
-    async def _fetch_in_a_slot(self, request: HTTPRequest, queue_timeout: float) -> object:
+    async def _fetch_in_a_slot(self, request: UpstreamRequest, queue_timeout: float) -> object:
         self._busy = True  # the wait for a slot is not Ollama's silence
         try:
             if not await self.client.slots.take(queue_timeout, self._aborted):

@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import uuid
-from typing import Optional
+from typing import Any, Optional, Protocol
 
 import asyncpg
 
@@ -39,6 +39,14 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 DELIVERY_FLUSH = 0.2  # seconds
 CUT_WARNING_EVERY = 60.0  # seconds between "Ollama cut the prompt" warnings
+
+
+class Signal(Protocol):
+    """What a wait can end on besides its own timeout: an asyncio.Event, or handlers.base.Flag."""
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> Any: ...
 
 
 class TurnBusy(Exception):
@@ -90,7 +98,7 @@ class TurnKeeper:
             self._renewer = None
 
     async def begin(self, app_id: str, messages: list[dict], *,
-                    left: Optional[asyncio.Event] = None, replace: bool = False,
+                    left: Optional["Signal"] = None, replace: bool = False,
                     budget: Optional[int] = None, context: Optional[int] = None) -> "Turn":
         """Store *messages* as a pending turn of *app_id* once no other turn of it runs.
 

@@ -142,6 +142,8 @@ class Stats:
         self.ok = 0
         self.failures = collections.Counter()
         self.latencies_us: list[int] = []  # upstream write -> client read, per event
+        self.stamps_ns: list[int] = []     # and when the upstream wrote it
+        self.first_done_ns: int | None = None  # when the first stream ended
         self.open = 0
         self.ttft: list[float] = []
 
@@ -170,7 +172,7 @@ async def stream(port: int, app_id: str, tokens: int, interval: float, stats: St
             stats.failures[f"status {status.decode()}"] += 1
             return
         tail = b""
-        latencies = stats.latencies_us
+        latencies, stamps = stats.latencies_us, stats.stamps_ns
         while data := await reader.read(1 << 16):
             now = time.monotonic_ns()
             lines = (tail + data).split(b"\n")
@@ -183,9 +185,13 @@ async def stream(port: int, app_id: str, tokens: int, interval: float, stats: St
                     at = line.find(STAMP)
                     if at >= 0:
                         end = line.index(b" ", at)
-                        latencies.append((now - int(line[at + len(STAMP):end])) // 1000)
+                        stamp = int(line[at + len(STAMP):end])
+                        latencies.append((now - stamp) // 1000)
+                        stamps.append(stamp)
                     elif b'"done":true' in line:
                         done = True
+                        if stats.first_done_ns is None:
+                            stats.first_done_ns = now
                     elif error == "":
                         error = line[6:86].decode(errors="replace")
                 elif line.startswith(b"event: error"):
@@ -252,6 +258,12 @@ async def run_streams(proc, port, args, name: str, idle_kib: int | None) -> dict
     stop.set()
     await sampler
     lat = sorted(stats.latencies_us)
+    # Steady state: every stream open (from a second after the last start to the first end),
+    # so no turn begins or ends; what is left is relaying lines.
+    steady_from = int((t0 + args.ramp + 1) * 1e9)
+    steady_to = stats.first_done_ns or 0
+    steady = sorted(l for l, s in zip(stats.latencies_us, stats.stamps_ns)
+                    if steady_from <= s <= steady_to)
     peak = max(samples, key=lambda s: s[0])
     full = max(samples, key=lambda s: (s[1], -s[0]))  # the most streams open (least RSS of those)
     result = {
@@ -260,6 +272,10 @@ async def run_streams(proc, port, args, name: str, idle_kib: int | None) -> dict
         "p50": percentile(lat, 0.50) / 1000 if lat else float("nan"),
         "p99": percentile(lat, 0.99) / 1000 if lat else float("nan"),
         "max": lat[-1] / 1000 if lat else float("nan"),
+        "steady_events": len(steady),
+        "steady_s": max(0.0, (steady_to - steady_from) / 1e9),
+        "steady_p50": percentile(steady, 0.50) / 1000 if steady else float("nan"),
+        "steady_p99": percentile(steady, 0.99) / 1000 if steady else float("nan"),
         "ttft_p99": percentile(sorted(stats.ttft), 0.99) if stats.ttft else float("nan"),
         "max_open": max(s[1] for s in samples), "max_fds": max(s[2] for s in samples),
         "peak_kib": peak[0], "open_at_peak": peak[1], "full_kib": full[0], "open_full": full[1],
@@ -283,6 +299,8 @@ def report(r: dict, idle_kib: int) -> None:
               f"(peak {r['peak_kib'] / 1024:.1f} MiB, with {r['open_at_peak']} open)")
     print(f"  relay latency over {r['events']} events: p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms,"
           f" max {r['max']:.1f} ms; first event p99 {r['ttft_p99'] * 1000:.0f} ms after connecting")
+    print(f"  with every stream open ({r['steady_s']:.0f} s, no turn starting or ending): "
+          f"{r['steady_events']} events, p50 {r['steady_p50']:.2f} ms, p99 {r['steady_p99']:.2f} ms")
     c, me, up, pg = r["cpu"]
     print(f"  CPU (% of one core over the run): chatterd {c:.0f}%, clients (this process) "
           f"{me:.0f}%, upstream {up:.0f}%, PostgreSQL {pg:.0f}%; chatterd's busiest second "

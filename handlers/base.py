@@ -288,18 +288,46 @@ class JSONBodyHandler(BaseHandler):
             raise ClientError(503, "server is shutting down; retry")
 
 
+class Flag:
+    """asyncio.Event's set(), is_set() and wait() for a flag set once, made for every
+    request and rarely waited on: an Event allocates its deque of waiters (600 bytes) when
+    made, this a future only when something waits."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: Optional[asyncio.Future] = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        # Shielded: a waiter cancelled (say, by a timeout) leaves the flag usable.
+        return await asyncio.shield(self._waiter)
+
+
 class UpstreamHandler(JSONBodyHandler):
     """A handler relaying one Ollama call; the call is aborted the moment the client leaves."""
 
     call: Any = None
     client_gone = False
-    _left: Optional[asyncio.Event] = None
+    _left: Optional[Flag] = None
 
     @property
-    def left(self) -> asyncio.Event:
+    def left(self) -> Flag:
         """Set when the client has gone (for waits that should end with it)."""
         if self._left is None:
-            self._left = asyncio.Event()
+            self._left = Flag()
             if self.client_gone:
                 self._left.set()
         return self._left

@@ -89,3 +89,34 @@ class ServerStreamsAreLightenedTest(AsyncTestCase):
             server.stop()
         self.assertEqual(response.body, b"ok")
         self.assertEqual(seen, [ShortQueue])
+
+
+class SharedInstanceDictsTest(ChatterdTestCase):
+    """An upstream stream and its request keep instance dictionaries CPython shares between
+    instances (1.3 KB less each per open stream than private ones): chatterd's own state on
+    them is one attribute (StreamState) or a slot (UpstreamRequest)."""
+
+    def test_the_upstream_stream_and_request_of_a_streaming_turn(self) -> None:
+        import sys
+        self.double.behave("slow", reply="a b c d e f", token_delay=0.05)
+        seen = {}
+        original = upstreams.http.AbortableConnection._create_connection
+
+        def spy(connection, stream):  # type: ignore[no-untyped-def]
+            made = original(connection, stream)
+            seen["stream"], seen["request"] = stream, connection.request.request
+            return made
+
+        upstreams.http.AbortableConnection._create_connection = spy
+        try:
+            response = self.post_json("/llmchat", chat_body("dicts", "hi", model="slow"))
+        finally:
+            upstreams.http.AbortableConnection._create_connection = original
+        self.assertEqual(response.code, 200)
+        ours, theirs = socket.socketpair()
+        plain = IOStream(ours)
+        self.assertEqual(sys.getsizeof(vars(seen["stream"])), sys.getsizeof(vars(plain)))
+        self.assertIsInstance(seen["request"], upstreams.http.UpstreamRequest)
+        self.assertEqual(vars(seen["request"]), {})  # every attribute in a slot
+        plain.close()
+        theirs.close()

@@ -411,3 +411,24 @@ class CutWarningTest(AsyncTestCase):
             keeper.warn_cut(turn, 3)
         self.assertEqual(len(logs.output), 1)
         self.assertIn("(2 more such turns since the last warning)", logs.output[0])
+
+
+class FlagTest(AsyncTestCase):
+    """handlers.base.Flag, the client-left signal a queued turn waits on."""
+
+    @gen_test
+    async def test_a_wait_ends_when_the_flag_is_set_and_a_cancelled_wait_harms_nothing(self):
+        from handlers.base import Flag
+        flag = Flag()
+        self.assertFalse(flag.is_set())
+        cancelled = asyncio.ensure_future(flag.wait())
+        await asyncio.sleep(0)
+        cancelled.cancel()  # as TurnKeeper.begin does after each pause
+        waiting = asyncio.ensure_future(flag.wait())
+        await asyncio.sleep(0)
+        self.assertFalse(waiting.done())
+        flag.set()
+        self.assertTrue(await asyncio.wait_for(waiting, 5))
+        self.assertTrue(flag.is_set())
+        self.assertTrue(await flag.wait())  # set already: at once
+        self.assertTrue(cancelled.cancelled())

@@ -320,7 +320,7 @@ class KeepAliveTest(AsyncTestCase):
             await client.post("/api/chat", b"{}", None).finished()
             for idle in client.http.tcp_client.idle.values():
                 for stream in idle:
-                    stream.kept_since -= upstreams.http.KEPT_FOR  # as if kept that long
+                    stream.upstream.kept_since -= upstreams.http.KEPT_FOR  # as if kept that long
             second = client.post("/api/chat", b"{}", None)
             await second.finished()
             self.assertFalse(second.reused_connection)
@@ -333,11 +333,11 @@ class KeepAliveTest(AsyncTestCase):
     async def test_nothing_is_kept_after_the_client_closed(self):
         # A call that ends cleanly during shutdown, after the client closed its pool.
         from tornado.iostream import IOStream
-        from upstreams.http import KeptAliveTCPClient
+        from upstreams.http import KeptAliveTCPClient, StreamState
         pool = KeptAliveTCPClient(DefaultLoopResolver(), 4)
         ours, theirs = socket.socketpair()
         stream = IOStream(ours)
-        stream.pool_key = ("h", 1, False)
+        stream.upstream = StreamState(("h", 1, False))
         pool.close()
         pool.keep(stream)
         self.assertTrue(stream.closed())

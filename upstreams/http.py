@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado.httpclient import HTTPRequest
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
 from tornado.netutil import DefaultLoopResolver, Resolver, is_valid_ip
@@ -56,6 +57,7 @@ class BufferedChunkConnection(HTTP1Connection):
         crlf = False      # the current chunk's data is in; its CRLF is due
         total = 0
         stream = self.stream
+        state = stream_state(stream)
         while True:
             data = await stream.read_bytes(_READ, partial=True)
             # IOStream allocates and zero-fills read_chunk_size bytes for every read it
@@ -66,8 +68,7 @@ class BufferedChunkConnection(HTTP1Connection):
                 stream.read_chunk_size = min(size * 2, _READ)
             elif len(data) * 4 < size and size > _MIN_READ:
                 stream.read_chunk_size = size // 2
-            if isinstance(stream, UpstreamStream):
-                stream.trickle = len(data) < _TRICKLE
+            state.trickle = len(data) < _TRICKLE
             buf += data
             out = []
             pos = 0
@@ -117,6 +118,45 @@ class BufferedChunkConnection(HTTP1Connection):
                 await self._deliver_body(delegate, out[0] if len(out) == 1 else b"".join(out))
 
 
+class StreamState:
+    """What chatterd keeps on an upstream IOStream, in the one attribute `upstream`.
+
+    An IOStream's own attributes nearly fill the instance dictionary CPython shares between
+    instances of a class: two attributes more and it becomes a private one, 1.3 KB larger
+    per open stream (bench/scale.py)."""
+
+    __slots__ = ("trickle", "reused", "pool_key", "kept_since")
+
+    def __init__(self, pool_key: Optional[tuple] = None) -> None:
+        self.trickle = False     # the body comes a token at a time (UpstreamStream)
+        self.reused = False      # handed out again by KeptAliveTCPClient
+        self.pool_key = pool_key  # (host, port, tls) it is kept under
+        self.kept_since = 0.0    # when it was last kept
+
+
+def stream_state(stream: IOStream) -> StreamState:
+    """*stream*'s StreamState (made the first time it is asked for)."""
+    state = getattr(stream, "upstream", None)
+    if state is None:
+        state = stream.upstream = StreamState()  # type: ignore[attr-defined]
+    return state
+
+
+class UpstreamRequest(HTTPRequest):
+    """HTTPRequest whose attributes are slots: Tornado's own 32 overflow the instance
+    dictionary CPython shares between instances (a private one costs 1.3 KB more per open
+    stream, bench/scale.py).  `upstream_call` is the call it belongs to (AbortableConnection)."""
+
+    __slots__ = ("_body", "_headers", "allow_ipv6", "allow_nonstandard_methods", "auth_mode",
+                 "auth_password", "auth_username", "body_producer", "ca_certs", "client_cert",
+                 "client_key", "connect_timeout", "decompress_response", "expect_100_continue",
+                 "follow_redirects", "header_callback", "max_redirects", "method",
+                 "network_interface", "prepare_curl_callback", "proxy_auth_mode", "proxy_host",
+                 "proxy_password", "proxy_port", "proxy_username", "request_timeout",
+                 "ssl_options", "start_time", "streaming_callback", "url", "user_agent",
+                 "validate_cert", "upstream_call")
+
+
 class UpstreamStream(IOStream):
     """IOStream that, while a body comes a token at a time, does not try a read that will
     find the socket empty.  Tornado tries to read at once whenever a read is asked for: for
@@ -124,10 +164,8 @@ class UpstreamStream(IOStream):
     raised and caught, a buffer allocated) for every token, before the wait for the socket
     to be readable that follows anyway.  Bursts keep the read at once."""
 
-    trickle = False  # set by BufferedChunkConnection after each read
-
     def _try_inline_read(self) -> None:
-        if not self.trickle:
+        if not self.upstream.trickle:  # set by BufferedChunkConnection after each read
             return super()._try_inline_read()
         pos = self._find_read_pos()  # what is already buffered is still used at once
         if pos is not None:
@@ -206,7 +244,8 @@ class AbortableConnection(_HTTPConnection):
             super()._on_end_request()
 
     def _create_connection(self, stream: IOStream) -> HTTP1Connection:
-        reused = getattr(stream, "kept_alive", False)
+        state = stream_state(stream)
+        reused = state.reused
         if self.call is not None:
             self.call.reused_connection = reused
         stream.set_nodelay(True)  # (Tornado turns it off again after each request)
@@ -214,7 +253,7 @@ class AbortableConnection(_HTTPConnection):
             lean_streams.lighten(stream)
             if type(stream) is IOStream:  # (not TLS): same object, one method more
                 stream.__class__ = UpstreamStream
-        stream.trickle = False  # a response's headers are read at once
+        state.trickle = False  # a response's headers are read at once
         stream.read_chunk_size = _MIN_READ  # BufferedChunkConnection adapts it
         return BufferedChunkConnection(
             stream, True,
@@ -260,25 +299,26 @@ class KeptAliveTCPClient(TCPClient):
             # Not one kept longer than KEPT_FOR: a NAT or load balancer on the way may have
             # dropped it without telling either end, and a request written on it would wait
             # for the idle timeout.
+            state = stream_state(stream)
             if not stream.closed() and not stream._read_buffer_size \
-                    and now - stream.kept_since < KEPT_FOR:  # type: ignore[attr-defined]
-                stream.kept_alive = True  # type: ignore[attr-defined]
+                    and now - state.kept_since < KEPT_FOR:
+                state.reused = True
                 return stream
             stream.close()
         stream = await super().connect(host, port, af=af, ssl_options=ssl_options,
                                        max_buffer_size=max_buffer_size, source_ip=source_ip,
                                        source_port=source_port, timeout=timeout)
-        stream.kept_alive = False  # type: ignore[attr-defined]
-        stream.pool_key = key  # type: ignore[attr-defined]
+        stream.upstream = StreamState(key)  # type: ignore[attr-defined]
         return stream
 
     def keep(self, stream: IOStream) -> None:
         """A connection whose response ended cleanly, for the next request."""
-        idle = [] if self.closed else self.idle.setdefault(stream.pool_key, [])  # type: ignore[attr-defined]
+        state = stream_state(stream)
+        idle = [] if self.closed else self.idle.setdefault(state.pool_key, [])
         if self.closed or len(idle) >= self.max_idle:
             stream.close()
             return
-        stream.kept_since = time.monotonic()  # type: ignore[attr-defined]
+        state.kept_since = time.monotonic()
         idle.append(stream)
         # Also makes the stream watch for the server's close while nothing is read.
         stream.set_close_callback(lambda: stream in idle and idle.remove(stream))
