@@ -5,34 +5,49 @@ RequestHandler.flush() costs, per event, a join of the handler's buffer, a futur
 HTTP1Connection.write, a done-callback and two loop hops before the awaiting coroutine
 resumes, even when the kernel took every byte at once.  Once the headers are out, an SSE
 stream needs none of that: it frames each write as Tornado would (a chunk of the chunked
-encoding for an HTTP/1.1 client, raw bytes for HTTP/1.0) and writes it to the stream,
-whose future is already done when the kernel took it all (the usual case), so the caller
-awaits only when the client is behind.  The final zero-length chunk is still written by
-handler.finish(); IOStream keeps writes in order.
+encoding for an HTTP/1.1 client, raw bytes for HTTP/1.0) and sends it on the socket
+itself while nothing is queued before it: IOStream.write would add a future, a done
+callback and its buffer's bookkeeping for every event.  Only what the kernel did not take
+goes through IOStream.write, so the caller awaits only when the client is behind, and
+IOStream then keeps the order and meets any error its own way.  The final zero-length
+chunk is still written by handler.finish().
 """
 
 from typing import Optional
 
 from tornado.concurrent import Future
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, SSLIOStream
 from tornado.web import RequestHandler
 
 
 class DirectWriter:
     """Writes body bytes of *handler*'s response, whose headers were flushed already."""
 
-    __slots__ = ("stream", "chunked")
+    __slots__ = ("stream", "chunked", "socket")
 
     def __init__(self, stream: IOStream, chunked: bool) -> None:
         self.stream = stream
         self.chunked = chunked
+        # A TLS stream's socket is written through its SSL object: IOStream does that.
+        self.socket = None if isinstance(stream, SSLIOStream) else stream.socket
 
-    def write(self, data: bytes) -> "Future[None]":
-        """Write *data* (not empty); the future is done once the kernel has all of it.
-        Raises tornado.iostream.StreamClosedError when the client has gone."""
+    def write(self, data: bytes) -> "Optional[Future[None]]":
+        """Write *data* (not empty): None when the kernel took all of it, else a future
+        done once it has.  Raises tornado.iostream.StreamClosedError when the client has
+        gone (or the future does)."""
         if self.chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
-        return self.stream.write(data)
+        stream = self.stream
+        # Only while IOStream holds nothing: what it holds goes first.
+        if self.socket is not None and not stream._write_buffer and not stream.closed():  # type: ignore[attr-defined]
+            try:
+                sent = self.socket.send(data)
+            except OSError:  # full, or the client went away: IOStream.write says which
+                sent = 0
+            if sent == len(data):
+                return None
+            data = data[sent:]
+        return stream.write(data)
 
 
 def direct_writer(handler: RequestHandler) -> Optional[DirectWriter]:

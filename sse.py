@@ -133,9 +133,8 @@ class EventStream:
             if not data:
                 return
             future = self._direct.write(data)
-            if future.done():  # the kernel took it all: the usual case costs no await
+            if future is None:  # the kernel took it all: the usual case costs no await
                 self._last_write = time.monotonic()
-                future.result()
                 return
             self._flushing = future
         else:

@@ -100,31 +100,42 @@ class DirectWriterTest(AsyncTestCase):
         theirs.setblocking(False)
         stream = IOStream(ours)
         writer = DirectWriter(stream, chunked=True)
-        first = writer.write(b"data: x\n\n")
-        self.assertTrue(first.done())  # the usual case: nothing to await
+        self.assertIsNone(writer.write(b"data: x\n\n"))  # the usual case: nothing to await
         self.assertEqual(theirs.recv(100), b"9\r\ndata: x\n\n\r\n")
         block = b"y" * 65536
-        future = writer.write(block)
-        while future.done():  # fill the socket buffers until the kernel stops taking bytes
+        sent = 0
+        future = None
+        while future is None:  # fill the socket buffers until the kernel stops taking bytes
             future = writer.write(block)
+            sent += len(block) + 9  # (its chunk framing)
         self.assertFalse(future.done())
-        got = 0
+        # The peer takes some (the kernel has room again) before the loop lets IOStream
+        # write what it holds: the next write must still queue behind that.
+        received = bytearray(theirs.recv(1 << 20))
+        last = writer.write(b"the end")  # queued behind the rest, never sent ahead of it
+        self.assertIsNotNone(last)
+        sent += 12
         loop = asyncio.get_running_loop()
-        while not future.done():  # the peer reads (each recv waits for data): the write completes
-            got += len(await loop.sock_recv(theirs, 1 << 20))
+        while len(received) < sent:  # the peer reads (each recv waits for data)
+            received += await loop.sock_recv(theirs, 1 << 20)
         await future
-        self.assertGreater(got, 65536)
+        await last
+        self.assertEqual(len(received), sent)
+        self.assertTrue(received.endswith(b"7\r\nthe end\r\n"))
+        self.assertEqual(received.count(b"10000\r\n" + block + b"\r\n"), (sent - 12) // (65536 + 9))
         theirs.close()
         with self.assertRaises(StreamClosedError):
             for _ in range(100):  # the close is noticed at the next write that fails
-                await writer.write(block)
+                pending = writer.write(block)
+                if pending is not None:
+                    await pending
         stream.close()
 
     @gen_test
     async def test_raw_framing_for_http10(self) -> None:
         ours, theirs = socket.socketpair()
         stream = IOStream(ours)
-        await DirectWriter(stream, chunked=False).write(b"data: x\n\n")
+        self.assertIsNone(DirectWriter(stream, chunked=False).write(b"data: x\n\n"))
         self.assertEqual(theirs.recv(100), b"data: x\n\n")
         stream.close()
         theirs.close()
