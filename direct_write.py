@@ -42,7 +42,10 @@ class DirectWriter:
         if self.socket is not None and not stream._write_buffer and not stream.closed():  # type: ignore[attr-defined]
             try:
                 sent = self.socket.send(data)
-            except OSError:  # full, or the client went away: IOStream.write says which
+            except BlockingIOError:  # the kernel's buffer is full: IOStream queues it
+                sent = 0
+            except OSError as e:  # the client went away: IOStream.write raises, with why
+                stream.close(exc_info=e)
                 sent = 0
             if sent == len(data):
                 return None

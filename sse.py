@@ -78,7 +78,12 @@ async def bounded(handler: RequestHandler, future: "asyncio.Future[None]", timeo
 
     timer = asyncio.get_running_loop().call_later(timeout, cut)
     try:
-        await future  # Tornado resolves a write cut short by a close without an error
+        # A flush cut short by the close resolves without an error; an IOStream write
+        # (direct_write.py) fails with StreamClosedError: either way, say it timed out.
+        await future
+    except StreamClosedError:
+        if not timed_out:
+            raise
     finally:
         timer.cancel()
     if timed_out:

@@ -143,9 +143,14 @@ class Stats:
         self.failures = collections.Counter()
         self.latencies_us: list[int] = []  # upstream write -> client read, per event
         self.stamps_ns: list[int] = []     # and when the upstream wrote it
-        self.first_done_ns: int | None = None  # when the first stream ended
+        self.last_begun_ns = 0                 # when the last stream got its first event
+        self.first_end_ns: int | None = None   # when the first stream ended (or failed)
         self.open = 0
         self.ttft: list[float] = []
+
+    def ended(self, at_ns: int) -> None:
+        if self.first_end_ns is None or at_ns < self.first_end_ns:
+            self.first_end_ns = at_ns
 
 
 async def stream(port: int, app_id: str, tokens: int, interval: float, stats: Stats) -> None:
@@ -181,6 +186,7 @@ async def stream(port: int, app_id: str, tokens: int, interval: float, stats: St
                 if line.startswith(b"data: "):
                     if events == 0:
                         stats.ttft.append(time.monotonic() - started)
+                        stats.last_begun_ns = max(stats.last_begun_ns, now)
                     events += 1
                     at = line.find(STAMP)
                     if at >= 0:
@@ -190,8 +196,7 @@ async def stream(port: int, app_id: str, tokens: int, interval: float, stats: St
                         stamps.append(stamp)
                     elif b'"done":true' in line:
                         done = True
-                        if stats.first_done_ns is None:
-                            stats.first_done_ns = now
+                        stats.ended(now)
                     elif error == "":
                         error = line[6:86].decode(errors="replace")
                 elif line.startswith(b"event: error"):
@@ -209,6 +214,8 @@ async def stream(port: int, app_id: str, tokens: int, interval: float, stats: St
         stats.failures[f"connection: {type(e).__name__}"] += 1
     finally:
         stats.open -= 1
+        if not done:
+            stats.ended(time.monotonic_ns())
         writer.close()
 
 
@@ -258,10 +265,11 @@ async def run_streams(proc, port, args, name: str, idle_kib: int | None) -> dict
     stop.set()
     await sampler
     lat = sorted(stats.latencies_us)
-    # Steady state: every stream open (from a second after the last start to the first end),
-    # so no turn begins or ends; what is left is relaying lines.
-    steady_from = int((t0 + args.ramp + 1) * 1e9)
-    steady_to = stats.first_done_ns or 0
+    # Steady state: every stream open, from the last one's first event (its turn has begun)
+    # to the first one's end (done, or failed), so no turn begins or ends; what is left is
+    # relaying lines.
+    steady_from = stats.last_begun_ns
+    steady_to = stats.first_end_ns or 0
     steady = sorted(l for l, s in zip(stats.latencies_us, stats.stamps_ns)
                     if steady_from <= s <= steady_to)
     peak = max(samples, key=lambda s: s[0])

@@ -132,6 +132,32 @@ class DirectWriterTest(AsyncTestCase):
         stream.close()
 
     @gen_test
+    async def test_a_write_the_client_does_not_take_in_time_fails_as_a_timeout(self) -> None:
+        from types import SimpleNamespace
+        from sse import bounded
+        ours, theirs = socket.socketpair()
+        stream = IOStream(ours)
+        writer = DirectWriter(stream, chunked=True)
+        future = None
+        while future is None:  # the peer never reads: the kernel's buffers fill
+            future = writer.write(b"z" * 65536)
+        handler = SimpleNamespace(request=SimpleNamespace(connection=SimpleNamespace(stream=stream)))
+        with self.assertRaises(StreamClosedError) as caught:
+            await bounded(handler, future, 0.2)  # type: ignore[arg-type]
+        self.assertIsInstance(caught.exception.real_error, TimeoutError)
+        self.assertTrue(stream.closed())
+        theirs.close()
+
+    def test_a_tls_stream_is_written_through_its_iostream(self) -> None:
+        import ssl
+        from tornado.iostream import SSLIOStream
+        ours, theirs = socket.socketpair()
+        stream = SSLIOStream(ours, ssl_options=ssl.create_default_context())
+        self.assertIsNone(DirectWriter(stream, chunked=True).socket)  # never sent around SSL
+        stream.close()
+        theirs.close()
+
+    @gen_test
     async def test_raw_framing_for_http10(self) -> None:
         ours, theirs = socket.socketpair()
         stream = IOStream(ours)

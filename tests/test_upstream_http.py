@@ -330,6 +330,19 @@ class KeepAliveTest(AsyncTestCase):
             server.close()
 
     @gen_test(timeout=20)
+    async def test_a_stream_the_pool_did_not_open_is_closed_not_kept(self):
+        from tornado.iostream import IOStream
+        from upstreams.http import KeptAliveTCPClient
+        pool = KeptAliveTCPClient(DefaultLoopResolver(), 4)
+        ours, theirs = socket.socketpair()
+        stream = IOStream(ours)  # no StreamState: no key to find it under again
+        pool.keep(stream)
+        self.assertTrue(stream.closed())
+        self.assertEqual(pool.idle, {})
+        pool.close()
+        theirs.close()
+
+    @gen_test(timeout=20)
     async def test_nothing_is_kept_after_the_client_closed(self):
         # A call that ends cleanly during shutdown, after the client closed its pool.
         from tornado.iostream import IOStream

@@ -313,7 +313,10 @@ class KeptAliveTCPClient(TCPClient):
 
     def keep(self, stream: IOStream) -> None:
         """A connection whose response ended cleanly, for the next request."""
-        state = stream_state(stream)
+        state = getattr(stream, "upstream", None)
+        if state is None or state.pool_key is None:  # not one of ours: connect() never finds it
+            stream.close()
+            return
         idle = [] if self.closed else self.idle.setdefault(state.pool_key, [])
         if self.closed or len(idle) >= self.max_idle:
             stream.close()
