@@ -22,6 +22,7 @@ from typing import Optional
 log = logging.getLogger("chatterd")
 
 NEVER = 2**31 - 1  # a generation-2 threshold the count never reaches
+DEFAULT_THRESHOLD = gc.get_threshold()  # Python's own, restored by stop()
 
 
 class FullCollections:
@@ -57,6 +58,3 @@ class FullCollections:
             self._timer = None
         gc.unfreeze()
         gc.set_threshold(*DEFAULT_THRESHOLD)
-
-
-DEFAULT_THRESHOLD = gc.get_threshold()

@@ -184,9 +184,7 @@ class OllamaCall:
                     raise
                 forget_traceback(e)
                 self.reused_connection = False
-                tcp_client = self.client.http.tcp_client
-                if hasattr(tcp_client, "drop_idle"):
-                    tcp_client.drop_idle()
+                self.client.http.tcp_client.drop_idle()  # (reused: a KeptAliveTCPClient's)
                 return await self.client.http.fetch(request, raise_error=False)
         finally:
             self.client.slots.give_back()

@@ -120,10 +120,9 @@ async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds:
             app_id, owner, lease_seconds, _pending(messages), replace, resend_seconds,
             budget, context, delivered or None, waited_for, list(known) or None)
     history = row["history"]
-    if history is not None:
-        if cache is not None:  # (without one, everything was fetched, in order)
-            history = cache.assemble(app_id, known, history, row["history_turns"],
-                                     row["window_turns"])
+    if history is not None and cache is not None:  # (without one, all was fetched, in order)
+        history = cache.assemble(app_id, known, history, row["history_turns"],
+                                 row["window_turns"])
     return row["turn_id"], history, Window(
         row["sent_messages"], row["sent_tokens"], row["omitted_messages"],
         row["omitted_tokens"], context), row["replay"]

@@ -225,7 +225,7 @@ class AbortableConnection(_HTTPConnection):
         await super().run()
         # Only now: Tornado's HTTP1Connection clears the stream's callbacks when it has read
         # the response, after finish() ran.
-        if self._keep and self.stream.closed() is False:
+        if self._keep and not self.stream.closed():
             self.tcp_client.keep(self.stream)
 
     def _on_end_request(self) -> None:
@@ -336,10 +336,7 @@ class KeptAliveTCPClient(TCPClient):
 
     def close(self) -> None:
         self.closed = True
-        for idle in self.idle.values():
-            for stream in idle:
-                stream.close()
-        self.idle.clear()
+        self.drop_idle()
         super().close()
 
 
