@@ -111,6 +111,91 @@ class OllamaClientTest(AsyncTestCase):
             await call.finished()
         self.assertLess(time.monotonic() - started, 10)  # generous: the bug waits 60 s
 
+    def count_direct_reads(self) -> list:
+        """Count the recvs UpstreamStream makes itself for a trickling body (read_trickle)."""
+        import upstreams.http
+        calls = [0]
+        original = upstreams.http.UpstreamStream._read_direct
+
+        def counted(stream):  # type: ignore[no-untyped-def]
+            calls[0] += 1
+            return original(stream)
+
+        upstreams.http.UpstreamStream._read_direct = counted
+        self.addCleanup(setattr, upstreams.http.UpstreamStream, "_read_direct", original)
+        return calls
+
+    async def trickle_then(self, **behaviour) -> tuple[Exception, list, float]:
+        """A body a token per 20 ms (read by read_trickle), then what *behaviour* says."""
+        self.double.behave("trickle", token_delay=0.02, reply="w " * 12, **behaviour)
+        direct = self.count_direct_reads()
+        got = []
+
+        async def on_lines(lines):
+            got.extend(lines)
+
+        started = time.monotonic()
+        call = self.client(request_timeout=60, idle_timeout=60).post(
+            "/api/chat", b'{"model":"trickle","messages":[]}', on_lines)
+        with self.assertRaises(Exception) as caught:
+            await call.finished()
+        self.assertGreaterEqual(direct[0], 3)  # the failure met a read of read_trickle's
+        return caught.exception, got, time.monotonic() - started
+
+    @gen_test(timeout=20)
+    async def test_reset_while_the_body_trickles_fails_fast(self):
+        error, got, took = await self.trickle_then(reset_after=6)
+        self.assertIsInstance(error, OllamaBroken)
+        self.assertIn("Connection reset by peer", error.message)  # the real cause, kept
+        self.assertEqual(len(got), 6)  # every line before the reset, none lost
+        self.assertLess(took, 10)  # not request_timeout's 60 s
+
+    @gen_test(timeout=20)
+    async def test_close_while_the_body_trickles_is_an_error(self):
+        error, got, took = await self.trickle_then(close_after=6)
+        self.assertIsInstance(error, OllamaBroken)
+        self.assertEqual(len(got), 6)
+        self.assertLess(took, 10)
+
+    @gen_test(timeout=20)
+    async def test_abort_while_the_body_trickles(self):
+        self.double.behave("trickle", token_delay=0.02, reply="w " * 200)
+        direct = self.count_direct_reads()
+        lines_seen = asyncio.Event()
+        call = None
+
+        async def on_lines(lines):
+            if direct[0] >= 3:
+                lines_seen.set()
+
+        call = self.client().post("/api/chat", b'{"model":"trickle","messages":[]}', on_lines)
+        await asyncio.wait_for(lines_seen.wait(), 5)
+        call.abort(OllamaAborted("client disconnected"))  # while a direct read waits
+        with self.assertRaises(OllamaAborted):
+            await call.finished()
+        await asyncio.wait_for(self.double.chat_requests()[0].closed.wait(), 5)
+
+    @gen_test(timeout=20)
+    async def test_a_slow_reader_of_a_trickling_body_loses_nothing(self):
+        # While a delivery waits (a slow client), tokens arriving are read the usual way
+        # into IOStream's buffer; the next read takes them from there, in order.
+        reply = "".join(f"t{i} " for i in range(60))
+        self.double.behave("trickle", token_delay=0.005, reply=reply)
+        direct = self.count_direct_reads()
+        got = []
+
+        async def on_lines(lines):
+            got.extend(lines)
+            if len(got) % 7 == 0:
+                await asyncio.sleep(0.03)  # several tokens arrive meanwhile
+
+        call = self.client().post("/api/chat", b'{"model":"trickle","messages":[]}', on_lines)
+        await call.finished()
+        chunks = [jsonfmt.loads(line) for line in got]
+        self.assertEqual("".join(c["message"]["content"] for c in chunks), reply)
+        self.assertTrue(chunks[-1]["done"])
+        self.assertGreater(direct[0], 5)
+
     @gen_test
     async def test_idle_timeout(self):
         self.double.behave("stall", stall_after=0, header_delay=0)

@@ -89,14 +89,20 @@ class BufferedChunkTest(AsyncTestCase):
     @gen_test(timeout=20)
     async def test_a_trickling_body_costs_one_recv_per_piece(self):
         # Tornado tries a read at once whenever one is asked for, which for a body that
-        # trickles in fails with EAGAIN every time; UpstreamStream skips that try.
+        # trickles in fails with EAGAIN every time, then reads through its buffer;
+        # UpstreamStream.read_trickle waits for the socket and takes each piece with one recv.
         import upstreams.http
-        calls = [0]
-        original = upstreams.http.UpstreamStream.read_from_fd
+        calls = {"iostream": 0, "direct": 0}
+        stream_class = upstreams.http.UpstreamStream
+        originals = stream_class.read_from_fd, stream_class._read_direct
 
-        def counted(stream, buf):  # type: ignore[no-untyped-def]
-            calls[0] += 1
-            return original(stream, buf)
+        def via_iostream(stream, buf):  # type: ignore[no-untyped-def]
+            calls["iostream"] += 1
+            return originals[0](stream, buf)
+
+        def direct(stream):  # type: ignore[no-untyped-def]
+            calls["direct"] += 1
+            return originals[1](stream)
 
         pieces = [b'{"n":%d}\n' % i for i in range(40)]
         body = chunked(pieces)
@@ -105,13 +111,14 @@ class BufferedChunkTest(AsyncTestCase):
         for piece in pieces:  # one write per chunk, as an LLM server writes tokens
             at += len(b"%x\r\n" % len(piece)) + len(piece) + 2
             cuts.append(at)
-        upstreams.http.UpstreamStream.read_from_fd = counted
+        stream_class.read_from_fd, stream_class._read_direct = via_iostream, direct
         try:
             data, _, response = await self.fetch(body, cuts)
         finally:
-            upstreams.http.UpstreamStream.read_from_fd = original
+            stream_class.read_from_fd, stream_class._read_direct = originals
         self.assertEqual((response.code, data), (200, b"".join(pieces)))
-        self.assertLess(calls[0], 1.5 * len(pieces))  # about 2 per piece without the change
+        self.assertLess(calls["iostream"] + calls["direct"], 1.5 * len(pieces))  # ~2 per piece before
+        self.assertGreater(calls["direct"], len(pieces) // 2)  # read_trickle took most pieces
 
     @gen_test(timeout=10)
     async def test_chunk_extensions_are_ignored(self):

@@ -11,7 +11,9 @@ public hook for three things chatterd needs, so a small subclass of the private
   request_timeout);
 * a chunked body is read a buffer at a time: every complete chunk already received is
   decoded in one pass and handed over as one piece, where Tornado awaits three reads per
-  chunk.  An LLM server writes one chunk per token, so this is the relay's hot path.
+  chunk.  An LLM server writes one chunk per token, so this is the relay's hot path;
+  while the body comes a token at a time, each read is one recv made when the socket is
+  readable (UpstreamStream.read_trickle), not IOStream's buffered read.
 
 * keep-alive: a connection whose response ended cleanly is kept (KeptAliveTCPClient) and
   the next request to the same upstream reuses it, instead of a TCP (and TLS) handshake per
@@ -29,6 +31,7 @@ import time
 from typing import Any, Optional
 
 from tornado import httputil
+from tornado.concurrent import Future, future_set_result_unless_cancelled
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import HTTPRequest
 from tornado.ioloop import IOLoop
@@ -58,8 +61,12 @@ class BufferedChunkConnection(HTTP1Connection):
         total = 0
         stream = self.stream
         state = stream_state(stream)
+        read_trickle = stream.read_trickle if type(stream) is UpstreamStream else None
         while True:
-            data = await stream.read_bytes(_READ, partial=True)
+            if read_trickle is not None:
+                data = await read_trickle()
+            else:
+                data = await stream.read_bytes(_READ, partial=True)
             # IOStream allocates and zero-fills read_chunk_size bytes for every read it
             # tries, the one that finds the socket empty included (two per token): size it
             # to what arrives, 4 KiB for a token at a time, up to 64 KiB for bursts.
@@ -125,10 +132,11 @@ class StreamState:
     instances of a class: two attributes more and it becomes a private one, 1.3 KB larger
     per open stream (bench/scale.py)."""
 
-    __slots__ = ("trickle", "reused", "pool_key", "kept_since")
+    __slots__ = ("trickle", "direct", "reused", "pool_key", "kept_since")
 
     def __init__(self, pool_key: Optional[tuple] = None) -> None:
         self.trickle = False     # the body comes a token at a time (UpstreamStream)
+        self.direct = False      # UpstreamStream.read_trickle's read is pending
         self.reused = False      # handed out again by KeptAliveTCPClient
         self.pool_key = pool_key  # (host, port, tls) it is kept under
         self.kept_since = 0.0    # when it was last kept
@@ -158,21 +166,63 @@ class UpstreamRequest(HTTPRequest):
 
 
 class UpstreamStream(IOStream):
-    """IOStream that, while a body comes a token at a time, does not try a read that will
-    find the socket empty.  Tornado tries to read at once whenever a read is asked for: for
-    a body read as it trickles in, that is a recv that fails with EAGAIN (an exception
-    raised and caught, a buffer allocated) for every token, before the wait for the socket
-    to be readable that follows anyway.  Bursts keep the read at once."""
+    """IOStream that reads a body coming a token at a time with one recv per token.
+
+    For each read, IOStream first tries the socket at once (for a trickling body, a recv
+    that fails with EAGAIN: an exception raised and caught, a buffer allocated), then, when
+    the socket is readable, reads into a zero-filled buffer, copies the bytes out and
+    resolves the read through several layers of bookkeeping.  read_trickle() instead
+    waits for the socket and takes what arrived with one recv.  Anything else, or a read
+    while IOStream holds buffered bytes, goes the usual way; so do errors and the close
+    (a reset or the server's close closes the stream, which fails the read, as IOStream's
+    own reads do).  Bursts keep the read at once."""
+
+    def read_trickle(self) -> "Future[bytes]":
+        """The next bytes of the body, as read_bytes(_READ, partial=True)."""
+        state = self.upstream
+        if not state.trickle or self._read_future is not None or self._read_buffer_size \
+                or self.closed():
+            return self.read_bytes(_READ, partial=True)
+        future = self._read_future = self.io_loop.asyncio_loop.create_future()  # type: ignore[attr-defined]
+        state.direct = True
+        self._add_io_state(IOLoop.READ)  # (an idle stream listens for reads already)
+        return future
+
+    def _handle_events(self, fd: Any, events: int) -> None:
+        if self.upstream.direct and events == IOLoop.READ:
+            if not self.closed():
+                self._read_direct()
+            return
+        super()._handle_events(fd, events)
+
+    def _read_direct(self) -> None:
+        try:
+            data = self.socket.recv(self.read_chunk_size)
+        except BlockingIOError:
+            return
+        except OSError as e:  # a reset: the stream closes with it, the read fails (as IOStream)
+            self.upstream.direct = False
+            self.close(exc_info=e)
+            return
+        self.upstream.direct = False
+        if not data:  # the server closed the connection
+            self.close()
+            return
+        future = self._read_future
+        self._read_future = None
+        future_set_result_unless_cancelled(future, data)
 
     def _try_inline_read(self) -> None:
+        # A read asked for the usual way while the body trickles: what is buffered is used
+        # at once, else wait for the socket (level-triggered: data waiting shows).
         if not self.upstream.trickle:  # set by BufferedChunkConnection after each read
             return super()._try_inline_read()
-        pos = self._find_read_pos()  # what is already buffered is still used at once
+        pos = self._find_read_pos()
         if pos is not None:
             self._read_from_buffer(pos)
             return
         self._check_closed()
-        self._add_io_state(IOLoop.READ)  # the socket is level-triggered: data waiting shows
+        self._add_io_state(IOLoop.READ)
 
 
 class AbortableConnection(_HTTPConnection):
@@ -251,8 +301,13 @@ class AbortableConnection(_HTTPConnection):
         stream.set_nodelay(True)  # (Tornado turns it off again after each request)
         if not reused:
             lean_streams.lighten(stream)
-            if type(stream) is IOStream:  # (not TLS): same object, one method more
+            if type(stream) is IOStream:  # (not TLS): same object, its methods
                 stream.__class__ = UpstreamStream
+                if stream._state is not None:  # type: ignore[attr-defined]
+                    # The loop calls the IOStream._handle_events it was given: register
+                    # again (at the next read or write) to get UpstreamStream's.
+                    stream.io_loop.remove_handler(stream.fileno())
+                    stream._state = None  # type: ignore[attr-defined]
         state.trickle = False  # a response's headers are read at once
         stream.read_chunk_size = _MIN_READ  # BufferedChunkConnection adapts it
         return BufferedChunkConnection(
