@@ -56,7 +56,10 @@ class DirectWriteTest(ChatterdTestCase):
 
         def counted(writer, data):  # type: ignore[no-untyped-def]
             writes.append(data)
+            nagle_off.append(writer.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
             return original(writer, data)
+
+        nagle_off = []
 
         DirectWriter.write = counted  # type: ignore[method-assign]
         try:
@@ -65,6 +68,8 @@ class DirectWriteTest(ChatterdTestCase):
         finally:
             DirectWriter.write = original  # type: ignore[method-assign]
         self.assertGreater(len(writes), 3)  # the events after the first went the direct way
+        # Each event leaves at once, not held by the kernel until the previous one is ACKed.
+        self.assertTrue(all(nagle_off), nagle_off)
         self.assertIn(b"Transfer-Encoding: chunked", head)
         chunks = dechunk(body)
         self.assertGreater(len(chunks), 3)  # one chunk per upstream write, not one in all
