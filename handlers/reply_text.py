@@ -9,8 +9,8 @@ class ReplyText:
     """A reply's text as it streams in.
 
     The hot path appends each token to `recent`; `compact()`, once per upstream chunk,
-    joins every 32 of them into a block, since a str per token costs ~50 bytes of overhead
-    (an open stream's largest item, bench/scale.py); blocks are joined the same way.
+    joins every 8 of them into a block, since a str per token costs ~50 bytes of overhead
+    (an open stream's largest item, bench/scale.py); every 32 blocks are joined in turn.
     """
 
     __slots__ = ("recent", "blocks", "pieces")
@@ -21,7 +21,7 @@ class ReplyText:
         self.pieces = 0  # tokens in blocks
 
     def compact(self) -> None:
-        if len(self.recent) >= 32:
+        if len(self.recent) >= 8:
             self.pieces += len(self.recent)
             self.blocks.append("".join(self.recent))
             self.recent.clear()

@@ -120,3 +120,29 @@ class SharedInstanceDictsTest(ChatterdTestCase):
         self.assertEqual(vars(seen["request"]), {})  # every attribute in a slot
         plain.close()
         theirs.close()
+
+    def test_a_chat_handler_after_requests_of_every_kind(self) -> None:
+        # A type's shared keys are the union of the attributes its instances ever got: once
+        # requests that failed, answered whole or streamed have run, a streaming handler must
+        # still fit (else each open stream carries a private dictionary, 0.5 KiB more).
+        import sys
+        from handlers.chat import LLMChatHandler
+        self.double.behave("slow", reply="a b c d e f", token_delay=0.02)
+        for body in ({"appID": "dicts-h"}, chat_body("dicts-h", "once", stream=False),
+                     chat_body("dicts-h", "stream", model="slow")):
+            self.post_json("/llmchat", body)
+        seen = []
+        original = LLMChatHandler._finish_turn
+
+        async def spy(handler):  # type: ignore[no-untyped-def]
+            seen.append(vars(handler))
+            return await original(handler)
+
+        LLMChatHandler._finish_turn = spy  # type: ignore[method-assign]
+        try:
+            response = self.post_json("/llmchat", chat_body("dicts-h", "again", model="slow"))
+        finally:
+            LLMChatHandler._finish_turn = original  # type: ignore[method-assign]
+        self.assertEqual(response.code, 200)
+        # A shared (split) dictionary is smaller than an ordinary one with the same items.
+        self.assertLess(sys.getsizeof(seen[0]), sys.getsizeof(dict(seen[0])), list(seen[0]))
