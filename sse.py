@@ -47,6 +47,18 @@ def error_event(message: str) -> bytes:
     return b"event: error\ndata: " + jsonfmt.dumpb({"error": message}) + b"\n\n"
 
 
+def send_at_once(handler: RequestHandler) -> None:
+    """Turn Nagle's algorithm off for *handler*'s streamed response.
+
+    Tornado leaves it on while a response is written (it turns it off only to push out a
+    response's end, and on again for the next request): each write after the first would
+    wait in the kernel for the client's ACK of the one before, up to the client's
+    delayed-ACK time (20-40 ms on Linux), on every network, loopback included."""
+    stream = getattr(handler.request.connection, "stream", None)
+    if stream is not None:
+        stream.set_nodelay(True)
+
+
 async def flush_within(handler: RequestHandler, timeout: float) -> None:
     """handler.flush(), but a client that does not take it within *timeout* seconds is cut off.
 
@@ -122,12 +134,7 @@ class EventStream:
         """Send the status line and headers now (with *first*, if any) and start heartbeats."""
         self.opened = True
         self._arm(self.heartbeat)
-        # Tornado leaves Nagle's algorithm on while a response is written (it turns it off
-        # only to push out a response's end): each event would then wait in the kernel for
-        # the client's ACK of the one before, up to its delayed-ACK time (~20-40 ms here).
-        stream = getattr(self.handler.request.connection, "stream", None)
-        if stream is not None:
-            stream.set_nodelay(True)  # (Tornado turns it off again for the next request)
+        send_at_once(self.handler)
         await self.send(first)
 
     async def send(self, data: bytes) -> None:

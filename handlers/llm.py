@@ -50,6 +50,7 @@ class LLMPromptHandler(UpstreamHandler):
         if not self._headers_written:
             self.set_header("Content-Type", self.call.content_type)
             self.set_header("X-Accel-Buffering", "no")
+            sse.send_at_once(self)
         try:
             self.write(b"\n".join(lines) + b"\n")
             await sse.flush_within(self, self.settings["write_timeout"])

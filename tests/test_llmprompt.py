@@ -30,6 +30,27 @@ class LLMPromptTest(ChatterdTestCase):
                        streaming_callback=lambda c: arrivals.append(time.monotonic()))
         self.assertLess(arrivals[0], self.double.requests[-1].finished_at - 0.2)
 
+    def test_each_line_leaves_without_waiting_for_the_previous_ack(self):
+        import socket
+        import sse
+        self.double.behave("slow", token_delay=0.01)
+        nagle_off = []
+        original = sse.flush_within
+
+        async def spy(handler, timeout):  # type: ignore[no-untyped-def]
+            stream = handler.request.connection.stream
+            nagle_off.append(stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            return await original(handler, timeout)
+
+        sse.flush_within = spy
+        try:
+            response = self.post_json("/llmprompt", {"model": "slow", "prompt": "hi"})
+        finally:
+            sse.flush_within = original
+        self.assertEqual(response.code, 200)
+        self.assertGreater(len(nagle_off), 3)
+        self.assertTrue(all(nagle_off), nagle_off)  # TCP_NODELAY for every line
+
     def test_errors(self):
         response = self.post_json("/llmprompt", {"model": "nope", "prompt": "hi"})
         self.assertEqual(response.code, 404)
