@@ -36,6 +36,7 @@ class FloorRelay(tornado.web.RequestHandler):
             return
         history = CONVERSATIONS.setdefault(app_id, [])
         history.extend(incoming)
+        self.request.connection.stream.set_nodelay(True)  # each event at once, as chatterd
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         reply: list[str] = []

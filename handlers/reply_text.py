@@ -10,23 +10,27 @@ class ReplyText:
 
     The hot path appends each token to `recent`; `compact()`, once per upstream chunk,
     joins every 8 of them into a block, since a str per token costs ~50 bytes of overhead
-    (an open stream's largest item, bench/scale.py); every 32 blocks are joined in turn.
+    (an open stream's largest item, bench/scale.py).  A block is merged with the blocks
+    before it that are no longer than it, as a binary counter carries: a few dozen blocks
+    for any reply, and each character copied a few times, not once per block.
     """
 
     __slots__ = ("recent", "blocks", "pieces")
 
     def __init__(self) -> None:
         self.recent: list[str] = []
-        self.blocks: list[str] = []
+        self.blocks: list[str] = []  # longest first
         self.pieces = 0  # tokens in blocks
 
     def compact(self) -> None:
         if len(self.recent) >= 8:
             self.pieces += len(self.recent)
-            self.blocks.append("".join(self.recent))
+            block = "".join(self.recent)
             self.recent.clear()
-            if len(self.blocks) >= 32:
-                self.blocks = ["".join(self.blocks)]
+            blocks = self.blocks
+            while blocks and len(blocks[-1]) <= len(block):
+                block = blocks.pop() + block
+            blocks.append(block)
 
     def __len__(self) -> int:
         return self.pieces + len(self.recent)

@@ -13,8 +13,21 @@ def test_the_text_and_count_survive_every_compaction():
         assert len(text) == i + 1
     assert str(text) == "".join(tokens)
     text.compact()
-    assert len(text.recent) < 8 and len(text.blocks) < 32  # few strings, not one per token
+    assert len(text.recent) < 8 and len(text.blocks) < 12  # few strings, not one per token
     assert str(text) == "".join(tokens)
+
+
+def test_a_long_reply_is_not_copied_again_with_every_block():
+    text = ReplyText()
+    copied = 0
+    for i in range(40_000):  # a 40k-token reply, a token per upstream chunk
+        text.recent.append("tok ")
+        before = [id(b) for b in text.blocks]
+        text.compact()
+        copied += sum(len(b) for b in text.blocks if id(b) not in before)  # blocks made now
+    assert str(text) == "tok " * 40_000
+    assert len(text.blocks) <= 16
+    assert copied < 20 * 4 * 40_000  # about log2(n) copies of each character, not n / 8
 
 
 def test_counts_from_an_upstream_are_taken_only_when_sane():

@@ -36,6 +36,7 @@ from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import HTTPRequest
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
+from tornado.log import gen_log
 from tornado.netutil import DefaultLoopResolver, Resolver, is_valid_ip
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 from tornado.tcpclient import TCPClient
@@ -191,7 +192,12 @@ class UpstreamStream(IOStream):
     def _handle_events(self, fd: Any, events: int) -> None:
         if self.upstream.direct and events == IOLoop.READ:
             if not self.closed():
-                self._read_direct()
+                try:
+                    self._read_direct()
+                except Exception as e:  # as IOStream's own: close, so the read fails, not hangs
+                    gen_log.error("Uncaught exception, closing connection.", exc_info=True)
+                    self.close(exc_info=e)
+                    raise
             return
         super()._handle_events(fd, events)
 
