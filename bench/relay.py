@@ -43,8 +43,11 @@ async def upstream(reader, writer):
                  .split(b":")[1])
     body = jsonfmt.loads(await reader.readexactly(length))
     tokens, per_write = body["options"]["tokens"], body["options"]["per_write"]
+    # It closes the connection after the answer, so it says so: a server that closes without
+    # saying it races every keep-alive client (chatterd retries a request that met such a
+    # close once; under 1,000 turns at once a retry could meet another).
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\n")
+                 b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n")
     block = chunk(LINE * per_write)
     for _ in range(tokens // per_write):
         writer.write(block)
@@ -126,7 +129,9 @@ async def main() -> None:
     args = parser.parse_args()
 
     sock, up_port = bind_unused_port()
-    server = await asyncio.start_server(upstream, sock=sock)
+    # 1,000 turns connect at once: asyncio's default backlog of 100 overflows, and the
+    # kernel then resets some of those connections (chatterd answers them 502, as it should).
+    server = await asyncio.start_server(upstream, sock=sock, backlog=4096)
     sock2, port = bind_unused_port()
     sock2.close()
     data_dir = tempfile.mkdtemp(prefix="chatterd-bench-")

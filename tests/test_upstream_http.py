@@ -269,6 +269,31 @@ class KeepAliveTest(AsyncTestCase):
         self.assertEqual(server.connections, 3)
 
     @gen_test(timeout=20)
+    async def test_a_kept_connection_the_server_closed_is_not_handed_out(self):
+        # The server's FIN has arrived but the loop has not polled since (a turn taking the
+        # kept connection in the same pass as the one that kept it): the pool must look.
+        import select
+        from upstreams.http import KeptAliveTCPClient
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        pool = KeptAliveTCPClient(CachingResolver(), max_idle=4)
+        try:
+            first = await pool.connect("127.0.0.1", port)
+            pool.keep(first)
+            server_side, _ = listener.accept()
+            server_side.close()  # FIN, with no loop pass after it
+            self.assertTrue(select.select([first.socket], [], [], 5)[0])  # it has arrived
+            second = await pool.connect("127.0.0.1", port)
+            self.assertIsNot(second, first)
+            self.assertTrue(first.closed())
+            second.close()
+        finally:
+            pool.close()
+            listener.close()
+
+    @gen_test(timeout=20)
     async def test_connection_close_is_honoured(self):
         server = KeepAliveServer(say_close=True)
         got = await self.calls(server, 2)

@@ -35,7 +35,7 @@ from tornado.concurrent import Future, future_set_result_unless_cancelled
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import HTTPRequest
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, SSLIOStream
 from tornado.log import gen_log
 from tornado.netutil import DefaultLoopResolver, Resolver, is_valid_ip
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
@@ -337,6 +337,23 @@ def forget_traceback(error: Optional[BaseException]) -> None:
         error = error.__cause__ or error.__context__
 
 
+def peer_silent(stream: IOStream) -> bool:
+    """Whether nothing has come from the server on this idle connection: no close (FIN), no
+    reset, no stray bytes.  The loop would notice them, but only at its next poll: a FIN
+    that arrived right behind a response's last bytes (read_trickle takes just those) is
+    otherwise found only once a request is written on the dead connection.  TLS streams
+    are taken on trust (their socket cannot be peeked at below the TLS layer)."""
+    if isinstance(stream, SSLIOStream) or stream.socket is None:
+        return True
+    try:
+        stream.socket.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True  # nothing waiting: the connection is as it was left
+    except OSError:
+        return False
+    return False  # b"" (closed) or bytes that belong to no request
+
+
 class KeptAliveTCPClient(TCPClient):
     """TCPClient that hands out a kept connection to the same host and port when it has one
     (at most `max_idle` per upstream are kept; a kept one the server closes is dropped)."""
@@ -362,7 +379,7 @@ class KeptAliveTCPClient(TCPClient):
             # for the idle timeout.
             state = stream_state(stream)
             if not stream.closed() and not stream._read_buffer_size \
-                    and now - state.kept_since < KEPT_FOR:
+                    and now - state.kept_since < KEPT_FOR and peer_silent(stream):
                 state.reused = True
                 return stream
             stream.close()
