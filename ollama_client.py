@@ -114,6 +114,7 @@ class OllamaCall:
         self._slot_taken: asyncio.Future = asyncio.get_running_loop().create_future()
         self._busy = False
         self.reused_connection = False  # set by the connection: a kept-alive one
+        self.fresh_connection = False  # the retry asks for a new connection
         self._last_activity = time.monotonic()
         self._idle = client.idle_timeout if timeout is None else timeout
         request = UpstreamRequest(
@@ -185,6 +186,7 @@ class OllamaCall:
                 forget_traceback(e)
                 self.reused_connection = False
                 self.client.http.tcp_client.drop_idle()  # (reused: a KeptAliveTCPClient's)
+                self.fresh_connection = True  # not one kept since: see upstreams.http
                 return await self.client.http.fetch(request, raise_error=False)
         finally:
             self.client.slots.give_back()

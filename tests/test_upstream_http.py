@@ -312,6 +312,40 @@ class KeepAliveTest(AsyncTestCase):
         self.assertEqual(server.requests, 5)  # calls 2 and 3 went out twice
 
     @gen_test(timeout=20)
+    async def test_the_retry_takes_a_new_connection_not_one_kept_meanwhile(self):
+        # Under load, other turns keep their connections between a retry's start and its
+        # connect, and one of those may be as dead as the first: the retry connects anew.
+        from ollama_client import OllamaClient
+        server = KeepAliveServer(drop_second=True)  # any connection's 2nd request: dropped
+        port = await server.start()
+        client = OllamaClient(f"http://127.0.0.1:{port}", keepalive=4)
+        pool = client.http.tcp_client
+
+        async def on_lines(new):
+            pass
+        try:
+            first = [client.post("/api/chat", b"{}", on_lines) for _ in range(2)]
+            for call in first:
+                await call.finished()
+            (key, kept), = pool.idle.items()
+            self.assertEqual(len(kept), 2)  # two connections, each answered once
+            spare = kept.pop(0)
+            drop_idle = pool.drop_idle
+
+            def drop_then_another_turn_keeps_one():  # type: ignore[no-untyped-def]
+                drop_idle()
+                pool.keep(spare)
+
+            pool.drop_idle = drop_then_another_turn_keeps_one
+            call = client.post("/api/chat", b"{}", on_lines)  # its kept connection: dropped
+            await call.finished()  # answered on the retry's own connection
+            self.assertEqual(server.connections, 3)
+            self.assertEqual(server.requests, 4)
+        finally:
+            client.close()
+            server.close()
+
+    @gen_test(timeout=20)
     async def test_an_aborted_call_does_not_leave_its_connection_for_the_next(self):
         from ollama_client import OllamaAborted, OllamaClient, OllamaError
         server = KeepAliveServer(stall=True)

@@ -243,6 +243,11 @@ class AbortableConnection(_HTTPConnection):
         self.call: Any = getattr(request.request, "upstream_call", None)
         # The streaming_callback, when the body can go to it without a redirect check.
         self._on_body = None if request.follow_redirects else request.streaming_callback
+        # The keep-alive pool, if the client has one: args are (release_callback,
+        # final_callback, max_buffer_size, tcp_client, ...), as SimpleAsyncHTTPClient passes them.
+        self._pool = args[3] if len(args) > 3 and isinstance(args[3], KeptAliveTCPClient) else None
+        if self._pool is not None and getattr(self.call, "fresh_connection", False):
+            args = args[:3] + (FreshConnection(self._pool),) + args[4:]
         super().__init__(client, request, *args, **kwargs)
         if self.call is not None:
             self.call._connection = self
@@ -282,13 +287,13 @@ class AbortableConnection(_HTTPConnection):
         # Only now: Tornado's HTTP1Connection clears the stream's callbacks when it has read
         # the response, after finish() ran.
         if self._keep and not self.stream.closed():
-            self.tcp_client.keep(self.stream)
+            self._pool.keep(self.stream)
 
     def _on_end_request(self) -> None:
         # The response ended cleanly (finish() runs only then): keep the connection unless
         # either side said close, or it holds bytes that belong to no response.
         response_headers = self.headers or {}
-        keep = (self._keep_wanted and isinstance(self.tcp_client, KeptAliveTCPClient)
+        keep = (self._keep_wanted and self._pool is not None
                 and "close" not in response_headers.get("Connection", "").lower()
                 and getattr(self.connection, "_response_start_line", None) is not None
                 and self.connection._response_start_line.version == "HTTP/1.1"
@@ -367,9 +372,10 @@ class KeptAliveTCPClient(TCPClient):
     async def connect(self, host: str, port: int, af: socket.AddressFamily = socket.AF_UNSPEC,
                       ssl_options: Any = None, max_buffer_size: Optional[int] = None,
                       source_ip: Optional[str] = None, source_port: Optional[int] = None,
-                      timeout: Any = None) -> IOStream:
+                      timeout: Any = None, fresh: bool = False) -> IOStream:
+        """A kept connection to (host, port), else a new one; with *fresh*, always a new one."""
         key = (host, port, ssl_options is not None)
-        idle = self.idle.get(key)
+        idle = None if fresh else self.idle.get(key)
         now = time.monotonic()
         while idle:
             stream = idle.pop()
@@ -416,6 +422,19 @@ class KeptAliveTCPClient(TCPClient):
         self.closed = True
         self.drop_idle()
         super().close()
+
+
+class FreshConnection:
+    """The pool, for one request that must not take a kept connection: the retry of a
+    request whose kept connection the server had closed (another one kept meanwhile may
+    be just as dead: under load, turns keep connections between the retry's start and its
+    connect)."""
+
+    def __init__(self, pool: KeptAliveTCPClient) -> None:
+        self.pool = pool
+
+    async def connect(self, *args: Any, **kwargs: Any) -> IOStream:
+        return await self.pool.connect(*args, fresh=True, **kwargs)
 
 
 class AbortableHTTPClient(SimpleAsyncHTTPClient):
