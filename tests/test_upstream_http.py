@@ -20,9 +20,9 @@ def chunked(pieces: list[bytes], extension: bytes = b"") -> bytes:
 class RawServer:
     """Answers one request with `head + body`, written in the given slices, pausing between."""
 
-    def __init__(self, body: bytes, cuts: list[int]) -> None:
+    def __init__(self, body: bytes, cuts: list[int], pause: float = 0.001) -> None:
         self.head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        self.body, self.cuts = body, cuts
+        self.body, self.cuts, self.pause = body, cuts, pause
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
@@ -35,7 +35,7 @@ class RawServer:
         for cut in self.cuts + [len(self.body)]:
             writer.write(self.body[last:cut])
             await writer.drain()
-            await asyncio.sleep(0.001)  # separate reads on the client
+            await asyncio.sleep(self.pause)  # separate reads on the client
             last = cut
         writer.close()
 
@@ -44,8 +44,9 @@ class RawServer:
 
 
 class BufferedChunkTest(AsyncTestCase):
-    async def fetch(self, body: bytes, cuts: list[int]) -> tuple[bytes, list[bytes], object]:
-        server = RawServer(body, cuts)
+    async def fetch(self, body: bytes, cuts: list[int],
+                    pause: float = 0.001) -> tuple[bytes, list[bytes], object]:
+        server = RawServer(body, cuts, pause)
         port = await server.start()
         received: list[bytes] = []
         client = http_client(10)
@@ -112,13 +113,41 @@ class BufferedChunkTest(AsyncTestCase):
             at += len(b"%x\r\n" % len(piece)) + len(piece) + 2
             cuts.append(at)
         stream_class.read_from_fd, stream_class._read_direct = via_iostream, direct
-        try:
-            data, _, response = await self.fetch(body, cuts)
+        try:  # a token every 5 ms (a fast model); upstreams.http._TRICKLE_GAP is 2 ms
+            data, _, response = await self.fetch(body, cuts, pause=0.005)
         finally:
             stream_class.read_from_fd, stream_class._read_direct = originals
         self.assertEqual((response.code, data), (200, b"".join(pieces)))
         self.assertLess(calls["iostream"] + calls["direct"], 1.5 * len(pieces))  # ~2 per piece before
         self.assertGreater(calls["direct"], len(pieces) // 2)  # read_trickle took most pieces
+
+    @gen_test(timeout=20)
+    async def test_small_writes_back_to_back_are_read_in_batches(self):
+        # A producer writing one small chunk after another without pause is a burst, not a
+        # trickle: IOStream's read-until-empty takes several chunks per wake-up, where one
+        # recv per wake-up would take one (about half the events per second for one stream).
+        import upstreams.http
+        direct = [0]
+        original = upstreams.http.UpstreamStream._read_direct
+
+        def counted(stream):  # type: ignore[no-untyped-def]
+            direct[0] += 1
+            return original(stream)
+
+        pieces = [b'{"n":%d}\n' % i for i in range(400)]
+        body = chunked(pieces)
+        cuts = []
+        at = 0
+        for piece in pieces:
+            at += len(b"%x\r\n" % len(piece)) + len(piece) + 2
+            cuts.append(at)
+        upstreams.http.UpstreamStream._read_direct = counted
+        try:
+            data, received, response = await self.fetch(body, cuts, pause=0)
+        finally:
+            upstreams.http.UpstreamStream._read_direct = original
+        self.assertEqual((response.code, data), (200, b"".join(pieces)))
+        self.assertLess(direct[0], len(pieces) // 4)
 
     @gen_test(timeout=10)
     async def test_chunk_extensions_are_ignored(self):

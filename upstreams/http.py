@@ -46,7 +46,8 @@ import lean_streams
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _READ = 65536
 _MIN_READ = 4096
-_TRICKLE = 1024  # a read this small: the body comes a token at a time
+_TRICKLE = 1024  # a read this small, after a gap of _TRICKLE_GAP: the body comes a token at a time
+_TRICKLE_GAP = 0.002  # seconds; a quicker producer's small writes are read in batches instead
 KEPT_FOR = 30.0  # seconds a kept-alive upstream connection may wait for its next request
 
 
@@ -76,7 +77,12 @@ class BufferedChunkConnection(HTTP1Connection):
                 stream.read_chunk_size = min(size * 2, _READ)
             elif len(data) * 4 < size and size > _MIN_READ:
                 stream.read_chunk_size = size // 2
-            state.trickle = len(data) < _TRICKLE
+            # A token at a time means small reads with gaps between them (an LLM's tokens:
+            # tens of ms).  Small writes as fast as we read them are a burst: IOStream's
+            # read-until-empty batches them, where one recv per wake-up would not.
+            now = time.monotonic()
+            state.trickle = len(data) < _TRICKLE and now - state.read_at >= _TRICKLE_GAP
+            state.read_at = now
             buf += data
             out = []
             pos = 0
@@ -133,10 +139,11 @@ class StreamState:
     instances of a class: two attributes more and it becomes a private one, 1.3 KB larger
     per open stream (bench/scale.py)."""
 
-    __slots__ = ("trickle", "direct", "reused", "pool_key", "kept_since")
+    __slots__ = ("trickle", "read_at", "direct", "reused", "pool_key", "kept_since")
 
     def __init__(self, pool_key: Optional[tuple] = None) -> None:
         self.trickle = False     # the body comes a token at a time (UpstreamStream)
+        self.read_at = 0.0       # when the body's last read returned
         self.direct = False      # UpstreamStream.read_trickle's read is pending
         self.reused = False      # handed out again by KeptAliveTCPClient
         self.pool_key = pool_key  # (host, port, tls) it is kept under
