@@ -113,16 +113,16 @@ class OllamaClientTest(AsyncTestCase):
 
     def count_direct_reads(self) -> list:
         """Count the recvs UpstreamStream makes itself for a trickling body (read_trickle)."""
-        import upstreams.http
+        import upstreams.stream
         calls = [0]
-        original = upstreams.http.UpstreamStream._read_direct
+        original = upstreams.stream.UpstreamStream._read_direct
 
         def counted(stream):  # type: ignore[no-untyped-def]
             calls[0] += 1
             return original(stream)
 
-        upstreams.http.UpstreamStream._read_direct = counted
-        self.addCleanup(setattr, upstreams.http.UpstreamStream, "_read_direct", original)
+        upstreams.stream.UpstreamStream._read_direct = counted
+        self.addCleanup(setattr, upstreams.stream.UpstreamStream, "_read_direct", original)
         return calls
 
     async def trickle_then(self, **behaviour) -> tuple[Exception, list, float]:

@@ -92,9 +92,9 @@ class BufferedChunkTest(AsyncTestCase):
         # Tornado tries a read at once whenever one is asked for, which for a body that
         # trickles in fails with EAGAIN every time, then reads through its buffer;
         # UpstreamStream.read_trickle waits for the socket and takes each piece with one recv.
-        import upstreams.http
+        import upstreams.stream
         calls = {"iostream": 0, "direct": 0}
-        stream_class = upstreams.http.UpstreamStream
+        stream_class = upstreams.stream.UpstreamStream
         originals = stream_class.read_from_fd, stream_class._read_direct
 
         def via_iostream(stream, buf):  # type: ignore[no-untyped-def]
@@ -126,9 +126,9 @@ class BufferedChunkTest(AsyncTestCase):
         # A producer writing one small chunk after another without pause is a burst, not a
         # trickle: IOStream's read-until-empty takes several chunks per wake-up, where one
         # recv per wake-up would take one (about half the events per second for one stream).
-        import upstreams.http
+        import upstreams.stream
         direct = [0]
-        original = upstreams.http.UpstreamStream._read_direct
+        original = upstreams.stream.UpstreamStream._read_direct
 
         def counted(stream):  # type: ignore[no-untyped-def]
             direct[0] += 1
@@ -141,11 +141,11 @@ class BufferedChunkTest(AsyncTestCase):
         for piece in pieces:
             at += len(b"%x\r\n" % len(piece)) + len(piece) + 2
             cuts.append(at)
-        upstreams.http.UpstreamStream._read_direct = counted
+        upstreams.stream.UpstreamStream._read_direct = counted
         try:
             data, received, response = await self.fetch(body, cuts, pause=0)
         finally:
-            upstreams.http.UpstreamStream._read_direct = original
+            upstreams.stream.UpstreamStream._read_direct = original
         self.assertEqual((response.code, data), (200, b"".join(pieces)))
         self.assertLess(direct[0], len(pieces) // 4)
 
@@ -302,7 +302,7 @@ class KeepAliveTest(AsyncTestCase):
         # The server's FIN has arrived but the loop has not polled since (a turn taking the
         # kept connection in the same pass as the one that kept it): the pool must look.
         import select
-        from upstreams.http import KeptAliveTCPClient
+        from upstreams.keepalive import KeptAliveTCPClient
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
@@ -405,7 +405,7 @@ class KeepAliveTest(AsyncTestCase):
 
     @gen_test(timeout=20)
     async def test_a_connection_kept_too_long_is_not_used_again(self):
-        import upstreams.http
+        import upstreams.keepalive
         from ollama_client import OllamaClient
         server = KeepAliveServer()
         port = await server.start()
@@ -414,7 +414,7 @@ class KeepAliveTest(AsyncTestCase):
             await client.post("/api/chat", b"{}", None).finished()
             for idle in client.http.tcp_client.idle.values():
                 for stream in idle:
-                    stream.upstream.kept_since -= upstreams.http.KEPT_FOR  # as if kept that long
+                    stream.upstream.kept_since -= upstreams.keepalive.KEPT_FOR  # as if kept that long
             second = client.post("/api/chat", b"{}", None)
             await second.finished()
             self.assertFalse(second.reused_connection)
@@ -426,7 +426,7 @@ class KeepAliveTest(AsyncTestCase):
     @gen_test(timeout=20)
     async def test_a_stream_the_pool_did_not_open_is_closed_not_kept(self):
         from tornado.iostream import IOStream
-        from upstreams.http import KeptAliveTCPClient
+        from upstreams.keepalive import KeptAliveTCPClient
         pool = KeptAliveTCPClient(DefaultLoopResolver(), 4)
         ours, theirs = socket.socketpair()
         stream = IOStream(ours)  # no StreamState: no key to find it under again
@@ -440,7 +440,8 @@ class KeepAliveTest(AsyncTestCase):
     async def test_nothing_is_kept_after_the_client_closed(self):
         # A call that ends cleanly during shutdown, after the client closed its pool.
         from tornado.iostream import IOStream
-        from upstreams.http import KeptAliveTCPClient, StreamState
+        from upstreams.keepalive import KeptAliveTCPClient
+        from upstreams.stream import StreamState
         pool = KeptAliveTCPClient(DefaultLoopResolver(), 4)
         ours, theirs = socket.socketpair()
         stream = IOStream(ours)

@@ -15,9 +15,12 @@ public hook for three things chatterd needs, so a small subclass of the private
   while the body comes a token at a time, each read is one recv made when the socket is
   readable (UpstreamStream.read_trickle), not IOStream's buffered read.
 
-* keep-alive: a connection whose response ended cleanly is kept (KeptAliveTCPClient) and
-  the next request to the same upstream reuses it, instead of a TCP (and TLS) handshake per
-  turn; Tornado's client closes every connection after one response.
+* keep-alive: a connection whose response ended cleanly is kept (upstreams/keepalive.py)
+  and the next request to the same upstream reuses it, instead of a TCP (and TLS) handshake
+  per turn; Tornado's client closes every connection after one response.
+
+The upstream IOStream itself (its one recv per token, chatterd's state on it) is
+upstreams/stream.py.
 
 And a resolver that answers IP literals at once and caches names, instead of asking a
 thread pool for every request (Tornado's default resolver runs getaddrinfo in one).
@@ -31,24 +34,20 @@ import time
 from typing import Any, Optional
 
 from tornado import httputil
-from tornado.concurrent import Future, future_set_result_unless_cancelled
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import HTTPRequest
-from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream, SSLIOStream
-from tornado.log import gen_log
+from tornado.iostream import IOStream
 from tornado.netutil import DefaultLoopResolver, Resolver, is_valid_ip
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
-from tornado.tcpclient import TCPClient
 
 import lean_streams
+from upstreams.keepalive import FreshConnection, KeptAliveTCPClient
+from upstreams.stream import MAX_READ, UpstreamStream, stream_state
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
-_READ = 65536
 _MIN_READ = 4096
 _TRICKLE = 1024  # a read this small, after a gap of _TRICKLE_GAP: the body comes a token at a time
 _TRICKLE_GAP = 0.002  # seconds; a quicker producer's small writes are read in batches instead
-KEPT_FOR = 30.0  # seconds a kept-alive upstream connection may wait for its next request
 
 
 class BufferedChunkConnection(HTTP1Connection):
@@ -68,13 +67,13 @@ class BufferedChunkConnection(HTTP1Connection):
             if read_trickle is not None:
                 data = await read_trickle()
             else:
-                data = await stream.read_bytes(_READ, partial=True)
+                data = await stream.read_bytes(MAX_READ, partial=True)
             # IOStream allocates and zero-fills read_chunk_size bytes for every read it
             # tries, the one that finds the socket empty included (two per token): size it
             # to what arrives, 4 KiB for a token at a time, up to 64 KiB for bursts.
             size = stream.read_chunk_size
             if len(data) >= size:
-                stream.read_chunk_size = min(size * 2, _READ)
+                stream.read_chunk_size = min(size * 2, MAX_READ)
             elif len(data) * 4 < size and size > _MIN_READ:
                 stream.read_chunk_size = size // 2
             # A token at a time means small reads with gaps between them (an LLM's tokens:
@@ -132,32 +131,6 @@ class BufferedChunkConnection(HTTP1Connection):
                 await self._deliver_body(delegate, out[0] if len(out) == 1 else b"".join(out))
 
 
-class StreamState:
-    """What chatterd keeps on an upstream IOStream, in the one attribute `upstream`.
-
-    An IOStream's own attributes nearly fill the instance dictionary CPython shares between
-    instances of a class: two attributes more and it becomes a private one, 1.3 KB larger
-    per open stream (bench/scale.py)."""
-
-    __slots__ = ("trickle", "read_at", "direct", "reused", "pool_key", "kept_since")
-
-    def __init__(self, pool_key: Optional[tuple] = None) -> None:
-        self.trickle = False     # the body comes a token at a time (UpstreamStream)
-        self.read_at = 0.0       # when the body's last read returned
-        self.direct = False      # UpstreamStream.read_trickle's read is pending
-        self.reused = False      # handed out again by KeptAliveTCPClient
-        self.pool_key = pool_key  # (host, port, tls) it is kept under
-        self.kept_since = 0.0    # when it was last kept
-
-
-def stream_state(stream: IOStream) -> StreamState:
-    """*stream*'s StreamState (made the first time it is asked for)."""
-    state = getattr(stream, "upstream", None)
-    if state is None:
-        state = stream.upstream = StreamState()  # type: ignore[attr-defined]
-    return state
-
-
 class UpstreamRequest(HTTPRequest):
     """HTTPRequest whose attributes are slots: Tornado's own 32 overflow the instance
     dictionary CPython shares between instances (a private one costs 1.3 KB more per open
@@ -171,71 +144,6 @@ class UpstreamRequest(HTTPRequest):
                  "proxy_password", "proxy_port", "proxy_username", "request_timeout",
                  "ssl_options", "start_time", "streaming_callback", "url", "user_agent",
                  "validate_cert", "upstream_call")
-
-
-class UpstreamStream(IOStream):
-    """IOStream that reads a body coming a token at a time with one recv per token.
-
-    For each read, IOStream first tries the socket at once (for a trickling body, a recv
-    that fails with EAGAIN: an exception raised and caught, a buffer allocated), then, when
-    the socket is readable, reads into a zero-filled buffer, copies the bytes out and
-    resolves the read through several layers of bookkeeping.  read_trickle() instead
-    waits for the socket and takes what arrived with one recv.  Anything else, or a read
-    while IOStream holds buffered bytes, goes the usual way; so do errors and the close
-    (a reset or the server's close closes the stream, which fails the read, as IOStream's
-    own reads do).  Bursts keep the read at once."""
-
-    def read_trickle(self) -> "Future[bytes]":
-        """The next bytes of the body, as read_bytes(_READ, partial=True)."""
-        state = self.upstream
-        if not state.trickle or self._read_future is not None or self._read_buffer_size \
-                or self.closed():
-            return self.read_bytes(_READ, partial=True)
-        future = self._read_future = self.io_loop.asyncio_loop.create_future()  # type: ignore[attr-defined]
-        state.direct = True
-        self._add_io_state(IOLoop.READ)  # (an idle stream listens for reads already)
-        return future
-
-    def _handle_events(self, fd: Any, events: int) -> None:
-        if self.upstream.direct and events == IOLoop.READ:
-            if not self.closed():
-                try:
-                    self._read_direct()
-                except Exception as e:  # as IOStream's own: close, so the read fails, not hangs
-                    gen_log.error("Uncaught exception, closing connection.", exc_info=True)
-                    self.close(exc_info=e)
-                    raise
-            return
-        super()._handle_events(fd, events)
-
-    def _read_direct(self) -> None:
-        try:
-            data = self.socket.recv(self.read_chunk_size)
-        except BlockingIOError:
-            return
-        except OSError as e:  # a reset: the stream closes with it, the read fails (as IOStream)
-            self.upstream.direct = False
-            self.close(exc_info=e)
-            return
-        self.upstream.direct = False
-        if not data:  # the server closed the connection
-            self.close()
-            return
-        future = self._read_future
-        self._read_future = None
-        future_set_result_unless_cancelled(future, data)
-
-    def _try_inline_read(self) -> None:
-        # A read asked for the usual way while the body trickles: what is buffered is used
-        # at once, else wait for the socket (level-triggered: data waiting shows).
-        if not self.upstream.trickle:  # set by BufferedChunkConnection after each read
-            return super()._try_inline_read()
-        pos = self._find_read_pos()
-        if pos is not None:
-            self._read_from_buffer(pos)
-            return
-        self._check_closed()
-        self._add_io_state(IOLoop.READ)
 
 
 class AbortableConnection(_HTTPConnection):
@@ -347,101 +255,6 @@ def forget_traceback(error: Optional[BaseException]) -> None:
     while error is not None:
         error.__traceback__ = None
         error = error.__cause__ or error.__context__
-
-
-def peer_silent(stream: IOStream) -> bool:
-    """Whether nothing has come from the server on this idle connection: no close (FIN), no
-    reset, no stray bytes.  The loop would notice them, but only at its next poll: a FIN
-    that arrived right behind a response's last bytes (read_trickle takes just those) is
-    otherwise found only once a request is written on the dead connection.  TLS streams
-    are taken on trust (their socket cannot be peeked at below the TLS layer)."""
-    if isinstance(stream, SSLIOStream) or stream.socket is None:
-        return True
-    try:
-        stream.socket.recv(1, socket.MSG_PEEK)
-    except BlockingIOError:
-        return True  # nothing waiting: the connection is as it was left
-    except OSError:
-        return False
-    return False  # b"" (closed) or bytes that belong to no request
-
-
-class KeptAliveTCPClient(TCPClient):
-    """TCPClient that hands out a kept connection to the same host and port when it has one
-    (at most `max_idle` per upstream are kept; a kept one the server closes is dropped)."""
-
-    def __init__(self, resolver: Resolver, max_idle: int) -> None:
-        super().__init__(resolver=resolver)
-        self.max_idle = max_idle
-        self.idle: dict[tuple, list[IOStream]] = {}
-        self.closed = False
-
-    async def connect(self, host: str, port: int, af: socket.AddressFamily = socket.AF_UNSPEC,
-                      ssl_options: Any = None, max_buffer_size: Optional[int] = None,
-                      source_ip: Optional[str] = None, source_port: Optional[int] = None,
-                      timeout: Any = None, fresh: bool = False) -> IOStream:
-        """A kept connection to (host, port), else a new one; with *fresh*, always a new one."""
-        key = (host, port, ssl_options is not None)
-        idle = None if fresh else self.idle.get(key)
-        now = time.monotonic()
-        while idle:
-            stream = idle.pop()
-            stream.set_close_callback(None)
-            # Not one kept longer than KEPT_FOR: a NAT or load balancer on the way may have
-            # dropped it without telling either end, and a request written on it would wait
-            # for the idle timeout.
-            state = stream_state(stream)
-            if not stream.closed() and not stream._read_buffer_size \
-                    and now - state.kept_since < KEPT_FOR and peer_silent(stream):
-                state.reused = True
-                return stream
-            stream.close()
-        stream = await super().connect(host, port, af=af, ssl_options=ssl_options,
-                                       max_buffer_size=max_buffer_size, source_ip=source_ip,
-                                       source_port=source_port, timeout=timeout)
-        stream.upstream = StreamState(key)  # type: ignore[attr-defined]
-        return stream
-
-    def keep(self, stream: IOStream) -> None:
-        """A connection whose response ended cleanly, for the next request."""
-        state = getattr(stream, "upstream", None)
-        if state is None or state.pool_key is None:  # not one of ours: connect() never finds it
-            stream.close()
-            return
-        idle = [] if self.closed else self.idle.setdefault(state.pool_key, [])
-        if self.closed or len(idle) >= self.max_idle:
-            stream.close()
-            return
-        state.kept_since = time.monotonic()
-        idle.append(stream)
-        # Also makes the stream watch for the server's close while nothing is read.
-        stream.set_close_callback(lambda: stream in idle and idle.remove(stream))
-
-    def drop_idle(self) -> None:
-        """Close every kept connection (one turned out dead: the others may be too)."""
-        for idle in self.idle.values():
-            for stream in idle:
-                stream.set_close_callback(None)
-                stream.close()
-        self.idle.clear()
-
-    def close(self) -> None:
-        self.closed = True
-        self.drop_idle()
-        super().close()
-
-
-class FreshConnection:
-    """The pool, for one request that must not take a kept connection: the retry of a
-    request whose kept connection the server had closed (another one kept meanwhile may
-    be just as dead: under load, turns keep connections between the retry's start and its
-    connect)."""
-
-    def __init__(self, pool: KeptAliveTCPClient) -> None:
-        self.pool = pool
-
-    async def connect(self, *args: Any, **kwargs: Any) -> IOStream:
-        return await self.pool.connect(*args, fresh=True, **kwargs)
 
 
 class AbortableHTTPClient(SimpleAsyncHTTPClient):
