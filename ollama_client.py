@@ -16,7 +16,9 @@ from tornado import httputil
 from tornado.httpclient import HTTPClientError
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
+import coarse_timers
 import jsonfmt
+import lean_streams
 import metrics
 from upstreams.errors import (OllamaAborted, OllamaBroken, OllamaBusy, OllamaError,  # noqa: F401
                               OllamaHTTPError, OllamaTimeout, OllamaUnreachable)
@@ -117,6 +119,11 @@ class OllamaCall:
         self.fresh_connection = False  # the retry asks for a new connection
         self._last_activity = time.monotonic()
         self._idle = client.idle_timeout if timeout is None else timeout
+        # The whole request's limit, counted from when it leaves the queue for a slot.  It is
+        # kept here, with the idle one, not by Tornado: a loop timer per call would cost
+        # 0.8 KiB per open stream (coarse_timers.py).
+        self._total = client.request_timeout if timeout is None else timeout
+        self._deadline: Optional[float] = None
         request = UpstreamRequest(
             self.url, method="POST" if body is not None else "GET", body=body,
             headers={"Content-Type": "application/json", "Accept": "application/x-ndjson",
@@ -125,8 +132,8 @@ class OllamaCall:
             header_callback=self._on_header, streaming_callback=self._on_chunk,
             # A redirect is not Ollama's answer: report it (see _http_error), never follow it.
             follow_redirects=False,
-            connect_timeout=min(client.connect_timeout, self._idle),
-            request_timeout=client.request_timeout if timeout is None else timeout,
+            connect_timeout=min(client.connect_timeout, self._idle, self._total),
+            request_timeout=0,  # (no Tornado timer: see self._total)
             decompress_response=False)
         request.upstream_call = self
         queue_timeout = client.queue_timeout if timeout is None else min(timeout, client.queue_timeout)
@@ -136,7 +143,7 @@ class OllamaCall:
         self._fetch.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._fetch.add_done_callback(self._unlink)
         self._request = request
-        self._idle_timer = asyncio.get_running_loop().call_later(self._idle, self._check_idle)
+        self._idle_timer = coarse_timers.call_later(self._idle, self._check_idle)
 
     def _unlink(self, _: object) -> None:
         """The response is over: drop the links between this call, its connection and its
@@ -171,8 +178,11 @@ class OllamaCall:
         try:
             if self._abort_error is not None:
                 raise self._abort_error
-            self._last_activity = time.monotonic()
-            started = time.monotonic()
+            self._last_activity = started = time.monotonic()
+            self._deadline = started + self._total
+            self._idle_timer.cancel()
+            self._idle_timer = coarse_timers.call_later(min(self._idle, self._total),
+                                                        self._check_idle)
             try:
                 return await self.client.http.fetch(request, raise_error=False)
             except (HTTPStreamClosedError, ConnectionError) as e:
@@ -266,7 +276,7 @@ class OllamaCall:
             # The request is sent: its body (the conversation) and headers are not needed
             # for the rest of a response that may stream for minutes.
             self._request.body = None
-            self._request.headers = None
+            self._request.headers = lean_streams.SENT_HEADERS
             if not self._status_known.done():
                 self._status_known.set_result(self.status)
         elif self._interim:
@@ -302,12 +312,18 @@ class OllamaCall:
             self._last_activity = time.monotonic()
 
     def _check_idle(self) -> None:
-        quiet = time.monotonic() - self._last_activity
-        if self._busy or quiet < self._idle:
-            self._idle_timer = asyncio.get_running_loop().call_later(
-                max(self._idle - quiet, 0.01) if not self._busy else self._idle, self._check_idle)
+        now = time.monotonic()
+        if self._deadline is not None and now >= self._deadline:
+            self.abort(OllamaTimeout(f"{self.client.label} request exceeded {self._total:g} s"))
             return
-        self.abort(OllamaTimeout(f"{self.client.label} sent nothing for {self._idle:g} s"))
+        quiet = now - self._last_activity
+        if not self._busy and quiet >= self._idle:
+            self.abort(OllamaTimeout(f"{self.client.label} sent nothing for {self._idle:g} s"))
+            return
+        delay = self._idle if self._busy else self._idle - quiet
+        if self._deadline is not None:
+            delay = min(delay, self._deadline - now)
+        self._idle_timer = coarse_timers.call_later(max(delay, 0.01), self._check_idle)
 
     def _http_error(self, code: int) -> OllamaHTTPError:
         if code < 400:
@@ -335,8 +351,7 @@ class OllamaCall:
             if "connecting" in str(e):
                 return OllamaUnreachable(f"cannot reach {self.client.label} at {self.client.base} "
                                          "(connect timed out)")
-            return OllamaTimeout(f"{self.client.label} request exceeded "
-                                 f"{self.client.request_timeout:g} s")
+            return OllamaTimeout(f"{self.client.label} request exceeded {self._total:g} s")
         if isinstance(e, HTTPStreamClosedError):
             if self.status is None:
                 return OllamaBroken(f"{self.client.label} at {self.client.base} closed the "

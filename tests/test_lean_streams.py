@@ -11,7 +11,7 @@ from tornado.web import Application, RequestHandler
 import upstreams.http
 from accept_guard import GuardedHTTPServer
 
-from lean_streams import ShortQueue, lighten
+from lean_streams import SENT_HEADERS, SentHeaders, ShortQueue, lighten
 from tests.support import ChatterdTestCase, chat_body
 
 
@@ -146,3 +146,49 @@ class SharedInstanceDictsTest(ChatterdTestCase):
         self.assertEqual(response.code, 200)
         # A shared (split) dictionary is smaller than an ordinary one with the same items.
         self.assertLess(sys.getsizeof(seen[0]), sys.getsizeof(dict(seen[0])), list(seen[0]))
+
+
+class WrittenHeadersTest(ChatterdTestCase):
+    """Once a stream's headers are written, neither its response's header set nor its upstream
+    request's is kept (about 1.5 KiB per open stream): SENT_HEADERS stands in for both."""
+
+    def test_a_streaming_turn_keeps_neither_header_set(self) -> None:
+        from handlers.chat import LLMChatHandler
+        self.double.behave("slow", reply="a b c d e f", token_delay=0.05)
+        seen = {}
+        original = LLMChatHandler._on_lines
+
+        def spy(handler, lines):  # type: ignore[no-untyped-def]
+            if "handler" not in seen:  # the first lines: the stream is open by the second
+                seen["handler"] = handler
+            elif "headers" not in seen:
+                seen["headers"] = handler._headers
+                seen["upstream"] = handler.call._request.headers
+                handler.set_header("X-Late", "1")  # goes nowhere, as after any write
+                handler.add_header("X-Late", "2")
+                handler.clear_header("Content-Type")
+                seen["late"] = len(handler._headers)
+            return original(handler, lines)
+
+        LLMChatHandler._on_lines = spy
+        try:
+            response = self.post_json("/llmchat", chat_body("hdrs", "hi", model="slow"))
+        finally:
+            LLMChatHandler._on_lines = original
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers["Content-Type"], "text/event-stream")
+        self.assertIn("sent=", response.headers["X-Chatterd-Context"])
+        self.assertNotIn("X-Late", response.headers)
+        self.assertIn(b"data: ", response.body)
+        self.assertIs(seen["headers"], SENT_HEADERS)
+        self.assertIs(seen["upstream"], SENT_HEADERS)
+        self.assertEqual(seen["late"], 0)
+        self.assertEqual(len(SENT_HEADERS), 0)  # shared: nothing ever lands in it
+
+    def test_sent_headers_take_nothing(self) -> None:
+        headers = SentHeaders()
+        headers["A"] = "1"
+        headers.add("B", "2")
+        headers.update({"C": "3"})
+        self.assertEqual(list(headers.get_all()), [])
+        self.assertNotIn("A", headers)

@@ -210,6 +210,42 @@ class OllamaClientTest(AsyncTestCase):
         self.assertIn("sent nothing for 0.5 s", caught.exception.message)
 
     @gen_test
+    async def test_the_whole_request_is_limited_though_tokens_keep_coming(self):
+        # Never idle (a token every 50 ms), but longer than request_timeout: the call's own
+        # timer ends it, with no Tornado timer armed for it (coarse_timers.py).
+        self.double.behave("drip", reply="word " * 100, token_delay=0.05)
+        got = []
+
+        async def on_lines(lines):
+            got.extend(lines)
+
+        client = self.client(idle_timeout=5, request_timeout=0.6)
+        started = time.monotonic()
+        call = client.post("/api/chat", b'{"model":"drip","messages":[]}', on_lines)
+        self.assertEqual(call._request.request_timeout, 0)
+        with self.assertRaises(OllamaTimeout) as caught:
+            await call.finished()
+        self.assertIn("request exceeded 0.6 s", caught.exception.message)
+        self.assertGreaterEqual(time.monotonic() - started, 0.6)
+        self.assertGreater(len(got), 3)  # it was streaming, not stuck
+        self.assertFalse(jsonfmt.loads(got[-1])["done"])
+        await asyncio.wait_for(self.double.chat_requests()[0].closed.wait(), 5)
+
+    @gen_test
+    async def test_the_limit_counts_from_the_slot_not_the_queue(self):
+        # A call that waited for a slot (--max-streams) gets its whole request_timeout after.
+        self.double.behave("slow", reply="ab", token_delay=0.3)
+        client = self.client(request_timeout=0.8, max_streams=1, queue_timeout=5)
+
+        async def on_lines(lines):
+            pass
+
+        first = client.post("/api/chat", b'{"model":"slow","messages":[]}', on_lines)
+        second = client.post("/api/chat", b'{"model":"slow","messages":[]}', on_lines)
+        await first.finished()  # ~0.6 s: the second waited that long for its slot
+        await second.finished()  # another ~0.6 s, within its own 0.8
+
+    @gen_test
     async def test_version(self):
         self.assertTrue(await self.client().version())
 
