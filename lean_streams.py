@@ -8,9 +8,11 @@ queues hold 0-2 items almost always: four per chat stream (the client's connecti
 the upstream's) were a tenth of what an open stream costs (bench/scale.py).  A list with
 popleft() does the same job for queues that short.
 
-A header set costs about 1.5 KiB with its seven fields.  A streamed response keeps its own
-(RequestHandler._headers) and its upstream request's for as long as it streams, though
-neither is read once written: SENT_HEADERS stands in for both.
+A header set costs about 1.5 KiB with its seven fields, and a streamed response kept
+four for as long as it streamed, though none is read again once the stream is under way:
+its request's (read), its response's (written), its upstream request's (written) and
+response's (read, the body's framing decided).  SENT_HEADERS stands in for the written
+ones; the read ones, which Tornado's own frames still refer to, are emptied in place.
 """
 
 from typing import Any
@@ -52,7 +54,16 @@ class SentHeaders(HTTPHeaders):
 SENT_HEADERS = SentHeaders()
 
 
-def forget_written_headers(handler: Any) -> None:
-    """*handler* (a RequestHandler) has flushed its headers: let them go."""
+def forget_headers(handler: Any) -> None:
+    """*handler* (a RequestHandler) has flushed its headers and streams its body: let its
+    response's headers go, and empty its request's."""
     if getattr(handler, "_headers_written", False):
         handler._headers = SENT_HEADERS
+        empty_in_place(handler.request.headers)
+
+
+def empty_in_place(headers: HTTPHeaders) -> None:
+    """Drop every field of *headers* and the memory of its tables (deleting the fields one
+    by one would keep both dictionaries at their size)."""
+    headers._as_list.clear()  # type: ignore[attr-defined]
+    headers._combined_cache.clear()  # type: ignore[attr-defined]

@@ -137,15 +137,14 @@ class OllamaCall:
             decompress_response=False)
         request.upstream_call = self
         queue_timeout = client.queue_timeout if timeout is None else min(timeout, client.queue_timeout)
+        # Its result is the response, or the exception that ended it (returned, not raised:
+        # a call whose owner never waits for its end, aborted before it was awaited, would
+        # log "exception was never retrieved"; finished() raises it).
         self._fetch = asyncio.ensure_future(self._fetch_in_a_slot(request, queue_timeout))
-        # A call whose owner never waits for its end (aborted before it was awaited) must not
-        # log "exception was never retrieved": its error is reported through finished().
-        self._fetch.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._fetch.add_done_callback(self._unlink)
         self._request = request
         self._idle_timer = coarse_timers.call_later(self._idle, self._check_idle)
 
-    def _unlink(self, _: object) -> None:
+    def _unlink(self) -> None:
         """The response is over: drop the links between this call, its connection and its
         request (each refers to the others), so reference counting frees them at once
         (see gc_schedule.py)."""
@@ -163,48 +162,58 @@ class OllamaCall:
         self.on_lines = None
         errors = [self._abort_error]
         if self._fetch.done() and not self._fetch.cancelled():
-            errors.append(self._fetch.exception())
+            errors.append(self._fetch.exception() or self._error_of_fetch())
         for error in errors:
             forget_traceback(error)
 
+    def _error_of_fetch(self) -> Optional[BaseException]:
+        result = self._fetch.result()
+        return result if isinstance(result, BaseException) else None
+
     async def _fetch_in_a_slot(self, request: UpstreamRequest, queue_timeout: float) -> object:
-        self._busy = True  # the wait for a slot is not Ollama's silence
         try:
-            if not await self.client.slots.take(queue_timeout, self._aborted):
-                raise self._abort_error  # type: ignore[misc]
-            self._slot_taken.set_result(None)
-        finally:
-            self._busy = False
-        try:
-            if self._abort_error is not None:
-                raise self._abort_error
-            self._last_activity = started = time.monotonic()
-            self._deadline = started + self._total
-            self._idle_timer.cancel()
-            self._idle_timer = coarse_timers.call_later(min(self._idle, self._total),
-                                                        self._check_idle)
+            self._busy = True  # the wait for a slot is not Ollama's silence
             try:
-                return await self.client.http.fetch(request, raise_error=False)
-            except (HTTPStreamClosedError, ConnectionError) as e:
-                # A kept-alive connection the server closed just as we wrote on it (the race
-                # every keep-alive client has): it answered nothing, within a round trip, so
-                # ask once more, on a new connection.  A later failure may mean the server
-                # was working on the request: that is not asked twice.
-                if not (self.reused_connection and self.status is None and not self.body
-                        and self._abort_error is None and time.monotonic() - started < 1.0):
-                    raise
-                forget_traceback(e)
-                self.reused_connection = False
-                self.client.http.tcp_client.drop_idle()  # (reused: a KeptAliveTCPClient's)
-                self.fresh_connection = True  # not one kept since: see upstreams.http
-                return await self.client.http.fetch(request, raise_error=False)
+                if not await self.client.slots.take(queue_timeout, self._aborted):
+                    raise self._abort_error  # type: ignore[misc]
+                self._slot_taken.set_result(None)
+            finally:
+                self._busy = False
+                self._aborted = None  # (needed only by that wait)
+            try:
+                if self._abort_error is not None:
+                    raise self._abort_error
+                self._last_activity = started = time.monotonic()
+                self._deadline = started + self._total
+                self._idle_timer.cancel()
+                self._idle_timer = coarse_timers.call_later(min(self._idle, self._total),
+                                                            self._check_idle)
+                try:
+                    return await self.client.http.fetch(request, raise_error=False)
+                except (HTTPStreamClosedError, ConnectionError) as e:
+                    # A kept-alive connection the server closed just as we wrote on it (the race
+                    # every keep-alive client has): it answered nothing, within a round trip, so
+                    # ask once more, on a new connection.  A later failure may mean the server
+                    # was working on the request: that is not asked twice.
+                    if not (self.reused_connection and self.status is None and not self.body
+                            and self._abort_error is None and time.monotonic() - started < 1.0):
+                        raise
+                    forget_traceback(e)
+                    self.reused_connection = False
+                    self.client.http.tcp_client.drop_idle()  # (reused: a KeptAliveTCPClient's)
+                    self.fresh_connection = True  # not one kept since: see upstreams.http
+                    return await self.client.http.fetch(request, raise_error=False)
+            finally:
+                self.client.slots.give_back()
+        except Exception as e:  # noqa: BLE001 - the call's result (see __init__)
+            return e
         finally:
-            self.client.slots.give_back()
+            self._unlink()
 
     async def wait_slot(self) -> None:
         """Return once the request holds an upstream slot (at once, unless --max-streams
         are busy) or has failed: a queued turn is not yet waiting for Ollama."""
-        if not self._slot_taken.done():
+        if self._slot_taken is not None and not self._slot_taken.done():
             await asyncio.wait([self._slot_taken, self._fetch], return_when=asyncio.FIRST_COMPLETED)
 
     async def wait_status(self, timeout: float) -> Optional[int]:
@@ -229,7 +238,7 @@ class OllamaCall:
         """End the request now; finished() will raise *error*."""
         if self._abort_error is None:
             self._abort_error = error
-        if not self._aborted.done():
+        if self._aborted is not None and not self._aborted.done():
             self._aborted.set_result(None)  # stops a wait for a slot
         if self._connection is not None:
             self._connection.abort(self._abort_error)
@@ -237,25 +246,22 @@ class OllamaCall:
     async def finished(self) -> None:
         """Wait for the end of the response; raise OllamaError unless it was a clean 200."""
         try:
-            await self._finished()
+            try:
+                response = await self._fetch
+            finally:
+                self._idle_timer.cancel()
+            if isinstance(response, Exception):
+                raise self._explain(response)  # mapped to what a client should be told
+            if self._abort_error is not None:
+                raise self._abort_error
+            response.error = None  # Tornado's HTTPClientError for a non-200 refers back to it
+            if response.code != 200:
+                raise self._http_error(response.code)
+            await self._at_end()
         except OllamaError as e:
             if not isinstance(e, OllamaAborted):
                 metrics.UPSTREAM_ERRORS.labels(kind=type(e).__name__).inc()
             raise
-
-    async def _finished(self) -> None:
-        try:
-            response = await self._fetch
-        except Exception as e:  # noqa: BLE001 - mapped to what a client should be told
-            raise self._explain(e) from None
-        finally:
-            self._idle_timer.cancel()
-        if self._abort_error is not None:
-            raise self._abort_error
-        response.error = None  # Tornado's HTTPClientError for a non-200 refers back to it
-        if response.code != 200:
-            raise self._http_error(response.code)
-        await self._at_end()
 
     async def _at_end(self) -> None:
         """The body ended cleanly: deliver its last line (one without a final LF)."""
@@ -277,8 +283,9 @@ class OllamaCall:
             # for the rest of a response that may stream for minutes.
             self._request.body = None
             self._request.headers = lean_streams.SENT_HEADERS
-            if not self._status_known.done():
-                self._status_known.set_result(self.status)
+            self._status_known.set_result(self.status)
+            # Each waits no more (the status is known, so a slot was taken): let them go.
+            self._status_known = self._slot_taken = None
         elif self._interim:
             return
         elif line[:13].lower() == "content-type:":

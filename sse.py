@@ -161,7 +161,7 @@ class EventStream:
             if data:
                 self.handler.write(data)
             future = self._flushing = self.handler.flush()  # the headers go out with the first
-            lean_streams.forget_written_headers(self.handler)
+            lean_streams.forget_headers(self.handler)
             self._direct = direct_writer(self.handler)
         try:
             await bounded(self.handler, future, self.write_timeout)

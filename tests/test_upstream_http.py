@@ -208,13 +208,14 @@ class KeepAliveServer:
     saying so (what a server's idle timeout does); `say_close` sends Connection: close;
     `stall` holds the body open after its first line."""
 
-    def __init__(self, close_after_answer=False, say_close=False, stall=False,
+    def __init__(self, close_after_answer=False, say_close=False, stall=False, stay=False,
                  drop_second=False, stray=False):
         self.stray = stray  # bytes after the body's end
         self.drop_second = drop_second  # a connection's second request: closed unanswered
         self.connections = 0
         self.requests = 0
         self.close_after_answer, self.say_close, self.stall = close_after_answer, say_close, stall
+        self.stay = stay  # with say_close: answers on that connection all the same
         self.closed = asyncio.Event()
 
     async def start(self) -> int:
@@ -244,7 +245,7 @@ class KeepAliveServer:
                     return
                 writer.write(chunked([b'{"n":2,"done":true}\n']) + (b"junk" if self.stray else b""))
                 await writer.drain()
-                if self.close_after_answer or self.say_close:
+                if self.close_after_answer or (self.say_close and not self.stay):
                     return
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -327,6 +328,16 @@ class KeepAliveTest(AsyncTestCase):
         server = KeepAliveServer(say_close=True)
         got = await self.calls(server, 2)
         self.assertEqual([reused for _, reused in got], [False, False])
+        self.assertEqual(server.connections, 2)
+
+    @gen_test(timeout=20)
+    async def test_connection_close_is_honoured_when_the_server_stays_connected(self):
+        # The only sign is the header (read before the body, whose headers are then emptied):
+        # the connection is not kept, though it stays open and would answer.
+        server = KeepAliveServer(say_close=True, stay=True)
+        got = await self.calls(server, 2)
+        self.assertEqual([reused for _, reused in got], [False, False])
+        self.assertEqual([len(lines) for lines, _ in got], [2, 2])
         self.assertEqual(server.connections, 2)
 
     @gen_test(timeout=20)

@@ -62,6 +62,11 @@ class BufferedChunkConnection(HTTP1Connection):
         total = 0
         stream = self.stream
         state = stream_state(stream)
+        # Tornado has read the body's framing from the response's headers, and the call its
+        # header_callback: a body that streams for minutes keeps none of them (lean_streams.py).
+        headers = getattr(delegate, "headers", None)
+        if isinstance(headers, httputil.HTTPHeaders):
+            lean_streams.empty_in_place(headers)
         read_trickle = stream.read_trickle if type(stream) is UpstreamStream else None
         while True:
             if read_trickle is not None:
@@ -193,6 +198,12 @@ class AbortableConnection(_HTTPConnection):
             return self._on_body(chunk)
         return super().data_received(chunk)
 
+    async def headers_received(self, first_line: Any, headers: httputil.HTTPHeaders) -> None:
+        # Asked now: the headers are emptied once the body streams (BufferedChunkConnection).
+        if "close" in headers.get("Connection", "").lower():  # the server will close it
+            self._keep_wanted = False
+        await super().headers_received(first_line, headers)
+
     async def run(self) -> None:
         self._keep = False
         # Asked for before Tornado's run() fills in its own headers (and before OllamaCall
@@ -207,9 +218,7 @@ class AbortableConnection(_HTTPConnection):
     def _on_end_request(self) -> None:
         # The response ended cleanly (finish() runs only then): keep the connection unless
         # either side said close, or it holds bytes that belong to no response.
-        response_headers = self.headers or {}
         keep = (self._keep_wanted and self._pool is not None
-                and "close" not in response_headers.get("Connection", "").lower()
                 and getattr(self.connection, "_response_start_line", None) is not None
                 and self.connection._response_start_line.version == "HTTP/1.1"
                 and not getattr(self.connection, "stray_bytes", False)
