@@ -28,7 +28,10 @@ from upstreams.slots import Slots
 
 MAX_ERROR_BODY = 64 * 1024
 
-LinesCallback = Callable[[list[bytes]], Awaitable[None]]
+# on_lines(lines): None when it is done with them, else something to await first (its
+# client is behind); an async function does.  The relay's hot path returns None whenever the
+# client's kernel took the event at once, so a token costs no coroutine at all.
+LinesCallback = Callable[[list[bytes]], Optional[Awaitable[None]]]
 
 
 def api_base(url: str) -> str:
@@ -72,7 +75,8 @@ class OllamaClient:
         return api_base(url)
 
     def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback]) -> "OllamaCall":
-        """Start POST *path*; each chunk's complete lines go to `await on_lines(lines)`.
+        """Start POST *path*; each chunk's complete lines go to on_lines(lines) (awaited when
+        it returns an awaitable: see LinesCallback).
 
         With on_lines None the whole body is kept in `call.body` instead.
         """
@@ -267,7 +271,9 @@ class OllamaCall:
         """The body ended cleanly: deliver its last line (one without a final LF)."""
         rest = self._splitter.rest()
         if rest and self.on_lines is not None:
-            await self.on_lines(rest)
+            pending = self._deliver(rest)
+            if pending is not None:
+                await pending
 
     def _on_header(self, line: str) -> None:
         if line.startswith("HTTP/"):
@@ -309,11 +315,15 @@ class OllamaCall:
             return None
         return self._deliver(lines)
 
-    async def _deliver(self, lines: list[bytes]) -> None:
+    def _deliver(self, lines: list[bytes]) -> Optional[Awaitable[None]]:
+        pending = self.on_lines(lines)  # type: ignore[misc]
+        return None if pending is None else self._await_delivery(pending)
+
+    async def _await_delivery(self, pending: Awaitable[None]) -> None:
         # While we wait on the client (back-pressure), Ollama is not idle: we are.
         self._busy = True
         try:
-            await self.on_lines(lines)  # type: ignore[misc]
+            await pending
         finally:
             self._busy = False
             self._last_activity = time.monotonic()

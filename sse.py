@@ -6,6 +6,7 @@ write; several events produced together are joined and flushed once.
 
 import asyncio
 import time
+from typing import Awaitable, Optional
 
 from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
@@ -150,19 +151,33 @@ class EventStream:
         if self.closed:  # a heartbeat that waited for the stream's last write: nothing more
             return
         if self._direct is not None:
-            if not data:
-                return
-            future = self._direct.write(data)
-            if future is None:  # the kernel took it all: the usual case costs no await
-                self._last_write = time.monotonic()
-                return
-            self._flushing = future
-        else:
-            if data:
-                self.handler.write(data)
-            future = self._flushing = self.handler.flush()  # the headers go out with the first
-            lean_streams.forget_headers(self.handler)
-            self._direct = direct_writer(self.handler)
+            pending = self.send_now(data)
+            if pending is not None:
+                await pending
+            return
+        if data:
+            self.handler.write(data)
+        future = self._flushing = self.handler.flush()  # the headers go out with the first
+        lean_streams.forget_headers(self.handler)
+        self._direct = direct_writer(self.handler)
+        await self._flushed(future)
+
+    def send_now(self, data: bytes) -> "Optional[Awaitable[None]]":
+        """send(), without a coroutine when it can do without: None when the kernel took
+        *data* at once (the usual case) or there was nothing to send, else an awaitable
+        (raising as send() does) to await before the next."""
+        if self._direct is None or self._flushing is not None:
+            return self.send(data)  # the headers first, or an earlier write still queued
+        if self.closed or not data:
+            return None
+        future = self._direct.write(data)
+        if future is None:  # the kernel took it all
+            self._last_write = time.monotonic()
+            return None
+        self._flushing = future
+        return self._flushed(future)
+
+    async def _flushed(self, future: "asyncio.Future[None]") -> None:
         try:
             await bounded(self.handler, future, self.write_timeout)
         finally:

@@ -18,7 +18,7 @@ The life of a turn (turns.py keeps the rules, db/conversations.py the SQL):
 
 import datetime
 import logging
-from typing import Optional
+from typing import Awaitable, Optional
 
 import asyncpg
 from tornado.iostream import StreamClosedError
@@ -168,8 +168,9 @@ class LLMChatHandler(UpstreamHandler):
         except StreamClosedError:
             self.on_connection_close()
 
-    async def _on_lines(self, lines: list[bytes]) -> None:
-        """The hot path: light bookkeeping per line, one write and one flush per chunk."""
+    def _on_lines(self, lines: list[bytes]) -> Optional[Awaitable[None]]:
+        """The hot path: light bookkeeping per line, one write per chunk.  Returns None when
+        the client's kernel took the write at once (see LinesCallback), else what to await."""
         reply = self.reply
         parts = self.text.recent
         relayed = lines
@@ -204,15 +205,33 @@ class LLMChatHandler(UpstreamHandler):
                 break
         self.text.compact()
         if relayed:
-            await self._send(self.frame(relayed))
+            return self._send_now(self.frame(relayed))
+        return None
+
+    def _send_now(self, data: bytes) -> Optional[Awaitable[None]]:
+        """_send() without a coroutine while the stream is open and the client keeps up."""
+        if self.client_gone:
+            return None
+        if not self.events.opened:
+            return self._send(data)
+        self.answer_started = True
+        try:
+            pending = self.events.send_now(data)
+        except StreamClosedError:
+            self.on_connection_close()
+            return None
+        return None if pending is None else self._sent(pending)
 
     async def _send(self, data: bytes) -> None:
         if self.client_gone:
             return
         await self._open()
         self.answer_started = True
+        await self._sent(self.events.send(data))
+
+    async def _sent(self, pending: Awaitable[None]) -> None:
         try:
-            await self.events.send(data)
+            await pending
         except StreamClosedError:
             self.on_connection_close()
 

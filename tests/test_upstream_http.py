@@ -149,6 +149,135 @@ class BufferedChunkTest(AsyncTestCase):
         self.assertEqual((response.code, data), (200, b"".join(pieces)))
         self.assertLess(direct[0], len(pieces) // 4)
 
+    def token_cuts(self, pieces: list[bytes]) -> list[int]:
+        """Cuts for chunked(pieces) that write one chunk at a time."""
+        cuts, at = [], 0
+        for piece in pieces:
+            at += len(b"%x\r\n" % len(piece)) + len(piece) + 2
+            cuts.append(at)
+        return cuts
+
+    @gen_test(timeout=20)
+    async def test_a_trickling_body_is_delivered_from_the_io_handler(self):
+        # While tokens trickle in and the delegate takes each at once, the read's coroutine
+        # is not resumed per token: one direct read delivers token after token (its sink).
+        import upstreams.stream
+        reads = [0]
+        original = upstreams.stream.UpstreamStream.read_trickle
+
+        def counted(stream, *args):  # type: ignore[no-untyped-def]
+            reads[0] += 1
+            return original(stream, *args)
+
+        pieces = [b'{"n":%d}\n' % i for i in range(40)]
+        received: list[bytes] = []
+        upstreams.stream.UpstreamStream.read_trickle = counted
+        try:
+            response = await self.fetch_with(chunked(pieces), self.token_cuts(pieces),
+                                             received.append, pause=0.005)
+        finally:
+            upstreams.stream.UpstreamStream.read_trickle = original
+        self.assertEqual((response.code, b"".join(received)), (200, b"".join(pieces)))
+        self.assertGreater(len(received), len(pieces) // 2)  # a token at a time
+        self.assertLess(reads[0], len(pieces) // 4)  # one per token before
+
+    async def fetch_with(self, body: bytes, cuts: list[int], on_body, pause: float) -> object:  # type: ignore[no-untyped-def]
+        server = RawServer(body, cuts, pause)
+        port = await server.start()
+        client = http_client(10)
+        try:
+            # (as OllamaCall asks: a decompressing delegate is a coroutine per chunk)
+            return await client.fetch(HTTPRequest(f"http://127.0.0.1:{port}/", streaming_callback=on_body,
+                                                  decompress_response=False, request_timeout=10),
+                                      raise_error=False)
+        except Exception as e:  # a broken body is an exception, not a status
+            return e
+        finally:
+            client.close()
+            server.close()
+
+    @gen_test(timeout=20)
+    async def test_what_the_delegate_returns_is_awaited_before_the_next_token(self):
+        # Back-pressure: the delegate's client is behind (it returns a future); tokens keep
+        # arriving meanwhile, and none is delivered until the future is done.
+        loop = asyncio.get_running_loop()
+        pieces = [b'{"n":%d}\n' % i for i in range(30)]
+        got: list[bytes] = []
+        held: list[asyncio.Future] = []
+        released_at: list[float] = []
+        delivered_at: list[float] = []
+
+        def release(future: asyncio.Future) -> None:
+            released_at.append(loop.time())
+            future.set_result(None)
+
+        def on_body(data: bytes):  # type: ignore[no-untyped-def]
+            got.append(data)
+            delivered_at.append(loop.time())
+            if len(got) == 5:  # behind for 60 ms: about 12 tokens arrive meanwhile
+                future = loop.create_future()
+                held.append(future)
+                loop.call_later(0.06, release, future)
+                return future
+            return None
+
+        response = await self.fetch_with(chunked(pieces), self.token_cuts(pieces), on_body, 0.005)
+        self.assertEqual((response.code, b"".join(got)), (200, b"".join(pieces)))
+        self.assertEqual(len(held), 1)
+        self.assertGreater(len(got), 5)
+        self.assertGreaterEqual(delivered_at[5], released_at[0])  # nothing while held
+
+    @gen_test(timeout=20)
+    async def test_an_error_in_the_delegate_fails_the_fetch(self):
+        pieces = [b'{"n":%d}\n' % i for i in range(30)]
+        got: list[bytes] = []
+
+        def on_body(data: bytes) -> None:
+            got.append(data)
+            if len(got) == 8:  # delivered from the IO handler by then
+                raise ValueError("the delegate broke")
+
+        response = await self.fetch_with(chunked(pieces), self.token_cuts(pieces), on_body, 0.005)
+        # As Tornado's own reader: the connection is closed, the fetch ends (not hangs).
+        self.assertEqual(response.code, 599)
+        self.assertEqual(len(got), 8)  # and nothing after
+
+    @gen_test(timeout=20)
+    async def test_bad_framing_while_the_body_trickles_is_an_error(self):
+        pieces = [b'{"n":%d}\n' % i for i in range(12)]
+        good = chunked(pieces)[:-5]  # without the last chunk
+        body = good + b"zz\r\nabc\r\n0\r\n\r\n"
+        got: list[bytes] = []
+        response = await self.fetch_with(body, self.token_cuts(pieces) + [len(good)], got.append, 0.005)
+        self.assertEqual(response.code, 599)  # as Tornado's own reader: closed, not a hang
+        self.assertEqual(b"".join(got), b"".join(pieces))  # what came before, in order
+
+    @gen_test(timeout=20)
+    async def test_the_sink_is_let_go_when_the_body_ends(self):
+        # It refers to the connection, which refers to the stream that holds it: kept, it
+        # would make a cycle only a full garbage collection frees (gc_schedule.py).
+        import upstreams.http
+        streams = []
+        original = upstreams.http.AbortableConnection._create_connection
+
+        def spy(connection, stream):  # type: ignore[no-untyped-def]
+            streams.append(stream)
+            return original(connection, stream)
+
+        pieces = [b'{"n":%d}\n' % i for i in range(20)]
+        upstreams.http.AbortableConnection._create_connection = spy
+        try:
+            response = await self.fetch_with(chunked(pieces), self.token_cuts(pieces), lambda d: None, 0.005)
+            broken = await self.fetch_with(chunked(pieces)[:60], self.token_cuts(pieces)[:5],
+                                           lambda d: None, 0.005)
+        finally:
+            upstreams.http.AbortableConnection._create_connection = original
+        self.assertEqual(response.code, 200)
+        self.assertEqual(broken.code, 599)  # cut mid-body, during a direct read
+        self.assertEqual(len(streams), 2)
+        for stream in streams:
+            self.assertIsNone(stream.upstream.sink)
+
     @gen_test(timeout=10)
     async def test_chunk_extensions_are_ignored(self):
         data, _, response = await self.fetch(chunked([b"x\n", b"y\n"], b";name=v"), [3])

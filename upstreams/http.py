@@ -10,10 +10,12 @@ public hook for three things chatterd needs, so a small subclass of the private
 * a connection reset mid-body is reported at once (Tornado 6.6.1 waits for
   request_timeout);
 * a chunked body is read a buffer at a time: every complete chunk already received is
-  decoded in one pass and handed over as one piece, where Tornado awaits three reads per
-  chunk.  An LLM server writes one chunk per token, so this is the relay's hot path;
-  while the body comes a token at a time, each read is one recv made when the socket is
-  readable (UpstreamStream.read_trickle), not IOStream's buffered read.
+  decoded in one pass (upstreams/chunked.py) and handed over as one piece, where Tornado
+  awaits three reads per chunk.  An LLM server writes one chunk per token, so this is the
+  relay's hot path; while the body comes a token at a time, each read is one recv made
+  when the socket is readable (UpstreamStream.read_trickle), not IOStream's buffered read,
+  and the token goes to the streaming_callback from the IO handler itself, with no
+  coroutine resumed unless the callback returns something to await.
 
 * keep-alive: a connection whose response ended cleanly is kept (upstreams/keepalive.py)
   and the next request to the same upstream reuses it, instead of a TCP (and TLS) handshake
@@ -28,7 +30,6 @@ thread pool for every request (Tornado's default resolver runs getaddrinfo in on
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 from typing import Any, Optional
@@ -41,25 +42,27 @@ from tornado.netutil import DefaultLoopResolver, Resolver, is_valid_ip
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 
 import lean_streams
+from upstreams.chunked import ChunkDecoder
 from upstreams.keepalive import FreshConnection, KeptAliveTCPClient
 from upstreams.stream import MAX_READ, UpstreamStream, stream_state
 
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _MIN_READ = 4096
 _TRICKLE = 1024  # a read this small, after a gap of _TRICKLE_GAP: the body comes a token at a time
 _TRICKLE_GAP = 0.002  # seconds; a quicker producer's small writes are read in batches instead
 
 
 class BufferedChunkConnection(HTTP1Connection):
-    """HTTP1Connection whose chunked-body reader decodes whole buffers (client side only)."""
+    """HTTP1Connection whose chunked-body reader decodes whole buffers (client side only).
+
+    While the body trickles in (UpstreamStream), each token is decoded and handed to the
+    delegate in the IO handler itself: the read's coroutine (this one, under Tornado's
+    three layers of HTTP client coroutines) is resumed only when the delegate returns
+    something to await (its client is behind), at the body's end, on an error, or when
+    the body stops trickling."""
 
     stray_bytes = False  # the server sent more after the body's end
 
     async def _read_chunked_body(self, delegate: httputil.HTTPMessageDelegate) -> None:
-        buf = b""
-        left = 0          # data bytes still due in the current chunk
-        crlf = False      # the current chunk's data is in; its CRLF is due
-        total = 0
         stream = self.stream
         state = stream_state(stream)
         # Tornado has read the body's framing from the response's headers, and the call its
@@ -67,73 +70,78 @@ class BufferedChunkConnection(HTTP1Connection):
         headers = getattr(delegate, "headers", None)
         if isinstance(headers, httputil.HTTPHeaders):
             lean_streams.empty_in_place(headers)
-        read_trickle = stream.read_trickle if type(stream) is UpstreamStream else None
-        while True:
-            if read_trickle is not None:
-                data = await read_trickle()
-            else:
-                data = await stream.read_bytes(MAX_READ, partial=True)
-            # IOStream allocates and zero-fills read_chunk_size bytes for every read it
-            # tries, the one that finds the socket empty included (two per token): size it
-            # to what arrives, 4 KiB for a token at a time, up to 64 KiB for bursts.
-            size = stream.read_chunk_size
-            if len(data) >= size:
-                stream.read_chunk_size = min(size * 2, MAX_READ)
-            elif len(data) * 4 < size and size > _MIN_READ:
-                stream.read_chunk_size = size // 2
-            # A token at a time means small reads with gaps between them (an LLM's tokens:
-            # tens of ms).  Small writes as fast as we read them are a burst: IOStream's
-            # read-until-empty batches them, where one recv per wake-up would not.
-            now = time.monotonic()
-            state.trickle = len(data) < _TRICKLE and now - state.read_at >= _TRICKLE_GAP
-            state.read_at = now
-            buf += data
-            out = []
-            pos = 0
-            end = len(buf)
-            while pos < end:
-                if left:
-                    take = min(left, end - pos)
-                    out.append(buf[pos:pos + take])
-                    pos += take
-                    left -= take
-                    crlf = left == 0
-                    continue
-                if crlf:
-                    if end - pos < 2:
-                        break
-                    if buf[pos:pos + 2] != b"\r\n":
-                        raise httputil.HTTPInputError("improperly terminated chunk")
-                    pos += 2
-                    crlf = False
-                    continue
-                eol = buf.find(b"\r\n", pos, pos + 64)
-                if eol < 0:
-                    if end - pos >= 64:
-                        raise httputil.HTTPInputError("invalid chunk size")
-                    break
-                size = buf[pos:eol].split(b";", 1)[0].strip()  # chunk extensions ignored
-                if not _CHUNK_SIZE.fullmatch(size):
-                    raise httputil.HTTPInputError("invalid chunk size")
-                chunk_len = int(size, 16)
-                if chunk_len == 0:  # the last chunk: no trailers expected, as Tornado
-                    if end - eol - 2 < 2:
-                        break
-                    if buf[eol + 2:eol + 4] != b"\r\n":
-                        raise httputil.HTTPInputError("improperly terminated chunked request")
-                    # Bytes after the body belong to no response: never reuse this connection.
-                    self.stray_bytes = end > eol + 4
-                    if out:
-                        await self._deliver_body(delegate, b"".join(out))
+        decoder = ChunkDecoder(self._max_body_size)
+
+        def take_at_once(data: bytes) -> Optional[Handover]:
+            # UpstreamStream's sink: None when done with *data* and reading on.
+            try:
+                note_read(stream, state, data)
+                body = decoder.feed(data)
+                if decoder.ended:
+                    return Handover(body=body)
+                pending = delegate.data_received(body) if body else None
+                if pending is not None or not state.trickle:
+                    return Handover(pending=pending)
+                return None
+            except Exception as e:  # raised by the read, in this coroutine
+                return Handover(error=e)
+
+        direct = type(stream) is UpstreamStream
+        try:
+            while True:
+                if direct:
+                    data = await stream.read_trickle(take_at_once)
+                else:
+                    data = await stream.read_bytes(MAX_READ, partial=True)
+                if type(data) is Handover:
+                    if data.error is not None:
+                        raise data.error
+                    if data.pending is not None:
+                        await data.pending
+                    body = data.body
+                else:
+                    note_read(stream, state, data)
+                    body = decoder.feed(data)
+                if decoder.ended:
+                    self.stray_bytes = decoder.stray  # (then the connection is never reused)
+                    if body:
+                        await self._deliver_body(delegate, body)
                     return
-                total += chunk_len
-                if total > self._max_body_size:
-                    raise httputil.HTTPInputError("chunked body too large")
-                left = chunk_len
-                pos = eol + 2
-            buf = buf[pos:]
-            if out:
-                await self._deliver_body(delegate, out[0] if len(out) == 1 else b"".join(out))
+                if body:
+                    await self._deliver_body(delegate, body)
+        finally:
+            state.sink = None  # (it refers to this connection, which refers to the stream)
+
+
+class Handover:
+    """What BufferedChunkConnection's sink leaves to its coroutine: an awaitable the
+    delegate returned, the body's last bytes, or an error to raise."""
+
+    __slots__ = ("pending", "body", "error")
+
+    def __init__(self, pending: Any = None, body: bytes = b"",
+                 error: Optional[Exception] = None) -> None:
+        self.pending = pending
+        self.body = body
+        self.error = error
+
+
+def note_read(stream: IOStream, state: Any, data: bytes) -> None:
+    """Size the stream's next read to what arrives, and tell whether the body trickles."""
+    # IOStream allocates and zero-fills read_chunk_size bytes for every read it tries, the
+    # one that finds the socket empty included (two per token): size it to what arrives,
+    # 4 KiB for a token at a time, up to 64 KiB for bursts.
+    size = stream.read_chunk_size
+    if len(data) >= size:
+        stream.read_chunk_size = min(size * 2, MAX_READ)
+    elif len(data) * 4 < size and size > _MIN_READ:
+        stream.read_chunk_size = size // 2
+    # A token at a time means small reads with gaps between them (an LLM's tokens: tens of
+    # ms).  Small writes as fast as we read them are a burst: IOStream's read-until-empty
+    # batches them, where one recv per wake-up would not.
+    now = time.monotonic()
+    state.trickle = len(data) < _TRICKLE and now - state.read_at >= _TRICKLE_GAP
+    state.read_at = now
 
 
 class UpstreamRequest(HTTPRequest):

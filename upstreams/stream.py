@@ -7,7 +7,7 @@ connection this class and reads chunked bodies through read_trickle().
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from tornado.concurrent import Future, future_set_result_unless_cancelled
 from tornado.ioloop import IOLoop
@@ -24,12 +24,13 @@ class StreamState:
     instances of a class: two attributes more and it becomes a private one, 1.3 KB larger
     per open stream (bench/scale.py)."""
 
-    __slots__ = ("trickle", "read_at", "direct", "reused", "pool_key", "kept_since")
+    __slots__ = ("trickle", "read_at", "direct", "sink", "reused", "pool_key", "kept_since")
 
     def __init__(self, pool_key: Optional[tuple] = None) -> None:
         self.trickle = False     # the body comes a token at a time (UpstreamStream)
         self.read_at = 0.0       # when the body's last read returned
         self.direct = False      # UpstreamStream.read_trickle's read is pending
+        self.sink: Optional[Callable[[bytes], Any]] = None  # read_trickle's *sink*
         self.reused = False      # handed out again by KeptAliveTCPClient
         self.pool_key = pool_key  # (host, port, tls) it is kept under
         self.kept_since = 0.0    # when it was last kept
@@ -53,16 +54,25 @@ class UpstreamStream(IOStream):
     waits for the socket and takes what arrived with one recv.  Anything else, or a read
     while IOStream holds buffered bytes, goes the usual way; so do errors and the close
     (a reset or the server's close closes the stream, which fails the read, as IOStream's
-    own reads do).  Bursts keep the read at once."""
+    own reads do).  Bursts keep the read at once.
 
-    def read_trickle(self) -> "Future[bytes]":
-        """The next bytes of the body, as read_bytes(MAX_READ, partial=True)."""
+    With a *sink*, each token is handed to it as it arrives, in the IO handler: no future
+    resolved, no coroutine resumed, for as long as the sink can take the tokens at once."""
+
+    def read_trickle(self, sink: Optional[Callable[[bytes], Any]] = None) -> "Future[Any]":
+        """The next bytes of the body, as read_bytes(MAX_READ, partial=True).
+
+        *sink(data)*, if given, is called with what each recv returns while the read is
+        pending: None means it took the bytes and the read goes on; anything else ends the
+        read with that as its result.  (It must not raise: an exception closes the stream.)
+        Without a direct read (see above), the future is read_bytes' and no sink is called."""
         state = self.upstream
         if not state.trickle or self._read_future is not None or self._read_buffer_size \
                 or self.closed():
             return self.read_bytes(MAX_READ, partial=True)
         future = self._read_future = self.io_loop.asyncio_loop.create_future()  # type: ignore[attr-defined]
         state.direct = True
+        state.sink = sink
         self._add_io_state(IOLoop.READ)  # (an idle stream listens for reads already)
         return future
 
@@ -85,12 +95,23 @@ class UpstreamStream(IOStream):
             return
         except OSError as e:  # a reset: the stream closes with it, the read fails (as IOStream)
             self.upstream.direct = False
+            self.upstream.sink = None
             self.close(exc_info=e)
             return
-        self.upstream.direct = False
+        state = self.upstream
         if not data:  # the server closed the connection
+            state.direct = False
             self.close()
             return
+        sink = state.sink
+        if sink is not None:
+            outcome = sink(data)
+            future = self._read_future
+            if outcome is None or future is None:  # taken; or the sink closed the stream
+                return
+            data = outcome
+        state.direct = False
+        state.sink = None
         future = self._read_future
         self._read_future = None
         future_set_result_unless_cancelled(future, data)

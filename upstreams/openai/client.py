@@ -122,4 +122,6 @@ class OpenAICall(OllamaCall):
                 raise OllamaBroken(f"{self.client.label} ended without an answer")
             self.body = bytearray(gathered_body(self._gathered))
         elif lines:
-            await self.on_lines(lines)  # type: ignore[misc]
+            pending = self._deliver(lines)
+            if pending is not None:
+                await pending
