@@ -47,11 +47,20 @@ class TimerWheel:
     """The coarse timers of one event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # Weakly: _wheels is keyed by the loop, which a strong reference here would keep
+        # alive for ever (a test suite makes a loop per test).
+        self._loop = weakref.ref(loop)
         self.slots: dict[int, dict[CoarseTimer, None]] = {}  # insertion order: firing order
         self.due: list[int] = []  # heap of slot numbers (some may have been emptied since)
+        # The slot the loop timer is set for.  Its handle is not kept (it refers to the
+        # loop): one set for a later slot that an earlier one superseded just returns.
         self.armed_for: Optional[int] = None
-        self.handle: Optional[asyncio.TimerHandle] = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop()
+        assert loop is not None  # (only called from the loop's own callbacks)
+        return loop
 
     def call_later(self, delay: float, callback: Callable[[], object]) -> CoarseTimer:
         slot = math.ceil((self.loop.time() + max(delay, 0.0)) / RESOLUTION)
@@ -73,13 +82,13 @@ class TimerWheel:
                 del self.slots[timer.slot]
 
     def _arm(self, slot: int) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
         self.armed_for = slot
-        self.handle = self.loop.call_at(slot * RESOLUTION, self._fire)
+        self.loop.call_at(slot * RESOLUTION, self._fire, slot)
 
-    def _fire(self) -> None:
-        self.handle = self.armed_for = None
+    def _fire(self, slot: int) -> None:
+        if slot != self.armed_for:  # superseded by an earlier slot
+            return
+        self.armed_for = None
         # The loop's clock has a 1 ms grain: a slot ending within it is due now.
         now = math.floor((self.loop.time() + 0.001) / RESOLUTION)
         fired = []

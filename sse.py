@@ -114,8 +114,10 @@ class EventStream:
     A client that does not take a write within `write_timeout` seconds (handler
     setting "write_timeout", default 30) is disconnected, so it costs bounded time too.
     Heartbeats fill silences longer than `heartbeat` seconds so proxies keep the
-    connection open while the model loads or thinks.  Writes are serialized:
-    Tornado tracks only one pending flush, and an overtaken one never resolves.
+    connection open while the model loads or thinks.  Writes keep their order: the
+    first (with the headers) is a flush, and later ones wait for it (Tornado tracks only
+    one pending flush, and an overtaken one never resolves); once the headers are out,
+    each write goes out at once behind what is queued (direct_write.py).
     """
 
     def __init__(self, handler: RequestHandler, heartbeat: float) -> None:
@@ -146,14 +148,17 @@ class EventStream:
         Raises tornado.iostream.StreamClosedError when the client has gone, or has
         not taken the write within `write_timeout` seconds (then its connection is closed).
         """
-        while self._flushing is not None:
-            await self._flushing
-        if self.closed:  # a heartbeat that waited for the stream's last write: nothing more
-            return
+        # Until the headers are out, and for a connection without a DirectWriter, a write
+        # is a flush: one at a time (Tornado tracks only one pending flush, and an overtaken
+        # one never resolves).  A flush already done counts as over, whoever clears it.
+        while self._direct is None and self._flushing is not None and not self._flushing.done():
+            await asyncio.wait([self._flushing])
         if self._direct is not None:
             pending = self.send_now(data)
             if pending is not None:
                 await pending
+            return
+        if self.closed:  # a heartbeat that waited for the stream's last write: nothing more
             return
         if data:
             self.handler.write(data)
@@ -165,9 +170,13 @@ class EventStream:
     def send_now(self, data: bytes) -> "Optional[Awaitable[None]]":
         """send(), without a coroutine when it can do without: None when the kernel took
         *data* at once (the usual case) or there was nothing to send, else an awaitable
-        (raising as send() does) to await before the next."""
-        if self._direct is None or self._flushing is not None:
-            return self.send(data)  # the headers first, or an earlier write still queued
+        (raising as send() does) to await before the next write.
+
+        Once the headers are out, *data* is written at once, after whatever is queued
+        (IOStream keeps the order): the awaitable only waits, so the bytes are neither
+        held back nor lost if it were never awaited."""
+        if self._direct is None:
+            return self.send(data)  # the headers first
         if self.closed or not data:
             return None
         future = self._direct.write(data)
@@ -181,7 +190,8 @@ class EventStream:
         try:
             await bounded(self.handler, future, self.write_timeout)
         finally:
-            self._flushing = None
+            if self._flushing is future:
+                self._flushing = None
             self._last_write = time.monotonic()
 
     def close(self) -> None:
@@ -196,7 +206,7 @@ class EventStream:
 
     def _beat(self) -> None:
         quiet = time.monotonic() - self._last_write
-        if quiet < self.heartbeat or self._flushing is not None:
+        if quiet < self.heartbeat or (self._flushing is not None and not self._flushing.done()):
             self._arm(max(self.heartbeat - quiet, 0.05))
             return
         self._arm(self.heartbeat)

@@ -191,3 +191,54 @@ class ClosedStreamTest(AsyncHTTPTestCase):
     def test_nothing_is_written_after_close(self) -> None:
         response = self.fetch("/")
         self.assertEqual(response.body, b"data: first\n\ndata: second\n\n")
+
+
+class LaggingClientTest(AsyncHTTPTestCase):
+    """Once the headers are out, EventStream.send_now writes at once, behind what is queued;
+    what it returns only waits.  So an awaitable that is never awaited (the relay's reader
+    failed as it was handed one) loses no bytes and leaves no write pending for ever."""
+
+    def get_app(self) -> Application:
+        self.blocked = asyncio.Event()
+        self.outcome: dict = {}
+        test = self
+
+        class Probe(RequestHandler):
+            async def get(self) -> None:
+                events = EventStream(self, 15.0)
+                events.set_headers()
+                await events.open(b": open\n\n")
+                pad = b"p" * 4000
+                pending, i = None, 0
+                while pending is None:  # the client does not read: the kernel's buffers fill
+                    pending = events.send_now(b"data: %d %s\n\n" % (i, pad))
+                    i += 1
+                second = events.send_now(b"data: behind\n\n")  # while the first is queued
+                test.outcome["second"] = second is not None
+                for awaitable in (pending, second):
+                    awaitable.close()  # never awaited
+                test.outcome["sent"] = i
+                test.blocked.set()
+                await asyncio.wait_for(events.send(b"data: last\n\n"), 10)
+                test.outcome["last"] = True
+                events.close()
+
+        return Application([("/", Probe)])
+
+    @gen_test(timeout=30)
+    async def test_an_awaitable_never_awaited_loses_nothing(self) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.get_http_port())
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(self.blocked.wait(), 10)
+        raw = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        events = b"".join(dechunk(body)).split(b"\n\n")
+        self.assertTrue(self.outcome["second"])
+        self.assertTrue(self.outcome["last"])
+        n = self.outcome["sent"]
+        self.assertEqual(events[0], b": open")
+        self.assertEqual([e.split(b" ")[1] for e in events[1:n + 1]],
+                         [b"%d" % i for i in range(n)])
+        self.assertEqual(events[n + 1:], [b"data: behind", b"data: last", b""])

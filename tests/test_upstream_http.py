@@ -253,6 +253,75 @@ class BufferedChunkTest(AsyncTestCase):
         self.assertEqual(b"".join(got), b"".join(pieces))  # what came before, in order
 
     @gen_test(timeout=20)
+    async def test_what_the_delegate_returns_as_it_closes_the_stream_is_still_awaited(self):
+        # The relay's callback can abort the call (a line that is not JSON) and, in the same
+        # call, hand back a write to wait for: the read fails, the wait must still happen.
+        import upstreams.http
+        streams = []
+        original = upstreams.http.AbortableConnection._create_connection
+
+        def spy(connection, stream):  # type: ignore[no-untyped-def]
+            streams.append(stream)
+            return original(connection, stream)
+
+        awaited = asyncio.Event()
+        got: list[bytes] = []
+
+        async def wait_for_the_client() -> None:
+            await asyncio.sleep(0)
+            awaited.set()
+
+        def on_body(data: bytes):  # type: ignore[no-untyped-def]
+            got.append(data)
+            if len(got) == 6:  # delivered from the IO handler by then
+                streams[0].close()  # as an abort does
+                return wait_for_the_client()
+            return None
+
+        pieces = [b'{"n":%d}\n' % i for i in range(30)]
+        upstreams.http.AbortableConnection._create_connection = spy
+        try:
+            response = await self.fetch_with(chunked(pieces), self.token_cuts(pieces), on_body, 0.005)
+        finally:
+            upstreams.http.AbortableConnection._create_connection = original
+        self.assertEqual(response.code, 599)
+        await asyncio.wait_for(awaited.wait(), 5)
+        self.assertEqual(len(got), 6)
+
+    @gen_test(timeout=20)
+    async def test_a_broken_trickling_body_leaves_no_cycle(self):
+        # The decoder's error is raised in the read's coroutine: its traceback must not make
+        # a cycle back to the connection (only a full garbage collection would free it).
+        import gc
+        import weakref
+        import upstreams.http
+        connections = []
+        original = upstreams.http.AbortableConnection._create_connection
+
+        def spy(connection, stream):  # type: ignore[no-untyped-def]
+            made = original(connection, stream)
+            connections.append(weakref.ref(made))
+            return made
+
+        pieces = [b'{"n":%d}\n' % i for i in range(12)]
+        good = chunked(pieces)[:-5]
+        gc.collect()
+        gc.disable()
+        upstreams.http.AbortableConnection._create_connection = spy
+        try:
+            response = await self.fetch_with(good + b"zz\r\nabc\r\n0\r\n\r\n",
+                                             self.token_cuts(pieces) + [len(good)], lambda d: None, 0.005)
+            self.assertEqual(response.code, 599)
+            upstreams.http.forget_traceback(response)  # (as OllamaCall.release does)
+            del response
+            for _ in range(5):  # (the connection's last callbacks)
+                await asyncio.sleep(0.01)
+            self.assertIsNone(connections[0]())
+        finally:
+            upstreams.http.AbortableConnection._create_connection = original
+            gc.enable()
+
+    @gen_test(timeout=20)
     async def test_the_sink_is_let_go_when_the_body_ends(self):
         # It refers to the connection, which refers to the stream that holds it: kept, it
         # would make a cycle only a full garbage collection frees (gc_schedule.py).

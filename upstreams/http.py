@@ -71,31 +71,50 @@ class BufferedChunkConnection(HTTP1Connection):
         if isinstance(headers, httputil.HTTPHeaders):
             lean_streams.empty_in_place(headers)
         decoder = ChunkDecoder(self._max_body_size)
+        handed: Optional[Handover] = None  # the sink's last, until this coroutine has it
 
         def take_at_once(data: bytes) -> Optional[Handover]:
             # UpstreamStream's sink: None when done with *data* and reading on.
+            nonlocal handed
             try:
                 note_read(stream, state, data)
                 body = decoder.feed(data)
                 if decoder.ended:
-                    return Handover(body=body)
+                    handed = Handover(body=body)
+                    return handed
                 pending = delegate.data_received(body) if body else None
                 if pending is not None or not state.trickle:
-                    return Handover(pending=pending)
+                    handed = Handover(pending=pending)
+                    return handed
                 return None
             except Exception as e:  # raised by the read, in this coroutine
-                return Handover(error=e)
+                handed = Handover(error=e)
+                return handed
 
         direct = type(stream) is UpstreamStream
         try:
             while True:
-                if direct:
-                    data = await stream.read_trickle(take_at_once)
-                else:
-                    data = await stream.read_bytes(MAX_READ, partial=True)
+                try:
+                    if direct:
+                        data = await stream.read_trickle(take_at_once)
+                    else:
+                        data = await stream.read_bytes(MAX_READ, partial=True)
+                except Exception:
+                    # The delegate can close the stream as it takes a token (an abort):
+                    # the read fails, but what it returned to await is still awaited.
+                    pending = handed.pending if handed is not None else None
+                    handed = None
+                    if pending is not None:
+                        await pending
+                    raise
+                handed = None
                 if type(data) is Handover:
                     if data.error is not None:
-                        raise data.error
+                        error, data = data.error, None
+                        try:
+                            raise error
+                        finally:  # (its traceback holds this frame: no cycle through it)
+                            del error
                     if data.pending is not None:
                         await data.pending
                     body = data.body

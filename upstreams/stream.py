@@ -105,16 +105,19 @@ class UpstreamStream(IOStream):
             return
         sink = state.sink
         if sink is not None:
-            outcome = sink(data)
-            future = self._read_future
-            if outcome is None or future is None:  # taken; or the sink closed the stream
+            data = sink(data)
+            if data is None:  # taken: the read goes on
                 return
-            data = outcome
+            if self._read_future is None:  # the sink closed the stream (its reader has it)
+                data = None
+                return
         state.direct = False
         state.sink = None
-        future = self._read_future
-        self._read_future = None
+        future, self._read_future = self._read_future, None
         future_set_result_unless_cancelled(future, data)
+        # No local keeps the sink's outcome: an error in it has a traceback holding the
+        # sink's frame, whose caller is this one (a cycle only a full collection frees).
+        data = future = None
 
     def _try_inline_read(self) -> None:
         # A read asked for the usual way while the body trickles: what is buffered is used
