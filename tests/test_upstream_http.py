@@ -314,8 +314,10 @@ class BufferedChunkTest(AsyncTestCase):
             self.assertEqual(response.code, 599)
             upstreams.http.forget_traceback(response)  # (as OllamaCall.release does)
             del response
-            for _ in range(5):  # (the connection's last callbacks)
-                await asyncio.sleep(0.01)
+            for _ in range(100):  # loop passes for the connection's last callbacks
+                if connections[0]() is None:
+                    break
+                await asyncio.sleep(0)
             self.assertIsNone(connections[0]())
         finally:
             upstreams.http.AbortableConnection._create_connection = original
