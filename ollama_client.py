@@ -166,13 +166,11 @@ class OllamaCall:
         self.on_lines = None
         errors = [self._abort_error]
         if self._fetch.done() and not self._fetch.cancelled():
-            errors.append(self._fetch.exception() or self._error_of_fetch())
+            result = self._fetch.result()  # (its error is its result: see __init__)
+            if isinstance(result, BaseException):
+                errors.append(result)
         for error in errors:
             forget_traceback(error)
-
-    def _error_of_fetch(self) -> Optional[BaseException]:
-        result = self._fetch.result()
-        return result if isinstance(result, BaseException) else None
 
     async def _fetch_in_a_slot(self, request: UpstreamRequest, queue_timeout: float) -> object:
         try:

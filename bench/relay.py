@@ -12,7 +12,6 @@ number that does not depend on what else the machine is doing.
 
 import argparse
 import asyncio
-import os
 import resource
 import sys
 import tempfile
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from tornado.testing import bind_unused_port  # noqa: E402
 
 import jsonfmt  # noqa: E402
+from procstat import cpu_seconds, status_kib  # noqa: E402  (bench/ is sys.path[0])
 
 LINE = (b'{"model":"bench","created_at":"2026-11-21T16:10:01.123456Z",'
         b'"message":{"role":"assistant","content":"tok "},"done":false}\n')
@@ -77,16 +77,8 @@ async def client(port: int, app_id: str, tokens: int, per_write: int,
     return events
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def rss_mib(pid: int, field: str = "VmHWM") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return status_kib(pid, field) / 1024
 
 
 async def stalled_clients(proc, port, streams, tokens):

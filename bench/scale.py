@@ -15,7 +15,8 @@ spread evenly over --ramp seconds, each with its own appID.  Reported:
   relay latency: upstream write (stamp in the line) -> client read, p50/p99/max over all events;
   CPU: % of one core over the scenario for chatterd, the client process and the upstream.
 
-The bench's own processes (the clients, the upstream) run without Python's cyclic garbage
+The upstream is bench/scale_upstream.py.  The bench's own processes (the clients, the
+upstream) run without Python's cyclic garbage
 collector: with 10,000 sockets open, the clients' collections paused them for 20-60 ms
 (young generations) and 100-195 ms (full ones), each pause counted as relay latency of
 every event read late because of it.  Everything they allocate for a run is freed with it.
@@ -28,7 +29,6 @@ import errno
 import gc
 import os
 import re
-import resource
 import shutil
 import socket
 import subprocess
@@ -39,107 +39,11 @@ from pathlib import Path
 
 import uvloop
 
+from procstat import (cpu_seconds, nofile_limit, open_fds, postgres_cpu, raise_nofile, self_cpu,
+                      status_kib)
+from scale_upstream import STAMP
+
 ROOT = Path(__file__).resolve().parent.parent
-LINE = (b'{"model":"bench","created_at":"2026-11-25T00:00:00Z",'
-        b'"message":{"role":"assistant","content":"@%d "},"done":false}\n')
-DONE = (b'{"model":"bench","created_at":"2026-11-25T00:00:00Z","message":{"role":"assistant",'
-        b'"content":""},"done":true,"done_reason":"stop","eval_count":%d}\n')
-STAMP = b'"content":"@'
-
-
-def raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-# ---- the upstream (a child process: `scale.py --serve-upstream`) ----------------------------
-
-async def upstream(reader, writer):
-    """One POST /api/chat: `tokens` lines, one per `interval` seconds, each stamped when written."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0]
-                     .split(b":")[1])
-        body = await reader.readexactly(length)
-        opts = body[body.index(b'"options"'):]
-        tokens = int(opts.split(b'"tokens":')[1].split(b",")[0].split(b"}")[0])
-        interval = float(opts.split(b'"interval":')[1].split(b",")[0].split(b"}")[0])
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
-        start = time.monotonic()
-        for k in range(tokens):
-            delay = start + k * interval - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            writer.write(chunk(LINE % time.monotonic_ns()))
-            if writer.transport.get_write_buffer_size() > 1 << 16:
-                await writer.drain()
-        writer.write(chunk(DONE % tokens) + b"0\r\n\r\n")
-        await writer.drain()
-    except (ConnectionError, RuntimeError, asyncio.IncompleteReadError):
-        pass  # chatterd ended the request (a client that left, a deadline): the usual end
-    finally:
-        writer.close()
-
-
-async def serve_upstream() -> None:
-    raise_nofile()
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0, backlog=4096)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    await asyncio.Event().wait()  # until terminated
-
-
-# ---- chatterd and /proc --------------------------------------------------------------------
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def self_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def postgres_cpu(data_dir: str) -> float:
-    """CPU seconds of the embedded PostgreSQL's postmaster and its live children."""
-    try:
-        pm = int(next(Path(data_dir).rglob("postmaster.pid")).read_text().split()[0])
-    except (StopIteration, OSError, ValueError):
-        return 0.0
-    total = cpu_seconds(pm)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pm:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError):
-            pass
-    return total
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def nofile_limit(pid: int) -> str:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            return "/".join(line.split()[3:5])
-    return "?"
-
 
 # ---- the clients ---------------------------------------------------------------------------
 
@@ -344,7 +248,8 @@ async def main() -> None:
         args.tokens = max(20, int(args.ramp / args.interval) + 10)
     hard = raise_nofile()
 
-    up = subprocess.Popen([sys.executable, __file__, "--serve-upstream"], stdout=subprocess.PIPE)
+    up = subprocess.Popen([sys.executable, str(Path(__file__).with_name("scale_upstream.py"))],
+                          stdout=subprocess.PIPE)
     up_port = int(up.stdout.readline())
     args.upstream_pid = up.pid
     with socket.socket() as s:
@@ -401,4 +306,4 @@ async def main() -> None:
 if __name__ == "__main__":
     gc.disable()  # (see the docstring: its pauses are not chatterd's latency)
     uvloop.install()
-    asyncio.run(serve_upstream() if sys.argv[1:] == ["--serve-upstream"] else main())
+    asyncio.run(main())

@@ -2,19 +2,40 @@
 that writes exactly the bytes a test gives it, split where the test says."""
 
 import asyncio
+import contextlib
 import random
 import socket
+from typing import Any, Callable, Iterator
 
 from tornado.httpclient import HTTPRequest
 from tornado.netutil import DefaultLoopResolver
 from tornado.testing import AsyncTestCase, gen_test
 
+import upstreams.http
 from upstreams.http import CachingResolver, http_client
 
 
 def chunked(pieces: list[bytes], extension: bytes = b"") -> bytes:
     body = b"".join(b"%x%s\r\n%s\r\n" % (len(p), extension, p) for p in pieces)
     return body + b"0\r\n\r\n"
+
+
+@contextlib.contextmanager
+def on_each_connection(record: Callable[[Any, Any], None]) -> Iterator[None]:
+    """Call record(stream, made) for each upstream connection made meanwhile (made: its
+    BufferedChunkConnection)."""
+    original = upstreams.http.AbortableConnection._create_connection
+
+    def spy(connection, stream):  # type: ignore[no-untyped-def]
+        made = original(connection, stream)
+        record(stream, made)
+        return made
+
+    upstreams.http.AbortableConnection._create_connection = spy
+    try:
+        yield
+    finally:
+        upstreams.http.AbortableConnection._create_connection = original
 
 
 class RawServer:
@@ -256,14 +277,7 @@ class BufferedChunkTest(AsyncTestCase):
     async def test_what_the_delegate_returns_as_it_closes_the_stream_is_still_awaited(self):
         # The relay's callback can abort the call (a line that is not JSON) and, in the same
         # call, hand back a write to wait for: the read fails, the wait must still happen.
-        import upstreams.http
-        streams = []
-        original = upstreams.http.AbortableConnection._create_connection
-
-        def spy(connection, stream):  # type: ignore[no-untyped-def]
-            streams.append(stream)
-            return original(connection, stream)
-
+        streams: list = []
         awaited = asyncio.Event()
         got: list[bytes] = []
 
@@ -279,11 +293,8 @@ class BufferedChunkTest(AsyncTestCase):
             return None
 
         pieces = [b'{"n":%d}\n' % i for i in range(30)]
-        upstreams.http.AbortableConnection._create_connection = spy
-        try:
+        with on_each_connection(lambda stream, made: streams.append(stream)):
             response = await self.fetch_with(chunked(pieces), self.token_cuts(pieces), on_body, 0.005)
-        finally:
-            upstreams.http.AbortableConnection._create_connection = original
         self.assertEqual(response.code, 599)
         await asyncio.wait_for(awaited.wait(), 5)
         self.assertEqual(len(got), 6)
@@ -294,23 +305,16 @@ class BufferedChunkTest(AsyncTestCase):
         # a cycle back to the connection (only a full garbage collection would free it).
         import gc
         import weakref
-        import upstreams.http
-        connections = []
-        original = upstreams.http.AbortableConnection._create_connection
-
-        def spy(connection, stream):  # type: ignore[no-untyped-def]
-            made = original(connection, stream)
-            connections.append(weakref.ref(made))
-            return made
-
+        connections: list = []
         pieces = [b'{"n":%d}\n' % i for i in range(12)]
         good = chunked(pieces)[:-5]
         gc.collect()
         gc.disable()
-        upstreams.http.AbortableConnection._create_connection = spy
         try:
-            response = await self.fetch_with(good + b"zz\r\nabc\r\n0\r\n\r\n",
-                                             self.token_cuts(pieces) + [len(good)], lambda d: None, 0.005)
+            with on_each_connection(lambda stream, made: connections.append(weakref.ref(made))):
+                response = await self.fetch_with(good + b"zz\r\nabc\r\n0\r\n\r\n",
+                                                 self.token_cuts(pieces) + [len(good)], lambda d: None,
+                                                 0.005)
             self.assertEqual(response.code, 599)
             upstreams.http.forget_traceback(response)  # (as OllamaCall.release does)
             del response
@@ -320,29 +324,18 @@ class BufferedChunkTest(AsyncTestCase):
                 await asyncio.sleep(0)
             self.assertIsNone(connections[0]())
         finally:
-            upstreams.http.AbortableConnection._create_connection = original
             gc.enable()
 
     @gen_test(timeout=20)
     async def test_the_sink_is_let_go_when_the_body_ends(self):
         # It refers to the connection, which refers to the stream that holds it: kept, it
         # would make a cycle only a full garbage collection frees (gc_schedule.py).
-        import upstreams.http
-        streams = []
-        original = upstreams.http.AbortableConnection._create_connection
-
-        def spy(connection, stream):  # type: ignore[no-untyped-def]
-            streams.append(stream)
-            return original(connection, stream)
-
+        streams: list = []
         pieces = [b'{"n":%d}\n' % i for i in range(20)]
-        upstreams.http.AbortableConnection._create_connection = spy
-        try:
+        with on_each_connection(lambda stream, made: streams.append(stream)):
             response = await self.fetch_with(chunked(pieces), self.token_cuts(pieces), lambda d: None, 0.005)
             broken = await self.fetch_with(chunked(pieces)[:60], self.token_cuts(pieces)[:5],
                                            lambda d: None, 0.005)
-        finally:
-            upstreams.http.AbortableConnection._create_connection = original
         self.assertEqual(response.code, 200)
         self.assertEqual(broken.code, 599)  # cut mid-body, during a direct read
         self.assertEqual(len(streams), 2)
