@@ -87,6 +87,14 @@ def _pending(messages: list[dict]) -> list[dict]:
              "extra": {k: m[k] for k in EXTRA_FIELDS if k in m} or None} for m in messages]
 
 
+# The statements a turn runs, as begin_turn and end_turn send them (ready_connection runs
+# the very same text, so asyncpg's per-connection statement cache holds them too).
+BEGIN_TURN = ("SELECT turn_id, history, sent_messages, sent_tokens, omitted_messages,"
+              " omitted_tokens, replay, window_turns, history_turns"
+              " FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
+END_TURN = "SELECT end_turn($1, $2, $3, $4, $5, $6, $7, true, $8)"
+
+
 async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds: float,
                      messages: list[dict], *, replace: bool = False,
                      resend_seconds: float = 0.0, budget: Optional[int] = None,
@@ -114,10 +122,7 @@ async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds:
     known = cache.snapshot(app_id) if cache is not None else {}
     async with connection(pool, "begin_turn") as con:
         row = await con.fetchrow(
-            "SELECT turn_id, history, sent_messages, sent_tokens, omitted_messages,"
-            " omitted_tokens, replay, window_turns, history_turns"
-            " FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            app_id, owner, lease_seconds, _pending(messages), replace, resend_seconds,
+            BEGIN_TURN, app_id, owner, lease_seconds, _pending(messages), replace, resend_seconds,
             budget, context, delivered or None, waited_for, list(known) or None)
     history = row["history"]
     if history is not None and cache is not None:  # (without one, all was fetched, in order)
@@ -126,6 +131,28 @@ async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds:
     return row["turn_id"], history, Window(
         row["sent_messages"], row["sent_tokens"], row["omitted_messages"],
         row["omitted_tokens"], context), row["replay"]
+
+
+async def ready_connection(con: asyncpg.Connection, owner: str) -> None:
+    """Run two turns of one new conversation on *con*, then roll them back: nothing is
+    left, but this connection's PostgreSQL backend has compiled begin_turn and end_turn
+    and planned the statements of a usual first and later turn (about 15 ms of its CPU,
+    which a cold connection's first turn would otherwise pay while a client waits).
+    Call as `await ready_connection(con, owner)` on a connection outside a transaction."""
+    app_id = f"chatterd-ready-{owner}-{id(con)}"  # never seen again: rolled back
+    transaction = con.transaction()
+    await transaction.start()
+    try:
+        delivered = None
+        for n in (1, 2):  # different words, so the second is not taken for a resend
+            row = await con.fetchrow(BEGIN_TURN, app_id, owner, 1.0,
+                                     _pending([{"role": "user", "content": f"ready {n}"}]),
+                                     False, 120.0, 8192, 8192, delivered, None, None)
+            await con.fetchval(END_TURN, row["turn_id"], "complete", None, "ready", None,
+                               "ready", 1, row["sent_tokens"] + 1)
+            delivered = [row["turn_id"]]
+    finally:
+        await transaction.rollback()
 
 
 async def mark_delivered(pool: asyncpg.Pool, turn_ids: list[int]) -> None:
@@ -157,8 +184,7 @@ async def end_turn(pool: asyncpg.Pool, turn_id: int, status: str, error: Optiona
                 "SELECT end_turn($1, $2, $3, $4, $5, $6, $7, true, $8, $9, $10)",
                 turn_id, status, error, reply.content, reply.extra or None, reply.model,
                 reply.tokens, reply.prompt_tokens, reply.before, reply.after)
-        return await con.fetchval("SELECT end_turn($1, $2, $3, $4, $5, $6, $7, true, $8)",
-                                  turn_id, status, error, reply.content, reply.extra or None,
+        return await con.fetchval(END_TURN, turn_id, status, error, reply.content, reply.extra or None,
                                   reply.model, reply.tokens, reply.prompt_tokens)
 
 

@@ -45,14 +45,16 @@ async def _reset_connection(con: asyncpg.Connection) -> None:
         await con.execute("ROLLBACK")
 
 
-async def create_pool(dsn: str, *, max_size: int = 10, timeout: float = 10.0) -> asyncpg.Pool:
+async def create_pool(dsn: str, *, max_size: int = 10, timeout: float = 10.0,
+                      idle_timeout: float = 600.0) -> asyncpg.Pool:
     """Create the pool on the running loop.  No connection is opened until first use,
     so chatterd starts (and reports 503) even while PostgreSQL is down.  Every connection
-    works in chatterd's own schema (unqualified names resolve there, nowhere else)."""
+    works in chatterd's own schema (unqualified names resolve there, nowhere else).  A
+    connection unused for *idle_timeout* seconds is closed (0: kept open)."""
     return await asyncpg.create_pool(
         dsn, min_size=0, max_size=max_size, init=_init_connection, reset=_reset_connection,
         server_settings={"search_path": SCHEMA},
-        command_timeout=timeout, timeout=timeout, max_inactive_connection_lifetime=60.0)
+        command_timeout=timeout, timeout=timeout, max_inactive_connection_lifetime=idle_timeout)
 
 
 @contextlib.asynccontextmanager

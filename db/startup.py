@@ -1,11 +1,15 @@
 """Opening the database at start-up: the embedded server, the pool, the schema, the course
 import, with any failure turned into one line and exit code 1 (never a traceback)."""
 
+import asyncio
+import logging
 from typing import Any
 
 import asyncpg
 
-from db import course_import, embedded, migrate, pool as db_pool
+from db import conversations, course_import, embedded, migrate, pool as db_pool
+
+log = logging.getLogger("chatterd.db")
 
 
 def describe_error(e: BaseException) -> str:
@@ -27,12 +31,14 @@ async def open_database(opts: Any, *, import_course: bool) -> Any:
         if not dsn:
             dsn = await embedded.ensure_database(embedded.start(opts.data_dir))
         step = "cannot open the database"
-        pool = await db_pool.create_pool(dsn, max_size=opts.db_pool_size, timeout=opts.db_timeout)
+        pool = await db_pool.create_pool(dsn, max_size=opts.db_pool_size, timeout=opts.db_timeout,
+                                         idle_timeout=opts.db_idle_timeout)
         step = "cannot set up chatterd's schema in the database"
         await migrate.migrate(pool)
         if import_course:
             step = "cannot import the course's chatts table"
             await course_import.import_on_first_start(pool)
+        await ready_pool(pool, opts.db_pool_size, opts.db_timeout)  # past the last step: never fatal
     except Exception as e:
         if isinstance(e, db_pool.CONNECTION_ERRORS):
             step = "the database is unreachable"
@@ -40,3 +46,25 @@ async def open_database(opts: Any, *, import_course: bool) -> Any:
             pool.terminate()
         raise SystemExit(f"chatterd: {step}: {describe_error(e)}") from None
     return pool
+
+
+async def ready_pool(pool: asyncpg.Pool, size: int, timeout: float) -> int:
+    """Open *size* connections and ready each for turns (conversations.ready_connection),
+    so that the first requests after a start neither connect nor pay a cold backend's
+    first turn.  Best effort: a connection that cannot be opened or readied is left to
+    be opened on demand, in one log line.  Returns how many are ready."""
+    held: list[asyncpg.Connection] = []
+
+    async def ready_one() -> None:
+        con = await pool.acquire(timeout=timeout)
+        held.append(con)  # held until all are ready, so each is its own connection
+        await asyncio.wait_for(conversations.ready_connection(con, "startup"), timeout)
+
+    results = await asyncio.gather(*(ready_one() for _ in range(size)), return_exceptions=True)
+    for con in held:
+        await pool.release(con)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        log.warning("%d of %d database connections not readied at start (%s); "
+                    "they open on demand", len(failures), size, describe_error(failures[0]))
+    return size - len(failures)
