@@ -310,6 +310,57 @@ class DeliveryRecordTest(ChatterdTestCase):
             await con.close()
 
 
+class DeliveredMarksTest(ChatterdTestCase):
+    """begin_turn records the deliveries it is handed, a few one by one and many as a set
+    (db/migrations/0010): every one marked, and a turn row another transaction holds
+    skipped rather than waited for, either way."""
+
+    async def ended_turns(self, n: int, prefix: str) -> list[int]:
+        ids = []
+        for k in range(n):
+            turn = (await conversations.begin_turn(self.pool, f"{prefix}-{k}", "me", 10,
+                                                   [{"role": "user", "content": "u"}]))[0]
+            await conversations.end_turn(self.pool, turn, "complete", None,
+                                         conversations.Reply(content="a"))
+            ids.append(turn)
+        return ids
+
+    async def delivered(self, ids: list[int]) -> list[bool]:
+        rows = await self.pool.fetch("SELECT id, delivered FROM chatterd.turns"
+                                     " WHERE id = ANY($1::bigint[]) ORDER BY id", ids)
+        return [r["delivered"] for r in rows]
+
+    async def begin_with(self, app_id: str, delivered: list[int]) -> None:
+        turn = (await asyncio.wait_for(conversations.begin_turn(
+            self.pool, app_id, "me", 10, [{"role": "user", "content": "next"}],
+            delivered=delivered), 5))[0]  # a wait on the held row would time out here
+        await conversations.end_turn(self.pool, turn, "complete", None,
+                                     conversations.Reply(content="b"))
+
+    @gen_test(timeout=30)
+    async def test_every_delivery_is_marked_and_a_held_row_is_skipped(self):
+        for count in (2, 4, 5, 12):  # ids handed: one by one up to 4, as a set beyond
+            with self.subTest(count=count):
+                ids = await self.ended_turns(count, f"dm{count}")
+                holder = await asyncpg.connect(self.dsn())
+                try:
+                    async with holder.transaction():
+                        await holder.execute("SELECT 1 FROM chatterd.turns WHERE id = $1"
+                                             " FOR UPDATE", ids[0])
+                        await self.begin_with(f"dm{count}-next", ids)
+                finally:
+                    await holder.close()
+                self.assertEqual(await self.delivered(ids), [False] + [True] * (count - 1))
+                await self.begin_with(f"dm{count}-after", ids[:1])  # not held now: marked
+                self.assertEqual(await self.delivered(ids), [True] * count)
+
+    @gen_test(timeout=20)
+    async def test_no_deliveries_mark_nothing(self):
+        ids = await self.ended_turns(2, "dm-none")
+        await self.begin_with("dm-none", [])
+        self.assertEqual(await self.delivered(ids), [False, False])
+
+
 class ReleasedLeaseTest(ChatterdTestCase):
     @gen_test(timeout=20)
     async def test_renewing_never_revives_a_released_lease(self):
