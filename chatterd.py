@@ -192,7 +192,8 @@ async def main(opts: Any) -> None:
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     raise_open_file_limit()
-    pool = await open_database(opts, import_course=not opts.import_course)
+    pool = await open_database(opts, import_course=not opts.import_course,
+                               ready=not opts.import_course)
     if opts.import_course:
         try:
             await course_import.import_now(pool)

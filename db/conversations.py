@@ -7,6 +7,7 @@ the pool and holds a connection only for its own statement: never across an LLM 
 Call as `await begin_turn(pool, ...)`.
 """
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -133,19 +134,21 @@ async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds:
         row["omitted_tokens"], context), row["replay"]
 
 
-async def ready_connection(con: asyncpg.Connection, owner: str) -> None:
+async def ready_connection(con: asyncpg.Connection) -> None:
     """Run two turns of one new conversation on *con*, then roll them back: nothing is
-    left, but this connection's PostgreSQL backend has compiled begin_turn and end_turn
-    and planned the statements of a usual first and later turn (about 15 ms of its CPU,
-    which a cold connection's first turn would otherwise pay while a client waits).
-    Call as `await ready_connection(con, owner)` on a connection outside a transaction."""
-    app_id = f"chatterd-ready-{owner}-{id(con)}"  # never seen again: rolled back
+    stored (only the turn id sequence moves on, by two), but this connection's PostgreSQL
+    backend has compiled begin_turn and end_turn, loaded the catalog entries their
+    statements use and run each statement of a usual first and later turn once (about
+    15 ms of its CPU, which a cold connection's first turn would otherwise pay while a
+    client waits; PL/pgSQL still plans a statement anew for its first five runs).
+    Call as `await ready_connection(con)` on a connection outside a transaction."""
+    app_id = f"chatterd-ready-{uuid.uuid4().hex}"  # never seen again: rolled back
     transaction = con.transaction()
     await transaction.start()
     try:
         delivered = None
         for n in (1, 2):  # different words, so the second is not taken for a resend
-            row = await con.fetchrow(BEGIN_TURN, app_id, owner, 1.0,
+            row = await con.fetchrow(BEGIN_TURN, app_id, "chatterd-ready", 1.0,
                                      _pending([{"role": "user", "content": f"ready {n}"}]),
                                      False, 120.0, 8192, 8192, delivered, None, None)
             await con.fetchval(END_TURN, row["turn_id"], "complete", None, "ready", None,

@@ -21,9 +21,10 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"
 
 
-async def open_database(opts: Any, *, import_course: bool) -> Any:
+async def open_database(opts: Any, *, import_course: bool, ready: bool = True) -> Any:
     """The pool, on a database whose schema is up to date (and, with *import_course*, whose
-    course table, if any, was imported once).  Any failure is one line and exit code 1."""
+    course table, if any, was imported once), with *ready* its connections opened and
+    readied for turns (ready_pool).  Any failure is one line and exit code 1."""
     step = "cannot start the embedded PostgreSQL"
     pool = None
     try:
@@ -38,33 +39,38 @@ async def open_database(opts: Any, *, import_course: bool) -> Any:
         if import_course:
             step = "cannot import the course's chatts table"
             await course_import.import_on_first_start(pool)
-        await ready_pool(pool, opts.db_pool_size, opts.db_timeout)  # past the last step: never fatal
     except Exception as e:
         if isinstance(e, db_pool.CONNECTION_ERRORS):
             step = "the database is unreachable"
         if pool is not None:
             pool.terminate()
         raise SystemExit(f"chatterd: {step}: {describe_error(e)}") from None
+    if ready:
+        await ready_pool(pool, opts.db_pool_size, opts.db_timeout)  # never fatal
     return pool
 
 
 async def ready_pool(pool: asyncpg.Pool, size: int, timeout: float) -> int:
     """Open *size* connections and ready each for turns (conversations.ready_connection),
     so that the first requests after a start neither connect nor pay a cold backend's
-    first turn.  Best effort: a connection that cannot be opened or readied is left to
-    be opened on demand, in one log line.  Returns how many are ready."""
+    first turn.  Best effort, never raising: a connection that cannot be opened is opened
+    on demand, one that cannot be readied pays on its first turn, in one log line.
+    Returns how many are ready."""
     held: list[asyncpg.Connection] = []
 
     async def ready_one() -> None:
         con = await pool.acquire(timeout=timeout)
         held.append(con)  # held until all are ready, so each is its own connection
-        await asyncio.wait_for(conversations.ready_connection(con, "startup"), timeout)
+        await asyncio.wait_for(conversations.ready_connection(con), timeout)
 
     results = await asyncio.gather(*(ready_one() for _ in range(size)), return_exceptions=True)
-    for con in held:
-        await pool.release(con)
     failures = [r for r in results if isinstance(r, BaseException)]
+    for con in held:
+        try:
+            await pool.release(con)  # its reset rolls back whatever a timeout left open
+        except Exception as e:
+            failures.append(e)
     if failures:
-        log.warning("%d of %d database connections not readied at start (%s); "
-                    "they open on demand", len(failures), size, describe_error(failures[0]))
-    return size - len(failures)
+        log.warning("%d of %d database connections not readied at start (%s); their first "
+                    "turns pay for it", min(len(failures), size), size, describe_error(failures[0]))
+    return max(size - len(failures), 0)

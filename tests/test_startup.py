@@ -43,12 +43,13 @@ async def _stored_rows(con: asyncpg.Connection) -> dict[str, int]:
             for t in ("turns", "messages", "leases", "conversation_sizes")}
 
 
-async def _until(probe, deadline_s: float = 15.0):
-    """probe() until it returns something true (the statistics collector is asynchronous)."""
+async def _until(probe, wanted, deadline_s: float = 15.0):
+    """probe() until it returns *wanted* or the deadline passes; its last value.  (Each
+    backend hands its statistics over when it exits, so they arrive one by one.)"""
     give_up = time.monotonic() + deadline_s
     while True:
         value = await probe()
-        if value or time.monotonic() > give_up:
+        if value == wanted or time.monotonic() > give_up:
             return value
         await asyncio.sleep(0.05)
 
@@ -66,7 +67,7 @@ def test_every_connection_is_opened_and_readied_at_start_and_nothing_is_stored()
         try:
             calls = await _until(lambda: observer.fetchval(
                 "SELECT calls FROM pg_stat_user_functions"
-                " WHERE schemaname = 'chatterd' AND funcname = 'begin_turn'"))
+                " WHERE schemaname = 'chatterd' AND funcname = 'begin_turn'"), 6)
         finally:
             await observer.close()
         return opened, stored, calls
@@ -121,9 +122,11 @@ def test_connections_that_cannot_be_opened_are_left_for_later_in_one_line(caplog
 
     with caplog.at_level(logging.WARNING, logger="chatterd.db"):
         ready, opened, stored = asyncio.run(run())
-    assert (ready, opened) == (2, 2)
+    # PostgreSQL counts a role's connections loosely while several start at once: it may
+    # refuse one more than the limit asks for, never admit one more.
+    assert 1 <= ready <= 2 and opened == ready, (ready, opened)
     assert stored == {"turns": 0, "messages": 0, "leases": 0, "conversation_sizes": 0}
     lines = [r.getMessage() for r in caplog.records if r.name == "chatterd.db"]
     assert len(lines) == 1, lines
-    assert lines[0].startswith("2 of 4 database connections not readied at start"), lines
-    assert "too many connections" in lines[0] and lines[0].endswith("they open on demand")
+    assert lines[0].startswith(f"{4 - ready} of 4 database connections not readied at start"), lines
+    assert "too many connections" in lines[0] and lines[0].endswith("their first turns pay for it")

@@ -355,10 +355,17 @@ class DeliveredMarksTest(ChatterdTestCase):
                 self.assertEqual(await self.delivered(ids), [True] * count)
 
     @gen_test(timeout=20)
-    async def test_no_deliveries_mark_nothing(self):
-        ids = await self.ended_turns(2, "dm-none")
-        await self.begin_with("dm-none", [])
-        self.assertEqual(await self.delivered(ids), [False, False])
+    async def test_odd_lists_mark_exactly_the_turns_they_name(self):
+        """As begin_turn's SQL takes them: empty, NULL ids, repeated ids, either form."""
+        ids = await self.ended_turns(7, "dm-odd")
+        for n, handed in enumerate(([], [None], [ids[0], ids[0], None],  # one by one
+                                    [None, ids[1], ids[1], ids[2], None, ids[2]])):  # as a set
+            turn = await self.pool.fetchval(
+                "SELECT turn_id FROM begin_turn($1, 'me', 10, $2::jsonb, p_delivered => $3)",
+                f"dm-odd-next{n}", [{"role": "user", "content": "next"}], handed)
+            await conversations.end_turn(self.pool, turn, "complete", None,
+                                         conversations.Reply(content="b"))
+        self.assertEqual(await self.delivered(ids), [True] * 3 + [False] * 4)
 
 
 class ReleasedLeaseTest(ChatterdTestCase):

@@ -4,7 +4,8 @@
 -- planned that statement again on every call: a plan for a one-element array is cheaper
 -- than the generic one, so its plan cache never settles on the generic plan
 -- (pg_stat_statements: 2,000 plans in 2,000 calls, 0.07 ms each, about a tenth of a fresh
--- turn's PostgreSQL CPU).  `id = v_id` is planned once per connection.  Everything else is
+-- turn's PostgreSQL CPU).  `id = v_id` costs the same planned for any id, so after its
+-- first five runs on a connection PostgreSQL keeps its generic plan.  Everything else is
 -- as in 0009.
 
 CREATE OR REPLACE FUNCTION begin_turn(p_appid text, p_owner text, p_lease_seconds double precision,
