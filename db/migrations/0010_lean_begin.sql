@@ -5,8 +5,11 @@
 -- than the generic one, so its plan cache never settles on the generic plan
 -- (pg_stat_statements: 2,000 plans in 2,000 calls, 0.07 ms each, about a tenth of a fresh
 -- turn's PostgreSQL CPU).  `id = v_id` costs the same planned for any id, so after its
--- first five runs on a connection PostgreSQL keeps its generic plan.  Everything else is
--- as in 0009.
+-- first five runs on a connection PostgreSQL keeps its generic plan.  And a conversation's
+-- first turn is known to be one before anything else is looked at, so it skips the two
+-- statements that look for a turn left running and for a resend, which cannot find one
+-- (PostgreSQL CPU per fresh turn, six pairs in alternating order: median 0.643 -> 0.605
+-- ms).  Everything else is as in 0009.
 
 CREATE OR REPLACE FUNCTION begin_turn(p_appid text, p_owner text, p_lease_seconds double precision,
                            p_messages jsonb, p_replace boolean DEFAULT false,
@@ -70,12 +73,17 @@ BEGIN
             NULL::bigint[], NULL::bigint[];
         RETURN;
     END IF;
-    UPDATE turns SET status = 'abandoned', ended_at = now(),
-                     error = 'its chatterd process stopped before the turn ended'
-     WHERE appid = p_appid AND status = 'running';
+    -- The first turn of an appID (every conversation starts so) has nothing before it:
+    -- no turn left running to abandon, no last turn to resend, nothing to read.
+    v_fresh := NOT EXISTS (SELECT 1 FROM turns t WHERE t.appid = p_appid);
+    IF NOT v_fresh THEN
+        UPDATE turns SET status = 'abandoned', ended_at = now(),
+                         error = 'its chatterd process stopped before the turn ended'
+         WHERE appid = p_appid AND status = 'running';
+    END IF;
 
     -- A resend of the last turn, ended but never delivered (0004).
-    IF p_resend_seconds > 0 AND NOT p_replace THEN
+    IF p_resend_seconds > 0 AND NOT p_replace AND NOT v_fresh THEN
         SELECT * INTO v_last FROM turns
          WHERE appid = p_appid AND status IN ('complete', 'interrupted', 'failed')
          ORDER BY id DESC LIMIT 1;
@@ -120,9 +128,6 @@ BEGIN
         DELETE FROM conversation_sizes WHERE appid = p_appid;
         DELETE FROM tool_schemas WHERE appid = p_appid;  -- kept with the conversation (0003)
         v_fresh := true;
-    ELSE
-        -- The first turn of an appID (every conversation starts so) has nothing to read.
-        v_fresh := NOT EXISTS (SELECT 1 FROM turns t WHERE t.appid = p_appid);
     END IF;
 
     IF NOT v_fresh THEN
