@@ -19,20 +19,19 @@ from tornado.httpserver import HTTPServer
 
 import metrics
 import settings
-import tools.registry
-from accept_guard import GuardedHTTPServer
+import tools
 from db import course_import
 from db.startup import describe_error, open_database
-from gc_schedule import FullCollections
 from handlers.base import JSONBodyHandler, NotFoundHandler
 from handlers.board import GetChattsHandler, PostChattHandler, TopHandler
 from handlers.chat import LLMChatHandler
 from handlers.limits import BodyTooLargeHandler
 from handlers.llm import LLMPrepHandler, LLMPromptHandler
+from handlers.llmtools import LLMToolsHandler
 from handlers.openai_api import ChatCompletionsHandler, ModelsHandler
 from handlers.ops import HealthHandler, MetricsHandler, ReadyHandler
-from handlers.tools import LLMToolsHandler
-from ollama_client import OllamaClient
+from runtime.accept_guard import GuardedHTTPServer
+from runtime.gc_schedule import FullCollections
 from turns import TurnKeeper
 from upstreams.router import Router, parse_upstreams
 
@@ -81,10 +80,9 @@ def metric_labels(handler: tornado.web.RequestHandler) -> dict[str, str]:
 class Application(tornado.web.Application):
     """The routes plus what handlers share: the pool, the upstreams, the live streams.
 
-    *ollama* is the upstreams' Router, or one OllamaClient (then the only upstream).
     """
 
-    def __init__(self, pool: Any, ollama: "Router | OllamaClient", *, max_body_size: int = 1048576,
+    def __init__(self, pool: Any, upstreams: Router, *, max_body_size: int = 1048576,
                  heartbeat: float = 15.0, status_grace: float = 2.0,
                  write_timeout: float = 30.0, turn_wait: float = 30.0,
                  turn_lease: float = 10.0, store_retry: float = 15.0,
@@ -92,11 +90,11 @@ class Application(tornado.web.Application):
                  max_messages: int = 1000, weather_url: str = "", tool_rounds: int = 4,
                  tool_timeout: float = 10.0, history_cache: int = 1000) -> None:
         self.pool = pool
-        self.ollama = ollama if isinstance(ollama, Router) else Router([ollama])
+        self.upstreams = upstreams
         self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry,
                                 resend_window=resend_window, history_cache=history_cache)
         # The resident tools of /llmtools (tools/): none when --tool-rounds is 0.
-        self.tools = tools.registry.resident(weather_url=weather_url if tool_rounds > 0 else "",
+        self.tools = tools.resident(weather_url=weather_url if tool_rounds > 0 else "",
                                              timeout=tool_timeout)
         self.draining = False
         self.in_flight: set = set()  # every request being handled, streams included
@@ -214,9 +212,9 @@ async def main(opts: Any) -> None:
     except ValueError as e:
         pool.terminate()
         raise SystemExit(f"chatterd: {e} (see --help)") from None
-    ollama = Router(clients, cooldown=opts.upstream_cooldown, refresh_every=opts.models_refresh)
-    ollama.start()
-    app = Application(pool, ollama, max_body_size=opts.max_body_size,
+    upstreams = Router(clients, cooldown=opts.upstream_cooldown, refresh_every=opts.models_refresh)
+    upstreams.start()
+    app = Application(pool, upstreams, max_body_size=opts.max_body_size,
                       max_messages=opts.max_messages, heartbeat=opts.heartbeat,
                       status_grace=opts.status_grace, write_timeout=opts.write_timeout,
                       turn_wait=opts.turn_wait, turn_lease=opts.turn_lease,
@@ -231,7 +229,7 @@ async def main(opts: Any) -> None:
         pool.terminate()
         raise SystemExit(f"chatterd: cannot listen on {opts.address}:{opts.port}: {describe_error(e)}") from None
     log.info("chatterd listening on http://%s:%d (upstreams: %s)", opts.address, opts.port,
-             ", ".join(m.name for m in ollama.members))
+             ", ".join(m.name for m in upstreams.members))
 
     full_collections = FullCollections(opts.gc_full_interval)
     stop = asyncio.Event()
@@ -243,7 +241,7 @@ async def main(opts: Any) -> None:
     server.stop()
     await app.drain(opts.shutdown_grace)
     await asyncio.wait_for(server.close_all_connections(), 10)
-    ollama.close()
+    upstreams.close()
     await app.turns.flush_delivered()
     app.turns.close()
     await asyncio.wait_for(pool.close(), 10)

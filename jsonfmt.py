@@ -37,6 +37,14 @@ _LS, _PS = "\u2028".encode(), "\u2029".encode()
 _SUSPECT = _CONTROL + b"\xa8\xa9"
 
 
+def dumpb_line(obj: Any) -> bytes:
+    """*obj* as one JSON line that no line-based framing can split (see one_line)."""
+    out = dumpb(obj)
+    if _LS in out or _PS in out:  # ujson leaves these raw; they end a line for JavaScript
+        out = out.replace(_LS, b"\\u2028").replace(_PS, b"\\u2029")
+    return out
+
+
 def has_breakers(data: bytes) -> bool:
     """True if *data* holds a raw control character other than LF, or U+2028/U+2029.
 

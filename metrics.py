@@ -18,7 +18,7 @@ STREAM_DURATION = Histogram(
     "chatterd_stream_duration_seconds", "Whole chat turn, by how it ended", ["outcome"],
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800), registry=REGISTRY)
 TOKENS = Counter("chatterd_tokens_relayed_total", "Reply tokens relayed to clients", registry=REGISTRY)
-UPSTREAM_ERRORS = Counter("chatterd_upstream_errors_total", "Failed Ollama requests", ["kind"],
+UPSTREAM_ERRORS = Counter("chatterd_upstream_errors_total", "Failed upstream requests", ["kind"],
                           registry=REGISTRY)
 CLIENT_DISCONNECTS = Counter("chatterd_client_disconnects_total",
                              "Chat turns whose client left before the end", registry=REGISTRY)
@@ -36,7 +36,7 @@ RESENDS_REPLAYED = Counter("chatterd_resends_replayed_total",
                            registry=REGISTRY)
 CONTEXT_SENT_TOKENS = Histogram(
     "chatterd_context_sent_tokens", "Tokens of conversation sent to the model per chat turn "
-    "(as counted: learned from Ollama, else estimated)",
+    "(as counted: learned from the upstream, else estimated)",
     buckets=(256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072), registry=REGISTRY)
 CONTEXT_CUT_TURNS = Counter("chatterd_context_cut_turns_total",
                             "Chat turns that left older messages out to fit the context budget",
@@ -49,7 +49,7 @@ CONTEXT_OMITTED_TOKENS = Counter("chatterd_context_omitted_tokens_total",
                                  registry=REGISTRY)
 CONTEXT_UPSTREAM_CUT = Counter(
     "chatterd_context_upstream_cut_total",
-    "Turns for which Ollama counted fewer prompt tokens than were sent (it cut the prompt)",
+    "Turns for which the upstream counted fewer prompt tokens than were sent (it cut the prompt)",
     registry=REGISTRY)
 # Per upstream (label "<index>:<URL without credentials>", a fixed set from --upstreams).
 UPSTREAM_REQUESTS = Counter("chatterd_upstream_requests_total",

@@ -11,10 +11,9 @@ from typing import Awaitable, Optional
 from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
-import coarse_timers
 import jsonfmt
-import lean_streams
-from direct_write import DirectWriter, direct_writer
+from runtime import coarse_timers, lean_streams
+from runtime.direct_write import DirectWriter, direct_writer
 
 KEEPALIVE = b": keepalive\n\n"
 
@@ -94,7 +93,7 @@ async def bounded(handler: RequestHandler, future: "asyncio.Future[None]", timeo
     timer = asyncio.get_running_loop().call_later(timeout, cut)
     try:
         # A flush cut short by the close resolves without an error; an IOStream write
-        # (direct_write.py) fails with StreamClosedError: either way, say it timed out.
+        # (runtime/direct_write.py) fails with StreamClosedError: either way, say it timed out.
         await future
     except StreamClosedError:
         if not timed_out:
@@ -117,7 +116,7 @@ class EventStream:
     connection open while the model loads or thinks.  Writes keep their order: the
     first (with the headers) is a flush, and later ones wait for it (Tornado tracks only
     one pending flush, and an overtaken one never resolves); once the headers are out,
-    each write goes out at once behind what is queued (direct_write.py).
+    each write goes out at once behind what is queued (runtime/direct_write.py).
     """
 
     def __init__(self, handler: RequestHandler, heartbeat: float) -> None:
@@ -127,7 +126,7 @@ class EventStream:
         self.opened = False
         self.closed = False
         self._flushing: asyncio.Future | None = None
-        self._direct: DirectWriter | None = None  # once the headers are out (direct_write.py)
+        self._direct: DirectWriter | None = None  # once the headers are out (runtime/direct_write.py)
         self._last_write = time.monotonic()
         self._timer: coarse_timers.CoarseTimer | None = None  # (a loop timer: 0.5 KiB more)
 

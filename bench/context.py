@@ -29,7 +29,8 @@ from tornado.testing import bind_unused_port  # noqa: E402
 import jsonfmt  # noqa: E402
 from chatterd import Application  # noqa: E402
 from db import conversations, pool as db_pool  # noqa: E402
-from ollama_client import OllamaClient  # noqa: E402
+from upstreams.ollama import OllamaUpstream  # noqa: E402
+from upstreams.router import Router  # noqa: E402
 from tests.ollama_double import OllamaDouble  # noqa: E402
 from tests.support import database_url  # noqa: E402
 from tests.test_context import seed_conversation  # noqa: E402
@@ -90,8 +91,7 @@ async def main(dsn: str, turns: int, messages: int) -> None:
     double = OllamaDouble()
     double.listen()
     pool = await db_pool.create_pool(dsn, max_size=4)
-    ollama = OllamaClient(double.url)
-    app = Application(pool, ollama, context_tokens=8192)
+    app = Application(pool, Router([OllamaUpstream(double.url)]), context_tokens=8192)
     sock, port = bind_unused_port()
     server = HTTPServer(app)
     server.add_sockets([sock])
@@ -106,7 +106,7 @@ async def main(dsn: str, turns: int, messages: int) -> None:
               f"{summary(conversations.begin_turn.times)}; end_turn "
               f"{summary(conversations.end_turn.times)}; TTFT {summary(ttfts)}")
     server.stop()
-    ollama.close()
+    app.upstreams.close()
     app.turns.close()
     await pool.close()
     await double.stop()

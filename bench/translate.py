@@ -17,7 +17,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jsonfmt  # noqa: E402
-from upstreams.openai import ChunkTranslator, OllamaToOpenAI  # noqa: E402
+from handlers.openai_format import OllamaToOpenAI  # noqa: E402
+from upstreams.openai import ChunkTranslator  # noqa: E402
 
 CHUNK = (b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" token"}}],'
          b'"created":1795627277,"id":"chatcmpl-NAMxhzmgp10lsFZPx83Ffx4CiXr6Mw4O",'

@@ -10,7 +10,7 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 import jsonfmt
 from db.pool import DatabaseUnavailable
-from ollama_client import OllamaAborted
+from upstreams.errors import UpstreamAborted
 from upstreams.http import forget_frames
 
 
@@ -171,8 +171,8 @@ class BaseHandler(RequestHandler):
         return self.application.pool
 
     @property
-    def ollama(self) -> Any:
-        return self.application.ollama
+    def upstreams(self) -> Any:
+        return self.application.upstreams
 
     def send_json(self, obj: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -333,16 +333,16 @@ class UpstreamHandler(JSONBodyHandler):
         return self._left
 
     def start_call(self, path: str, body: bytes, on_lines: Any) -> Any:
-        """Start the Ollama call (see OllamaClient.post); a client already gone cancels it."""
-        self.call = self.ollama.post(path, body, on_lines)
+        """Start the Ollama call (see UpstreamClient.post); a client already gone cancels it."""
+        self.call = self.upstreams.post(path, body, on_lines)
         if self.client_gone:
-            self.call.abort(OllamaAborted("client disconnected"))
+            self.call.abort(UpstreamAborted("client disconnected"))
         return self.call
 
     def on_finish(self) -> None:
         super().on_finish()
         # Unlink the finished request (handler -> call -> on_lines -> handler, handler <->
-        # its event stream), so reference counting frees it at once: see gc_schedule.py.
+        # its event stream), so reference counting frees it at once: see runtime/gc_schedule.py.
         if self.call is not None:
             self.call.release()
         forget_frames(getattr(self.request.connection, "stream", None))  # a client's reset
@@ -357,10 +357,10 @@ class UpstreamHandler(JSONBodyHandler):
         if self._left is not None:
             self._left.set()
         if self.call is not None:
-            self.call.abort(OllamaAborted("client disconnected"))
+            self.call.abort(UpstreamAborted("client disconnected"))
 
     def end_for_shutdown(self) -> None:
         """The shutdown grace is over: end this request's Ollama call now."""
         if self.call is not None:
             # 503 if it is still before the stream: nginx then retries on another process.
-            self.call.abort(OllamaAborted("chatterd is shutting down; the reply was cut short", 503))
+            self.call.abort(UpstreamAborted("chatterd is shutting down; the reply was cut short", 503))

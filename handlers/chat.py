@@ -31,7 +31,7 @@ from db.pool import DatabaseUnavailable
 from handlers.base import ClientError, UpstreamHandler
 from handlers.llm_request import LLMRequest, parse_llm_request
 from handlers.reply_text import ReplyText, prompt_count, token_count
-from ollama_client import OllamaAborted, OllamaError
+from upstreams.errors import UpstreamAborted, UpstreamError
 from turns import ClientLeft, Turn, TurnBusy, TurnNotStored
 
 log = logging.getLogger("chatterd")
@@ -124,7 +124,7 @@ class LLMChatHandler(UpstreamHandler):
         if (status is not None and status != 200) or self.call.failed_early:
             try:
                 await self.call.finished()  # raises: it is not a 200
-            except OllamaError as e:
+            except UpstreamError as e:
                 await self._refuse(e)  # still before the stream: a real status
             return
         try:
@@ -132,9 +132,9 @@ class LLMChatHandler(UpstreamHandler):
             while True:
                 try:
                     await self.call.finished()
-                except OllamaAborted as e:
+                except UpstreamAborted as e:
                     self._end("interrupted" if self.client_gone else "failed", e.message)
-                except OllamaError as e:
+                except UpstreamError as e:
                     self._end("failed", e.message)
                 else:
                     if self.done_line is None:
@@ -147,7 +147,7 @@ class LLMChatHandler(UpstreamHandler):
             self.events.close()
             self._observe()
 
-    async def _refuse(self, error: OllamaError) -> None:
+    async def _refuse(self, error: UpstreamError) -> None:
         """End a turn that failed before anything was sent to the client: it never happened."""
         self.outcome = "rejected"
         await self.turn.reject(error.message)
@@ -237,7 +237,7 @@ class LLMChatHandler(UpstreamHandler):
 
     def _fail_upstream(self, message: str) -> None:
         self.failure = message
-        self.call.abort(OllamaError(message))
+        self.call.abort(UpstreamError(message))
 
     def _end(self, status: str, error: str) -> None:
         self.reply.status = status
@@ -285,7 +285,7 @@ class LLMChatHandler(UpstreamHandler):
         self.start_call("/api/chat", request.upstream_body(self.turn.history), None)
         try:
             await self.call.finished()
-        except OllamaError as e:
+        except UpstreamError as e:
             await self._refuse(e)
             return
         body = bytes(self.call.body)
@@ -301,7 +301,7 @@ class LLMChatHandler(UpstreamHandler):
             self.reply.tokens = token_count(answer.get("eval_count"))
             self.reply.prompt_tokens = token_count(answer.get("prompt_eval_count"))
         except (ValueError, KeyError, TypeError, AttributeError):
-            await self._refuse(OllamaError("Ollama's answer is not a chat response object"))
+            await self._refuse(UpstreamError("Ollama's answer is not a chat response object"))
             return
         try:
             await self.turn.end("complete", self.reply)
@@ -325,7 +325,7 @@ class LLMChatHandler(UpstreamHandler):
         Return True after starting another round of the same turn as `self.call` (with a
         fresh `self.reply`, `self.text`, `self.done_line`); False ends the turn with
         `self.reply`.  /llmchat has one round; /llmtools runs resident tools here
-        (handlers/tools.py)."""
+        (handlers/llmtools.py)."""
         return False
 
     frame = staticmethod(sse.data_events)  # Ollama lines -> the bytes of their events

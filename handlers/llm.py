@@ -8,7 +8,7 @@ import sse
 from handlers.base import ClientError, UpstreamHandler, check_json
 from handlers.chat import begin_turn
 from handlers.llm_request import parse_llm_request
-from ollama_client import OllamaError
+from upstreams.errors import UpstreamError
 from turns import ClientLeft, TurnNotStored
 
 
@@ -37,11 +37,11 @@ class LLMPromptHandler(UpstreamHandler):
         if self.call.status != 200:
             try:
                 await self.call.finished()
-            except OllamaError as e:
+            except UpstreamError as e:
                 raise ClientError(e.status, e.message) from None
         try:
             await self.call.finished()
-        except OllamaError as e:  # after the stream started: NDJSON's own way to say it
+        except UpstreamError as e:  # after the stream started: NDJSON's own way to say it
             await self._relay([jsonfmt.dumpb({"error": e.message})])
 
     async def _relay(self, lines: list[bytes]) -> None:

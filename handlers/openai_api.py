@@ -23,7 +23,7 @@ from handlers.chat import LLMChatHandler, begin_turn
 from handlers.llm_request import LLMRequest, parse_llm_request
 from turns import Turn
 import jsonfmt
-from upstreams.openai import OllamaToOpenAI, encode_line, error_object, usage_of
+from handlers.openai_format import OllamaToOpenAI, error_object, usage_of
 
 APP_HEADER = "X-Chatterd-AppID"
 STATELESS = "(stateless)"
@@ -178,7 +178,7 @@ class ChatCompletionsHandler(LLMChatHandler):
         return self.translator.events(lines)  # type: ignore[union-attr]
 
     def frame_error(self, message: str) -> bytes:  # type: ignore[override]
-        return b"data: " + encode_line(error_object(message, 502)) + b"\n\n"
+        return b"data: " + jsonfmt.dumpb_line(error_object(message, 502)) + b"\n\n"
 
     async def finish_once(self, body: bytes) -> None:
         answer = jsonfmt.loads(body)
@@ -189,10 +189,10 @@ class ChatCompletionsHandler(LLMChatHandler):
         if message.get("thinking"):
             out_message["reasoning_content"] = message["thinking"]
         if message.get("tool_calls"):
-            out_message["tool_calls"] = translator._calls(message["tool_calls"])
+            out_message["tool_calls"] = translator.tool_call_objects(message["tool_calls"])
             out_message["content"] = out_message["content"] or None
         self.set_header("Content-Type", "application/json")
-        await self._deliver_whole(encode_line({
+        await self._deliver_whole(jsonfmt.dumpb_line({
             "id": translator.id, "object": "chat.completion", "created": translator.created,
             "model": translator.model,
             "choices": [{"index": 0, "message": out_message,
@@ -203,14 +203,14 @@ class ChatCompletionsHandler(LLMChatHandler):
         if status_code == 422:  # OpenAI says 400 for every invalid request
             status_code = 400
             self.set_status(400)
-        return encode_line(error_object(message, status_code))
+        return jsonfmt.dumpb_line(error_object(message, status_code))
 
 
 class ModelsHandler(BaseHandler):
     """GET /v1/models: every model some upstream lists (listed again if stale)."""
 
     async def get(self) -> None:
-        router = self.ollama
+        router = self.upstreams
         oldest = min((m.listed_at or 0.0) for m in router.members)
         if time.monotonic() - oldest > router.refresh_every or not oldest:
             await router.refresh()

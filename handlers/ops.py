@@ -5,7 +5,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import metrics
 from db.pool import DatabaseUnavailable, ping
 from handlers.base import BaseHandler
-from ollama_client import OllamaError
+from upstreams.errors import UpstreamError
 
 
 class HealthHandler(BaseHandler):
@@ -29,14 +29,14 @@ class ReadyHandler(BaseHandler):
         except DatabaseUnavailable as e:
             body["database"] = {"ok": False, "error": str(e)}
             body["status"], status = "unavailable", 503
-        first = next((m for m in self.ollama.members if m.dialect == "ollama"), None)
+        first = next((m for m in self.upstreams.members if m.dialect == "ollama"), None)
         if first is not None:
             try:
                 version = await first.client.version()
                 body["ollama"] = {"ok": True, "url": first.name, "version": version}
-            except OllamaError as e:
+            except UpstreamError as e:
                 body["ollama"] = {"ok": False, "url": first.name, "error": e.message}
-        body["upstreams"] = await self.ollama.status()
+        body["upstreams"] = await self.upstreams.status()
         if self.application.draining:
             body["status"], status = "draining", 503
         self.send_json(body, status)

@@ -14,7 +14,8 @@ from tornado.testing import AsyncHTTPTestCase
 import jsonfmt
 from chatterd import Application
 from db import conversations, embedded, migrate, pool as db_pool
-from ollama_client import OllamaClient
+from upstreams.ollama import OllamaUpstream
+from upstreams.router import Router
 from tests.ollama_double import OllamaDouble
 
 _dsn: Optional[str] = None
@@ -72,8 +73,8 @@ class ChatterdTestCase(AsyncHTTPTestCase):
         dsn = self.dsn()
         self.pool = self.io_loop.run_sync(lambda: db_pool.create_pool(dsn, max_size=20))
         self.io_loop.run_sync(self.truncate)
-        self.ollama = self.io_loop.run_sync(self._make_client)
-        return Application(self.pool, self.ollama, max_body_size=self.max_body_size,
+        self.upstreams = self.io_loop.run_sync(self.make_upstreams)
+        return Application(self.pool, self.upstreams, max_body_size=self.max_body_size,
                            heartbeat=self.heartbeat, status_grace=self.status_grace,
                            write_timeout=self.write_timeout, turn_wait=self.turn_wait,
                            turn_lease=self.turn_lease, store_retry=self.store_retry,
@@ -82,10 +83,11 @@ class ChatterdTestCase(AsyncHTTPTestCase):
                            weather_url=self.weather_url, tool_rounds=self.tool_rounds,
                            tool_timeout=self.tool_timeout)
 
-    async def _make_client(self) -> OllamaClient:
-        return OllamaClient(self.double.url, idle_timeout=self.idle_timeout,
-                            request_timeout=self.request_timeout, max_streams=self.max_streams,
-                            queue_timeout=self.queue_timeout)
+    async def make_upstreams(self) -> Router:
+        return Router([OllamaUpstream(self.double.url, idle_timeout=self.idle_timeout,
+                                      request_timeout=self.request_timeout,
+                                      max_streams=self.max_streams,
+                                      queue_timeout=self.queue_timeout)])
 
     async def truncate(self) -> None:
         try:
@@ -101,7 +103,7 @@ class ChatterdTestCase(AsyncHTTPTestCase):
     def tearDown(self) -> None:
         self.io_loop.run_sync(self.double.stop)
         self.io_loop.run_sync(lambda: asyncio.wait_for(self.pool.close(), 10))
-        self.ollama.close()
+        self.upstreams.close()
         self._app.turns.close()
         super().tearDown()
 

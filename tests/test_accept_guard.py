@@ -10,7 +10,7 @@ import time
 from tornado.httpclient import AsyncHTTPClient
 from tornado.testing import AsyncTestCase, gen_test
 
-import accept_guard
+from runtime import accept_guard
 from tests.ollama_double import OllamaDouble
 from tests.support import database_url
 from tests.test_process import start_chatterd, stop

@@ -1,12 +1,12 @@
-"""coarse_timers.py: per-stream deadlines in shared time slots, one loop timer per loop."""
+"""runtime/coarse_timers.py: per-stream deadlines in shared time slots, one loop timer per loop."""
 
 import asyncio
 import sys
 
 from tornado.testing import AsyncTestCase, gen_test
 
-import coarse_timers
-from coarse_timers import RESOLUTION
+from runtime import coarse_timers
+from runtime.coarse_timers import RESOLUTION
 
 
 class CoarseTimersTest(AsyncTestCase):

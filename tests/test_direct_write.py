@@ -1,4 +1,4 @@
-"""direct_write.py: an SSE body written straight to the client's IOStream, framed as Tornado
+"""runtime/direct_write.py: an SSE body written straight to the client's IOStream, framed as Tornado
 would frame it (chunked for HTTP/1.1, raw for HTTP/1.0), and awaited only when the client
 is behind."""
 
@@ -10,7 +10,7 @@ from tornado.testing import AsyncHTTPTestCase, AsyncTestCase, gen_test
 from tornado.web import Application, RequestHandler
 
 import jsonfmt
-from direct_write import DirectWriter
+from runtime.direct_write import DirectWriter
 from sse import KEEPALIVE, EventStream
 from tests import sse_parser
 from tests.support import ChatterdTestCase, chat_body

@@ -1,4 +1,4 @@
-"""gc_schedule.py and the unlinking it relies on: a finished turn is freed by reference
+"""runtime/gc_schedule.py and the unlinking it relies on: a finished turn is freed by reference
 counting (no cyclic garbage left for a full collection), and full collections run on a
 timer, not on heap growth."""
 
@@ -7,12 +7,12 @@ import gc
 
 from tornado.testing import AsyncTestCase, gen_test
 
-from gc_schedule import NEVER, FullCollections
+from runtime.gc_schedule import NEVER, FullCollections
 from tests.support import ChatterdTestCase, chat_and_leave, chat_body, streams_finished
 from tests.test_upstreams import UpstreamsTestCase
 
 # What one request's object graph is made of: none of these may be left to the collector.
-REQUEST_TYPES = {"LLMChatHandler", "ChatCompletionsHandler", "OllamaCall", "OpenAICall",
+REQUEST_TYPES = {"LLMChatHandler", "ChatCompletionsHandler", "UpstreamCall", "OpenAICall",
                  "EventStream", "AbortableConnection", "BufferedChunkConnection",
                  "HTTP1Connection", "HTTP1ServerConnection", "IOStream", "HTTPServerRequest",
                  "HTTPRequest", "Turn", "ReplyText"}

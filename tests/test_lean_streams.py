@@ -1,4 +1,4 @@
-"""lean_streams.py: IOStreams whose write queues are short lists, not 600-byte deques."""
+"""runtime/lean_streams.py: IOStreams whose write queues are short lists, not 600-byte deques."""
 
 import asyncio
 import socket
@@ -10,9 +10,9 @@ from tornado.testing import AsyncTestCase, bind_unused_port, gen_test
 from tornado.web import Application, RequestHandler
 
 import upstreams.http
-from accept_guard import GuardedHTTPServer
+from runtime.accept_guard import GuardedHTTPServer
 
-from lean_streams import SENT_HEADERS, SentHeaders, ShortQueue, empty_in_place, lighten
+from runtime.lean_streams import SENT_HEADERS, SentHeaders, ShortQueue, empty_in_place, lighten
 from tests.support import ChatterdTestCase, chat_body
 
 

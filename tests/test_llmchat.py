@@ -207,7 +207,7 @@ class LLMChatRejectionTest(ChatterdTestCase):
 
     def test_stream_false_timeout_is_504(self):
         self.double.behave("cold", header_delay=5)
-        self.ollama.idle_timeout = 0.5
+        self.upstreams.members[0].client.idle_timeout = 0.5
         self.assert_rejected(chat_body("r", "hi", model="cold", stream=False), 504, "sent nothing")
 
     def test_error_before_any_output_keeps_ollamas_status(self):
@@ -220,14 +220,15 @@ class LLMChatRejectionTest(ChatterdTestCase):
 
 
 class OllamaUnreachableTest(ChatterdTestCase):
-    async def _make_client(self):
-        from ollama_client import OllamaClient
+    async def make_upstreams(self):
+        from upstreams.ollama import OllamaUpstream
+        from upstreams.router import Router
         from tornado.testing import bind_unused_port
 
         sock, port = bind_unused_port()
         sock.close()  # nothing listens here now
         self.dead_url = f"http://127.0.0.1:{port}/api"
-        return OllamaClient(self.dead_url)
+        return Router([OllamaUpstream(self.dead_url)])
 
     def test_502_names_the_url_and_stores_nothing(self):
         response = self.post_json("/llmchat", chat_body("d", "hi"))

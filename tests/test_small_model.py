@@ -68,7 +68,7 @@ class SmallModelTest(ChatterdTestCase):
     def specs(self) -> str:
         return f"openai+http://127.0.0.1:{self.port}/v1,{self.double.url}"
 
-    async def _make_client(self):
+    async def make_upstreams(self):
         return Router(parse_upstreams(self.specs(), "", idle_timeout=self.idle_timeout,
                                       request_timeout=self.request_timeout, connect_timeout=1))
 
@@ -132,8 +132,8 @@ class SmallModelFailoverTest(SmallModelTest):
     def specs(self) -> str:
         return f"openai+http://127.0.0.1:{closed_port()}/v1,openai+http://127.0.0.1:{self.port}/v1"
 
-    async def _make_client(self):
-        router = await super()._make_client()
+    async def make_upstreams(self):
+        router = await super().make_upstreams()
         await router.refresh()
         router.members[0].remember([MODEL])  # it listed the model, then went away
         return router

@@ -207,7 +207,7 @@ class BufferedChunkTest(AsyncTestCase):
         port = await server.start()
         client = http_client(10)
         try:
-            # (as OllamaCall asks: a decompressing delegate is a coroutine per chunk)
+            # (as UpstreamCall asks: a decompressing delegate is a coroutine per chunk)
             return await client.fetch(HTTPRequest(f"http://127.0.0.1:{port}/", streaming_callback=on_body,
                                                   decompress_response=False, request_timeout=10),
                                       raise_error=False)
@@ -316,7 +316,7 @@ class BufferedChunkTest(AsyncTestCase):
                                                  self.token_cuts(pieces) + [len(good)], lambda d: None,
                                                  0.005)
             self.assertEqual(response.code, 599)
-            upstreams.http.forget_traceback(response)  # (as OllamaCall.release does)
+            upstreams.http.forget_traceback(response)  # (as UpstreamCall.release does)
             del response
             for _ in range(100):  # loop passes for the connection's last callbacks
                 if connections[0]() is None:
@@ -329,7 +329,7 @@ class BufferedChunkTest(AsyncTestCase):
     @gen_test(timeout=20)
     async def test_the_sink_is_let_go_when_the_body_ends(self):
         # It refers to the connection, which refers to the stream that holds it: kept, it
-        # would make a cycle only a full garbage collection frees (gc_schedule.py).
+        # would make a cycle only a full garbage collection frees (runtime/gc_schedule.py).
         streams: list = []
         pieces = [b'{"n":%d}\n' % i for i in range(20)]
         with on_each_connection(lambda stream, made: streams.append(stream)):
@@ -452,9 +452,9 @@ class KeepAliveServer:
 
 class KeepAliveTest(AsyncTestCase):
     async def calls(self, server: KeepAliveServer, n: int, keepalive: int = 4) -> list:
-        from ollama_client import OllamaClient
+        from upstreams.client import UpstreamClient
         port = await server.start()
-        client = OllamaClient(f"http://127.0.0.1:{port}", keepalive=keepalive)
+        client = UpstreamClient(f"http://127.0.0.1:{port}", keepalive=keepalive)
         got = []
         try:
             for _ in range(n):
@@ -548,10 +548,10 @@ class KeepAliveTest(AsyncTestCase):
     async def test_the_retry_takes_a_new_connection_not_one_kept_meanwhile(self):
         # Under load, other turns keep their connections between a retry's start and its
         # connect, and one of those may be as dead as the first: the retry connects anew.
-        from ollama_client import OllamaClient
+        from upstreams.client import UpstreamClient
         server = KeepAliveServer(drop_second=True)  # any connection's 2nd request: dropped
         port = await server.start()
-        client = OllamaClient(f"http://127.0.0.1:{port}", keepalive=4)
+        client = UpstreamClient(f"http://127.0.0.1:{port}", keepalive=4)
         pool = client.http.tcp_client
 
         async def on_lines(new):
@@ -580,10 +580,11 @@ class KeepAliveTest(AsyncTestCase):
 
     @gen_test(timeout=20)
     async def test_an_aborted_call_does_not_leave_its_connection_for_the_next(self):
-        from ollama_client import OllamaAborted, OllamaClient, OllamaError
+        from upstreams.client import UpstreamClient
+        from upstreams.errors import UpstreamAborted, UpstreamError
         server = KeepAliveServer(stall=True)
         port = await server.start()
-        client = OllamaClient(f"http://127.0.0.1:{port}", keepalive=4)
+        client = UpstreamClient(f"http://127.0.0.1:{port}", keepalive=4)
         try:
             lines_seen = asyncio.Event()
 
@@ -591,8 +592,8 @@ class KeepAliveTest(AsyncTestCase):
                 lines_seen.set()
             call = client.post("/api/chat", b"{}", on_lines)
             await lines_seen.wait()
-            call.abort(OllamaAborted("client disconnected"))
-            with self.assertRaises(OllamaError):
+            call.abort(UpstreamAborted("client disconnected"))
+            with self.assertRaises(UpstreamError):
                 await call.finished()
             await asyncio.wait_for(server.closed.wait(), 5)  # the upstream sees the close
             self.assertEqual(client.http.tcp_client.idle.get(("127.0.0.1", port, False), []), [])
@@ -610,10 +611,10 @@ class KeepAliveTest(AsyncTestCase):
     @gen_test(timeout=20)
     async def test_a_connection_kept_too_long_is_not_used_again(self):
         import upstreams.keepalive
-        from ollama_client import OllamaClient
+        from upstreams.client import UpstreamClient
         server = KeepAliveServer()
         port = await server.start()
-        client = OllamaClient(f"http://127.0.0.1:{port}", keepalive=4)
+        client = UpstreamClient(f"http://127.0.0.1:{port}", keepalive=4)
         try:
             await client.post("/api/chat", b"{}", None).finished()
             for idle in client.http.tcp_client.idle.values():

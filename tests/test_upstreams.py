@@ -11,7 +11,7 @@ from tests.sse_parser import parse
 from tests.support import ChatterdTestCase, chat_body, streams_finished
 from upstreams.openai import ChunkTranslator, ollama_to_openai_request, parse_openai_url
 from upstreams.router import Router, parse_upstreams
-from ollama_client import OllamaBroken
+from upstreams.errors import UpstreamBroken
 
 
 def closed_port() -> int:
@@ -84,7 +84,7 @@ def test_end_without_done_is_fine_after_finish_and_an_error_before():
     assert jsonfmt.loads(t.end()[-1])["done"] is True
     t = ChunkTranslator("m")
     t.feed(sse(delta({"content": "a"})))
-    with pytest.raises(OllamaBroken):
+    with pytest.raises(UpstreamBroken):
         t.end()
 
 
@@ -142,7 +142,7 @@ class UpstreamsTestCase(ChatterdTestCase):
     def upstream_specs(self) -> str:
         return f"openai+http://:sk-test-KEY@127.0.0.1:{self.openai.port}/v1,{self.double.url}"
 
-    async def _make_client(self):
+    async def make_upstreams(self):
         clients = parse_upstreams(self.upstream_specs(), "", idle_timeout=self.idle_timeout,
                                   request_timeout=self.request_timeout, connect_timeout=1)
         return Router(clients, cooldown=self.cooldown)
@@ -323,8 +323,8 @@ class FailoverTest(UpstreamsTestCase):
         return (f"openai+http://127.0.0.1:{dead}/v1,openai+http://127.0.0.1:{self.openai.port}/v1,"
                 f"openai+http://127.0.0.1:{self.openai2.port}/v1")
 
-    async def _make_client(self):
-        router = await super()._make_client()
+    async def make_upstreams(self):
+        router = await super().make_upstreams()
         await router.refresh()
         router.members[0].remember(["gpt-double"])  # it listed the model, then died
         router.members[0].listed_at = 1.0

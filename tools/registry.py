@@ -1,6 +1,6 @@
 """The resident tools registry: name -> (Ollama tool schema, async function).
 
-    registry = resident(weather_url="https://api.open-meteo.com/v1/forecast", timeout=10)
+    registry = tools.resident(weather_url="https://api.open-meteo.com/v1/forecast", timeout=10)
     registry.schemas()                      # offered to the model with the client's tools
     text = await registry.call(call)        # one of the model's tool_calls, run here
 
@@ -142,12 +142,3 @@ class Registry:
             return f"error: {name} failed: {e}"
         return result if isinstance(result, str) else jsonfmt.dumps(result)
 
-
-def resident(*, weather_url: str = "", timeout: float = 10.0) -> Registry:
-    """The registry this process offers: each tool whose setting turns it on."""
-    from tools import weather  # one module per tool
-
-    tools = []
-    if weather_url:
-        tools.append(weather.tool(weather_url, timeout))
-    return Registry(tools, timeout=timeout)

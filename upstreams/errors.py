@@ -4,7 +4,7 @@ carries the HTTP status a client should see when it happens before the stream st
 from typing import Optional
 
 
-class OllamaError(Exception):
+class UpstreamError(Exception):
     """A failed Ollama request; `status` is what a client should see before streaming."""
 
     status = 502
@@ -16,27 +16,27 @@ class OllamaError(Exception):
             self.status = status
 
 
-class OllamaUnreachable(OllamaError):
+class UpstreamUnreachable(UpstreamError):
     status = 502
 
 
-class OllamaHTTPError(OllamaError):
+class UpstreamHTTPError(UpstreamError):
     """Ollama answered with a non-200 status and (usually) {"error": "..."}."""
 
 
-class OllamaTimeout(OllamaError):
+class UpstreamTimeout(UpstreamError):
     status = 504
 
 
-class OllamaBroken(OllamaError):
+class UpstreamBroken(UpstreamError):
     """The connection failed after Ollama had started answering."""
 
 
-class OllamaAborted(OllamaError):
+class UpstreamAborted(UpstreamError):
     """We cancelled the request ourselves (the client left, or the turn ended)."""
 
 
-class OllamaBusy(OllamaError):
+class UpstreamBusy(UpstreamError):
     """Every upstream slot stayed taken for the whole queue timeout."""
 
     status = 503

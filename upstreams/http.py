@@ -41,7 +41,7 @@ from tornado.iostream import IOStream
 from tornado.netutil import DefaultLoopResolver, Resolver, is_valid_ip
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 
-import lean_streams
+from runtime import lean_streams
 from upstreams.chunked import ChunkDecoder
 from upstreams.keepalive import FreshConnection, KeptAliveTCPClient
 from upstreams.stream import MAX_READ, UpstreamStream, stream_state
@@ -66,7 +66,7 @@ class BufferedChunkConnection(HTTP1Connection):
         stream = self.stream
         state = stream_state(stream)
         # Tornado has read the body's framing from the response's headers, and the call its
-        # header_callback: a body that streams for minutes keeps none of them (lean_streams.py).
+        # header_callback: a body that streams for minutes keeps none of them (runtime/lean_streams.py).
         headers = getattr(delegate, "headers", None)
         if isinstance(headers, httputil.HTTPHeaders):
             lean_streams.empty_in_place(headers)
@@ -233,7 +233,7 @@ class AbortableConnection(_HTTPConnection):
 
     async def run(self) -> None:
         self._keep = False
-        # Asked for before Tornado's run() fills in its own headers (and before OllamaCall
+        # Asked for before Tornado's run() fills in its own headers (and before UpstreamCall
         # lets the request's headers go).
         self._keep_wanted = self.request.headers.get("Connection", "").lower() == "keep-alive"
         await super().run()
@@ -282,7 +282,7 @@ class AbortableConnection(_HTTPConnection):
 
 def forget_frames(stream: Any) -> None:
     """Drop the traceback of the error a closed IOStream keeps: its frames refer back to
-    the stream (a cycle only a full garbage collection would free; gc_schedule.py)."""
+    the stream (a cycle only a full garbage collection would free; runtime/gc_schedule.py)."""
     forget_traceback(getattr(stream, "error", None))
 
 

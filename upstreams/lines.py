@@ -1,7 +1,7 @@
 """Cutting an upstream's NDJSON body into lines that are safe on one line of SSE or NDJSON."""
 
 import jsonfmt
-from upstreams.errors import OllamaBroken
+from upstreams.errors import UpstreamBroken
 
 MAX_LINE = 8 * 1024 * 1024  # Ollama's own Go client allows 8 MB per line
 
@@ -25,7 +25,7 @@ class LineSplitter:
         if b"\n" not in chunk:
             self.pending += chunk
             if len(self.pending) > MAX_LINE:
-                raise OllamaBroken(f"Ollama sent a line longer than {MAX_LINE} bytes")
+                raise UpstreamBroken(f"Ollama sent a line longer than {MAX_LINE} bytes")
             return []
         data = self.pending + chunk
         parts = data.split(b"\n")

@@ -1,4 +1,4 @@
-"""The Ollama dialect: ollama_client.OllamaClient (the transport every upstream shares:
+"""The Ollama dialect: upstreams.client.UpstreamClient (the transport every upstream shares:
 abortable streaming requests, line splitting, slots, timeouts), plus what routing needs."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jsonfmt
-from ollama_client import LinesCallback, OllamaCall, OllamaClient, api_base
+from upstreams.client import LinesCallback, UpstreamCall, UpstreamClient, api_base
 
 
 def model_key(name: str) -> str:
@@ -15,8 +15,8 @@ def model_key(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
 
 
-class OllamaUpstream(OllamaClient):
-    """An Ollama server as one of several upstreams: its calls are OllamaCalls, untouched."""
+class OllamaUpstream(UpstreamClient):
+    """An Ollama server as one of several upstreams: its calls are plain UpstreamCalls."""
 
     dialect = "ollama"
 
@@ -25,11 +25,11 @@ class OllamaUpstream(OllamaClient):
         self.name = api_base(url)
 
     def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback],
-             parsed: Optional[dict] = None) -> OllamaCall:
-        return OllamaCall(self, path, body, on_lines)
+             parsed: Optional[dict] = None) -> UpstreamCall:
+        return UpstreamCall(self, path, body, on_lines)
 
     async def models(self, timeout: float = 2.0) -> list[str]:
-        call = OllamaCall(self, "/api/tags", None, None, timeout=timeout)
+        call = UpstreamCall(self, "/api/tags", None, None, timeout=timeout)
         await call.finished()
         listing = jsonfmt.loads(bytes(call.body))
         names = []
@@ -38,11 +38,3 @@ class OllamaUpstream(OllamaClient):
                 names.extend(entry[k] for k in ("name", "model") if isinstance(entry.get(k), str))
         return names
 
-
-def wrap(client: OllamaClient) -> OllamaClient:
-    """Give a plain OllamaClient (tests build them) what the router needs."""
-    if not hasattr(client, "dialect"):
-        client.dialect = "ollama"  # type: ignore[attr-defined]
-        client.name = client.base  # type: ignore[attr-defined]
-        client.models = OllamaUpstream.models.__get__(client)  # type: ignore[attr-defined]
-    return client

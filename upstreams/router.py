@@ -25,10 +25,10 @@ from typing import Any, Optional
 
 import jsonfmt
 import metrics
-from ollama_client import (LinesCallback, OllamaAborted, OllamaBroken, OllamaClient, OllamaError,
-                           OllamaHTTPError, OllamaUnreachable)
+from upstreams.client import LinesCallback, UpstreamClient
+from upstreams.errors import UpstreamAborted, UpstreamBroken, UpstreamError, UpstreamHTTPError, UpstreamUnreachable
 from upstreams.http import forget_traceback
-from upstreams.ollama import OllamaUpstream, model_key, wrap
+from upstreams.ollama import OllamaUpstream, model_key
 from upstreams.slots import Slots
 from upstreams.openai import OpenAIClient, display_url
 
@@ -38,11 +38,11 @@ MISS_REFRESH = 5.0  # seconds between listings triggered by an unknown model
 GENERATION_PATHS = ("/api/chat", "/api/generate")
 
 
-def parse_upstreams(spec: str, ollama_url: str, **kwargs: Any) -> list[OllamaClient]:
+def parse_upstreams(spec: str, ollama_url: str, **kwargs: Any) -> list[UpstreamClient]:
     """Clients for a comma-separated --upstreams (or --ollama-url alone), sharing one Slots."""
     urls = [u.strip() for u in spec.split(",") if u.strip()] or [ollama_url]
     slots = Slots(kwargs.pop("max_streams", 2048))
-    clients: list[OllamaClient] = []
+    clients: list[UpstreamClient] = []
     for url in urls:
         try:
             if url.startswith("openai+"):
@@ -57,9 +57,9 @@ def parse_upstreams(spec: str, ollama_url: str, **kwargs: Any) -> list[OllamaCli
 class Member:
     """One upstream and what the router knows of it."""
 
-    def __init__(self, index: int, client: OllamaClient) -> None:
+    def __init__(self, index: int, client: UpstreamClient) -> None:
         self.index = index
-        self.client = wrap(client)
+        self.client = client
         self.dialect: str = client.dialect  # type: ignore[attr-defined]
         self.name: str = client.name  # type: ignore[attr-defined]
         self.label = f"{index}:{self.name}"  # the metric label: no credentials in it
@@ -90,7 +90,7 @@ class Member:
 class Router:
     """The upstreams in order; `post()` returns a call that fails over transparently."""
 
-    def __init__(self, clients: list[OllamaClient], *, cooldown: float = 10.0,
+    def __init__(self, clients: list[UpstreamClient], *, cooldown: float = 10.0,
                  refresh_every: float = 60.0) -> None:
         if not clients:
             raise ValueError("no upstream configured")
@@ -109,10 +109,6 @@ class Router:
     def single_ollama(self) -> bool:
         return len(self.members) == 1 and self.members[0].dialect == "ollama"
 
-    @property
-    def base(self) -> str:
-        return self.members[0].name
-
     def post(self, path: str, body: Optional[bytes], on_lines: Optional[LinesCallback]) -> Any:
         if self.single_ollama:
             member = self.members[0]
@@ -121,11 +117,6 @@ class Router:
             return member.client.post(path, body, on_lines)
         self.start()
         return RoutedCall(self, path, body, on_lines)
-
-    async def version(self, timeout: float = 2.0) -> str:
-        """The first Ollama upstream's version (for /readyz)."""
-        first = next((m for m in self.members if m.dialect == "ollama"), self.members[0])
-        return await first.client.version(timeout)
 
     async def status(self, timeout: float = 2.0) -> list[dict]:
         """Each upstream's health, for /readyz; also refreshes the model listings."""
@@ -183,7 +174,7 @@ class Router:
             try:
                 m.remember(await m.client.models(timeout))  # type: ignore[attr-defined]
                 m.listed_at, m.list_error = time.monotonic(), None
-            except (OllamaError, ValueError, AttributeError, TypeError) as e:
+            except (UpstreamError, ValueError, AttributeError, TypeError) as e:
                 m.list_error = getattr(e, "message", None) or f"bad model listing: {e}"
         await asyncio.gather(*(one(m) for m in self.members))
 
@@ -193,8 +184,8 @@ class Router:
             if ollamas:
                 return ollamas[:1]
             if path not in GENERATION_PATHS:
-                raise OllamaHTTPError(f"no Ollama upstream for {path}", status=404)
-            raise OllamaHTTPError("model is required", status=400)
+                raise UpstreamHTTPError(f"no Ollama upstream for {path}", status=404)
+            raise UpstreamHTTPError("model is required", status=400)
         listing = [m for m in self.members if m.has(model)]
         if not listing:
             if self._refreshing is not None and not self._refreshing.done():
@@ -204,7 +195,7 @@ class Router:
             listing = [m for m in self.members if m.has(model)]
         if not listing:
             if not ollamas:
-                raise OllamaHTTPError(f"model '{model}' not found", status=404)
+                raise UpstreamHTTPError(f"model '{model}' not found", status=404)
             listing = ollamas
         # Upstreams cooling down after a failure are tried last, not never.
         return [m for m in listing if m.healthy] + [m for m in listing if not m.healthy]
@@ -222,16 +213,16 @@ class Router:
             metrics.UPSTREAM_HEALTHY.labels(upstream=member.label).set(1)
 
 
-def retryable(status: Optional[int], error: Optional[OllamaError]) -> bool:
+def retryable(status: Optional[int], error: Optional[UpstreamError]) -> bool:
     """May this attempt's failure go to the next upstream?  Only before any answer."""
     if status is None:
-        return isinstance(error, OllamaUnreachable) or (
-            isinstance(error, OllamaBroken) and "without answering" in error.message)
+        return isinstance(error, UpstreamUnreachable) or (
+            isinstance(error, UpstreamBroken) and "without answering" in error.message)
     return status == 429 or 500 <= status < 600
 
 
 class RoutedCall:
-    """OllamaCall's interface over a sequence of attempts, one upstream each."""
+    """UpstreamCall's interface over a sequence of attempts, one upstream each."""
 
     def __init__(self, router: Router, path: str, body: Optional[bytes],
                  on_lines: Optional[LinesCallback]) -> None:
@@ -241,18 +232,18 @@ class RoutedCall:
         self.on_lines = on_lines
         self.attempt: Any = None
         self.member: Optional[Member] = None
-        self.error: Optional[OllamaError] = None  # the router's own answer (404, ...)
-        self._abort_error: Optional[OllamaError] = None
+        self.error: Optional[UpstreamError] = None  # the router's own answer (404, ...)
+        self._abort_error: Optional[UpstreamError] = None
         self._settled = False  # the final attempt's finished() was already awaited
-        self._settled_error: Optional[OllamaError] = None
+        self._settled_error: Optional[UpstreamError] = None
         loop = asyncio.get_running_loop()
         self._slot: asyncio.Future = loop.create_future()
         self._run = asyncio.ensure_future(self._choose())
 
-    # -- OllamaCall's interface -------------------------------------------------------------
+    # -- UpstreamCall's interface -------------------------------------------------------------
 
     def release(self) -> None:
-        """As OllamaCall.release: the owner is done with this call."""
+        """As UpstreamCall.release: the owner is done with this call."""
         self.on_lines = None
         if self.attempt is not None:
             self.attempt.release()
@@ -295,7 +286,7 @@ class RoutedCall:
             await asyncio.wait([self._run], timeout=timeout)
         return self.status
 
-    def abort(self, error: OllamaError) -> None:
+    def abort(self, error: UpstreamError) -> None:
         if self._abort_error is None:
             self._abort_error = error
         if self.attempt is not None:
@@ -304,8 +295,8 @@ class RoutedCall:
     async def finished(self) -> None:
         await asyncio.shield(self._run)
         if self.attempt is None:
-            error = self._abort_error or self.error or OllamaError("no upstream was tried")
-            if not isinstance(error, OllamaAborted):
+            error = self._abort_error or self.error or UpstreamError("no upstream was tried")
+            if not isinstance(error, UpstreamAborted):
                 metrics.UPSTREAM_ERRORS.labels(kind=type(error).__name__).inc()
             raise error
         if self._settled:
@@ -314,9 +305,9 @@ class RoutedCall:
             return
         try:
             await self.attempt.finished()
-        except OllamaAborted:
+        except UpstreamAborted:
             raise
-        except OllamaError:
+        except UpstreamError:
             if self.attempt.status == 200 and self.member is not None:
                 self.member.failures += 1
                 metrics.UPSTREAM_FAILURES.labels(upstream=self.member.label).inc()
@@ -335,7 +326,7 @@ class RoutedCall:
             parsed = None
         try:
             members = await self.router.candidates(model, self.path)
-        except OllamaError as e:
+        except UpstreamError as e:
             self.error = e
             return
         fallback = not any(m.has(model) for m in members) if model else True
@@ -344,7 +335,7 @@ class RoutedCall:
                 return
             last = position == len(members) - 1
             if member.dialect != "ollama" and not isinstance(parsed, dict):
-                self.error = OllamaHTTPError("body is not a JSON object", status=400)
+                self.error = UpstreamHTTPError("body is not a JSON object", status=400)
                 return
             metrics.UPSTREAM_REQUESTS.labels(upstream=member.label).inc()
             member.requests += 1
@@ -353,7 +344,7 @@ class RoutedCall:
                                              parsed) if member.dialect != "ollama" else \
                     member.client.post(self.path, self.request_body, self.on_lines)
             except (ValueError, TypeError, AttributeError) as e:
-                self.error = OllamaHTTPError(f"cannot translate the request: {e}", status=400)
+                self.error = UpstreamHTTPError(f"cannot translate the request: {e}", status=400)
                 return
             self.attempt, self.member = attempt, member
             self._settled, self._settled_error = False, None
@@ -366,11 +357,11 @@ class RoutedCall:
             if status == 200:
                 self.router.succeeded(member)
                 return
-            error: Optional[OllamaError] = None
+            error: Optional[UpstreamError] = None
             if status is not None or attempt.failed_early:
                 try:
                     await attempt.finished()
-                except OllamaError as e:
+                except UpstreamError as e:
                     error = e
                 self._settled, self._settled_error = True, error
             if self._abort_error is not None or last:

@@ -3,7 +3,7 @@
 import asyncio
 import collections
 
-from upstreams.errors import OllamaBusy
+from upstreams.errors import UpstreamBusy
 
 
 class Slots:
@@ -15,7 +15,7 @@ class Slots:
         self.waiting: collections.deque[asyncio.Future] = collections.deque()
 
     async def take(self, timeout: float, aborted: asyncio.Future) -> bool:
-        """Take a slot (True); False when *aborted* first; OllamaBusy after *timeout* s."""
+        """Take a slot (True); False when *aborted* first; UpstreamBusy after *timeout* s."""
         if self.busy < self.size and not self.waiting:
             self.busy += 1
             return True
@@ -28,7 +28,7 @@ class Slots:
         turn.cancel()
         if aborted.done():
             return False
-        raise OllamaBusy(f"all {self.size} upstream slots are busy; retry later")
+        raise UpstreamBusy(f"all {self.size} upstream slots are busy; retry later")
 
     def give_back(self) -> None:
         if self.waiting:

@@ -4,7 +4,7 @@ Upstream side (chatterd is the client): `OpenAIClient.post("/api/chat", body, on
 takes an Ollama /api/chat (or /api/generate) body, sends the equivalent
 POST {base}/chat/completions with `stream: true` and `stream_options.include_usage`, and
 hands `on_lines` Ollama-shaped NDJSON lines, so handlers cannot tell which dialect served
-them.  `OpenAICall` has OllamaCall's interface (it is one, with another body parser):
+them.  `OpenAICall` has UpstreamCall's interface (it is one, with another body parser):
 
 * each `data: {chunk}` becomes one Ollama line (`message.content`, `message.thinking` from
   `reasoning_content`/`reasoning`); tool-call deltas are accumulated by `index` (id and
@@ -18,18 +18,16 @@ them.  `OpenAICall` has OllamaCall's interface (it is one, with another body par
   (keepalives) and `event:`/`id:` lines are skipped;
 * with on_lines None (`"stream": false`), `body` is one Ollama JSON object, as Ollama's.
 
-Client side (chatterd is the server, handlers/openai_api.py): `OllamaToOpenAI` translates
-the other way.
+The client-facing side of the dialect (chatterd as an OpenAI server) lives beside its
+handler: handlers/openai_format.py.
 
-Modules: `client` (OpenAIClient, OpenAICall, the --upstreams URL form), `translate`
-(requests one way, streams the other) and `chunks` (Ollama lines as OpenAI chunks).
+Modules: `client` (OpenAIClient, OpenAICall, the --upstreams URL form) and `translate`
+(requests one way, streams the other).
 """
 
 
-from upstreams.openai.chunks import OllamaToOpenAI, error_object, usage_of
 from upstreams.openai.client import OpenAICall, OpenAIClient, display_url, parse_openai_url
-from upstreams.openai.translate import ChunkTranslator, encode_line, ollama_to_openai_request
+from upstreams.openai.translate import ChunkTranslator, ollama_to_openai_request
 
-__all__ = ["ChunkTranslator", "OllamaToOpenAI", "OpenAICall", "OpenAIClient", "display_url",
-           "encode_line", "error_object", "ollama_to_openai_request", "parse_openai_url",
-           "usage_of"]
+__all__ = ["ChunkTranslator", "OpenAICall", "OpenAIClient", "display_url",
+           "ollama_to_openai_request", "parse_openai_url"]

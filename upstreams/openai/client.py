@@ -1,4 +1,4 @@
-"""The OpenAI-compatible upstream: OpenAIClient and OpenAICall, OllamaClient and OllamaCall
+"""The OpenAI-compatible upstream: OpenAIClient and OpenAICall, UpstreamClient and UpstreamCall
 with another body parser (upstreams/openai/translate.py does the translating)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit, unquote
 
 import jsonfmt
-from ollama_client import (LinesCallback, OllamaBroken, OllamaCall, OllamaClient, OllamaError,
-                           OllamaHTTPError)
+from upstreams.client import LinesCallback, UpstreamCall, UpstreamClient
+from upstreams.errors import UpstreamBroken, UpstreamError, UpstreamHTTPError
 from upstreams.openai.translate import (ChunkTranslator, gather, gathered_body,
                                         ollama_to_openai_request)
 
@@ -34,7 +34,7 @@ def display_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-class OpenAIClient(OllamaClient):
+class OpenAIClient(UpstreamClient):
     """Talks to one OpenAI-compatible server; its calls speak Ollama to the handlers."""
 
     dialect = "openai"
@@ -57,7 +57,7 @@ class OpenAIClient(OllamaClient):
                           model=str(parsed.get("model") or ""), generate=path == "/api/generate")
 
     async def models(self, timeout: float = 2.0) -> list[str]:
-        call = OllamaCall(self, "/models", None, None, timeout=timeout)
+        call = UpstreamCall(self, "/models", None, None, timeout=timeout)
         await call.finished()
         listing = jsonfmt.loads(bytes(call.body))
         names: list[str] = []
@@ -72,7 +72,7 @@ class OpenAIClient(OllamaClient):
         return "openai"
 
 
-class OpenAICall(OllamaCall):
+class OpenAICall(UpstreamCall):
     """One streamed /chat/completions request, delivered as Ollama lines."""
 
     def __init__(self, client: OpenAIClient, path: str, body: bytes,
@@ -100,7 +100,7 @@ class OpenAICall(OllamaCall):
             return None
         try:
             lines = self.translator.feed(self._splitter.feed(chunk))
-        except OllamaBroken as e:
+        except UpstreamBroken as e:
             self.abort(e)
             return None
         if not lines:
@@ -108,8 +108,8 @@ class OpenAICall(OllamaCall):
         if self._gathered is not None:
             try:
                 gather(lines, self._gathered)
-            except OllamaError as e:
-                self.abort(OllamaHTTPError(e.message, status=502))
+            except UpstreamError as e:
+                self.abort(UpstreamHTTPError(e.message, status=502))
             return None
         return self._deliver(lines)
 
@@ -119,7 +119,7 @@ class OpenAICall(OllamaCall):
         if self._gathered is not None:
             gather(lines, self._gathered)
             if "final" not in self._gathered:
-                raise OllamaBroken(f"{self.client.label} ended without an answer")
+                raise UpstreamBroken(f"{self.client.label} ended without an answer")
             self.body = bytearray(gathered_body(self._gathered))
         elif lines:
             pending = self._deliver(lines)

@@ -7,22 +7,13 @@ import time
 from typing import Any, Optional
 
 import jsonfmt
-from ollama_client import OllamaBroken, OllamaError
+from upstreams.errors import UpstreamBroken, UpstreamError
 
-_LS, _PS = "\u2028".encode(), "\u2029".encode()
 
 # Ollama options with an OpenAI request field of their own.
 OPTION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
                  "num_predict": "max_tokens", "presence_penalty": "presence_penalty",
                  "frequency_penalty": "frequency_penalty", "top_k": "top_k", "min_p": "min_p"}
-
-
-def encode_line(obj: Any) -> bytes:
-    """One JSON line that no line-based framing can split (see jsonfmt.one_line)."""
-    out = jsonfmt.dumpb(obj)
-    if _LS in out or _PS in out:  # ujson leaves these raw; they end a line for JavaScript
-        out = out.replace(_LS, b"\\u2028").replace(_PS, b"\\u2029")
-    return out
 
 
 _clock_second = -1
@@ -144,7 +135,7 @@ class ChunkTranslator:
                 message["thinking"] = thinking
             if tool_calls:
                 message["tool_calls"] = tool_calls
-            return encode_line({"model": self.model, "created_at": go_time(), "message": message,
+            return jsonfmt.dumpb_line({"model": self.model, "created_at": go_time(), "message": message,
                                 "done": False})
         line: dict[str, Any] = {"model": self.model, "created_at": go_time(), "response": content}
         if thinking:
@@ -152,13 +143,13 @@ class ChunkTranslator:
         if tool_calls:
             line["tool_calls"] = tool_calls
         line["done"] = False
-        return encode_line(line)
+        return jsonfmt.dumpb_line(line)
 
     def _error(self, message: Any) -> bytes:
         self.failed = True
         if isinstance(message, dict):
             message = message.get("message") or jsonfmt.dumps(message)
-        return encode_line({"error": f"{self.label}: {message or 'an error occurred during streaming'}"})
+        return jsonfmt.dumpb_line({"error": f"{self.label}: {message or 'an error occurred during streaming'}"})
 
     def feed(self, lines: list[bytes]) -> list[bytes]:
         """Ollama lines for these SSE lines (empty lines are already gone)."""
@@ -277,7 +268,7 @@ class ChunkTranslator:
             value = usage.get(theirs)
             if isinstance(value, int) and value:
                 final[ours] = value
-        out.append(encode_line(final))
+        out.append(jsonfmt.dumpb_line(final))
         return out
 
     def end(self) -> list[bytes]:
@@ -286,7 +277,7 @@ class ChunkTranslator:
             return []
         if self.finish is not None:
             return self._final()
-        raise OllamaBroken(f"{self.label} ended the stream without finishing it (no [DONE])")
+        raise UpstreamBroken(f"{self.label} ended the stream without finishing it (no [DONE])")
 
 
 def gather(lines: list[bytes], into: dict) -> None:
@@ -294,7 +285,7 @@ def gather(lines: list[bytes], into: dict) -> None:
     for line in lines:
         obj = jsonfmt.loads(line)
         if "error" in obj:
-            raise OllamaError(obj["error"], status=502)
+            raise UpstreamError(obj["error"], status=502)
         key = "message" if "message" in obj else "response"
         if key == "message":
             message = obj["message"]
@@ -324,4 +315,4 @@ def gathered_body(into: dict) -> bytes:
         final["response"] = into.get("content", "")
         if into.get("thinking"):
             final["thinking"] = into["thinking"]
-    return encode_line(final)
+    return jsonfmt.dumpb_line(final)

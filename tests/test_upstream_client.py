@@ -6,8 +6,8 @@ import time
 from tornado.testing import AsyncTestCase, gen_test
 
 import jsonfmt
-from ollama_client import (OllamaAborted, OllamaBroken, OllamaBusy, OllamaClient,
-                           OllamaHTTPError, OllamaTimeout, api_base)
+from upstreams.client import UpstreamClient, api_base
+from upstreams.errors import UpstreamAborted, UpstreamBroken, UpstreamBusy, UpstreamHTTPError, UpstreamTimeout
 from tests.ollama_double import OllamaDouble, default_reply
 from upstreams.lines import LineSplitter
 
@@ -41,7 +41,7 @@ def test_api_base_accepts_the_course_spelling():
         assert api_base(url) == "http://localhost:11434"
 
 
-class OllamaClientTest(AsyncTestCase):
+class UpstreamClientTest(AsyncTestCase):
     def setUp(self):
         super().setUp()
         self.double = OllamaDouble()
@@ -55,7 +55,7 @@ class OllamaClientTest(AsyncTestCase):
         super().tearDown()
 
     def client(self, **kwargs):
-        self.clients.append(OllamaClient(self.double.url + "/api", **kwargs))
+        self.clients.append(UpstreamClient(self.double.url + "/api", **kwargs))
         return self.clients[-1]
 
     @gen_test
@@ -77,7 +77,7 @@ class OllamaClientTest(AsyncTestCase):
     @gen_test
     async def test_http_error_carries_status_and_message(self):
         call = self.client().post("/api/chat", b'{"model":"nope","messages":[]}', None)
-        with self.assertRaises(OllamaHTTPError) as caught:
+        with self.assertRaises(UpstreamHTTPError) as caught:
             await call.finished()
         self.assertEqual(caught.exception.status, 404)
         self.assertIn("model 'nope' not found", caught.exception.message)
@@ -92,8 +92,8 @@ class OllamaClientTest(AsyncTestCase):
 
         call = self.client().post("/api/chat", b'{"model":"stall","messages":[]}', on_lines)
         await asyncio.wait_for(first_line.wait(), 5)
-        call.abort(OllamaAborted("client disconnected"))
-        with self.assertRaises(OllamaAborted):
+        call.abort(UpstreamAborted("client disconnected"))
+        with self.assertRaises(UpstreamAborted):
             await call.finished()
         await asyncio.wait_for(self.double.chat_requests()[0].closed.wait(), 5)
 
@@ -107,7 +107,7 @@ class OllamaClientTest(AsyncTestCase):
         started = time.monotonic()
         call = self.client(request_timeout=60).post("/api/chat", b'{"model":"reset","messages":[]}',
                                                     on_lines)
-        with self.assertRaises(OllamaBroken):
+        with self.assertRaises(UpstreamBroken):
             await call.finished()
         self.assertLess(time.monotonic() - started, 10)  # generous: the bug waits 60 s
 
@@ -145,7 +145,7 @@ class OllamaClientTest(AsyncTestCase):
     @gen_test(timeout=20)
     async def test_reset_while_the_body_trickles_fails_fast(self):
         error, got, took = await self.trickle_then(reset_after=6)
-        self.assertIsInstance(error, OllamaBroken)
+        self.assertIsInstance(error, UpstreamBroken)
         self.assertIn("Connection reset by peer", error.message)  # the real cause, kept
         self.assertEqual(len(got), 6)  # every line before the reset, none lost
         self.assertLess(took, 10)  # not request_timeout's 60 s
@@ -153,7 +153,7 @@ class OllamaClientTest(AsyncTestCase):
     @gen_test(timeout=20)
     async def test_close_while_the_body_trickles_is_an_error(self):
         error, got, took = await self.trickle_then(close_after=6)
-        self.assertIsInstance(error, OllamaBroken)
+        self.assertIsInstance(error, UpstreamBroken)
         self.assertEqual(len(got), 6)
         self.assertLess(took, 10)
 
@@ -170,8 +170,8 @@ class OllamaClientTest(AsyncTestCase):
 
         call = self.client().post("/api/chat", b'{"model":"trickle","messages":[]}', on_lines)
         await asyncio.wait_for(lines_seen.wait(), 5)
-        call.abort(OllamaAborted("client disconnected"))  # while a direct read waits
-        with self.assertRaises(OllamaAborted):
+        call.abort(UpstreamAborted("client disconnected"))  # while a direct read waits
+        with self.assertRaises(UpstreamAborted):
             await call.finished()
         await asyncio.wait_for(self.double.chat_requests()[0].closed.wait(), 5)
 
@@ -205,14 +205,14 @@ class OllamaClientTest(AsyncTestCase):
 
         call = self.client(idle_timeout=0.5).post("/api/chat", b'{"model":"stall","messages":[]}',
                                                   on_lines)
-        with self.assertRaises(OllamaTimeout) as caught:
+        with self.assertRaises(UpstreamTimeout) as caught:
             await call.finished()
         self.assertIn("sent nothing for 0.5 s", caught.exception.message)
 
     @gen_test
     async def test_the_whole_request_is_limited_though_tokens_keep_coming(self):
         # Never idle (a token every 50 ms), but longer than request_timeout: the call's own
-        # timer ends it, with no Tornado timer armed for it (coarse_timers.py).
+        # timer ends it, with no Tornado timer armed for it (runtime/coarse_timers.py).
         self.double.behave("drip", reply="word " * 100, token_delay=0.05)
         got = []
 
@@ -223,7 +223,7 @@ class OllamaClientTest(AsyncTestCase):
         started = time.monotonic()
         call = client.post("/api/chat", b'{"model":"drip","messages":[]}', on_lines)
         self.assertEqual(call._request.request_timeout, 0)
-        with self.assertRaises(OllamaTimeout) as caught:
+        with self.assertRaises(UpstreamTimeout) as caught:
             await call.finished()
         self.assertIn("request exceeded 0.6 s", caught.exception.message)
         self.assertGreaterEqual(time.monotonic() - started, 0.6)
@@ -271,11 +271,11 @@ class QueueTest(AsyncTestCase):
 
     @gen_test(timeout=20)
     async def test_a_request_past_the_slots_fails_with_503_after_the_queue_timeout(self):
-        client = OllamaClient(self.double.url, max_streams=2, queue_timeout=0.5, connect_timeout=0.2)
+        client = UpstreamClient(self.double.url, max_streams=2, queue_timeout=0.5, connect_timeout=0.2)
         try:
             started = time.monotonic()
             first, second, third = await self.three_slow_streams(client)
-            with self.assertRaises(OllamaBusy) as caught:
+            with self.assertRaises(UpstreamBusy) as caught:
                 await third.finished()
             self.assertAlmostEqual(time.monotonic() - started, 0.5, delta=0.3)
             self.assertEqual(caught.exception.status, 503)
@@ -289,11 +289,11 @@ class QueueTest(AsyncTestCase):
 
     @gen_test(timeout=20)
     async def test_a_queued_request_runs_when_a_slot_frees(self):
-        client = OllamaClient(self.double.url, max_streams=2, queue_timeout=10, connect_timeout=0.2)
+        client = UpstreamClient(self.double.url, max_streams=2, queue_timeout=10, connect_timeout=0.2)
         try:
             first, second, third = await self.three_slow_streams(client)
             await asyncio.wait_for(self.double.wait_for_chats(2), 5)
-            first.abort(OllamaAborted("client disconnected"))
+            first.abort(UpstreamAborted("client disconnected"))
             await third.finished()
             self.assertEqual(len(self.double.chat_requests()), 3)
             await second.finished()
@@ -303,12 +303,12 @@ class QueueTest(AsyncTestCase):
 
     @gen_test(timeout=20)
     async def test_a_queued_request_can_be_aborted(self):
-        client = OllamaClient(self.double.url, max_streams=2, queue_timeout=10)
+        client = UpstreamClient(self.double.url, max_streams=2, queue_timeout=10)
         try:
             first, second, third = await self.three_slow_streams(client)
             started = time.monotonic()
-            third.abort(OllamaAborted("client disconnected"))
-            with self.assertRaises(OllamaAborted):
+            third.abort(UpstreamAborted("client disconnected"))
+            with self.assertRaises(UpstreamAborted):
                 await third.finished()
             self.assertLess(time.monotonic() - started, 1)
             await first.finished()

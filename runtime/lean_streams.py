@@ -1,18 +1,17 @@
-"""Tornado objects that cost less memory per open connection (re-check on every Tornado
-upgrade; tests/test_lean_streams.py covers it): IOStreams' queues, and headers no one reads
-again.
+"""Tornado objects that cost less memory per open connection: IOStreams' queues, and
+headers no one reads again.
 
-Each IOStream holds two collections.deque (its pending write futures, its write buffer's
-pieces).  A deque allocates a 64-slot block when created, about 600 bytes, and a stream's
-queues hold 0-2 items almost always: four per chat stream (the client's connection and
-the upstream's) were a tenth of what an open stream costs (bench/scale.py).  A list with
-popleft() does the same job for queues that short.
-
-A header set costs about 1.5 KiB with its seven fields, and a streamed response kept
-four for as long as it streamed, though none is read again once the stream is under way:
-its request's (read), its response's (written), its upstream request's (written) and
-response's (read, the body's framing decided).  SENT_HEADERS stands in for the written
-ones; the read ones, which Tornado's own frames still refer to, are emptied in place.
+Replaces: the `collections.deque` queues inside each IOStream, and the header sets a
+streamed response keeps for its whole life.
+Why: a deque allocates a 64-slot block when created (about 600 bytes) and an IOStream
+holds two, though its queues hold 0-2 items almost always; a header set costs about
+1.5 KiB, and a streamed response kept four (its request's, its response's, its upstream
+request's and response's) though none is read again once the stream is under way.
+What it does instead: a list with popleft() for queues that short; SENT_HEADERS stands in
+for the written header sets; the read ones, which Tornado's own frames still refer to,
+are emptied in place.
+Checked against: Tornado 6.6.1 (IOStream._write_futures, _StreamBuffer._buffers).
+tests/test_lean_streams.py fails if an upgrade changes them.
 """
 
 from typing import Any

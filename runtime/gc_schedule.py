@@ -1,16 +1,19 @@
 """When Python's cyclic garbage collector may pause chatterd.
 
-CPython collects the whole heap ("generation 2") each time the objects that survived
-younger collections grew by a quarter.  Open streams are long-lived objects, so while
-streams open (a ramp to thousands) that happens again and again, and each full collection
-walks every live object: about 150 ms with 3,000 open streams, measured as the whole p99
-relay latency (p99 164 ms with automatic full collections, 3.3 ms without; bench/scale.py).
-Almost everything chatterd allocates is freed by reference counting; cycles are rare.  So:
-
+Replaces: CPython's automatic full ("generation 2") collections.
+Why: CPython collects the whole heap each time the objects that survived younger
+collections grew by a quarter.  Open streams are long-lived objects, so while thousands
+of streams open that happens again and again, and each full collection walks every live
+object and stops every stream at once (about 150 ms with 3,000 open streams,
+bench/scale.py).  Almost everything chatterd allocates is freed by reference counting;
+cycles are rare.
+What it does instead:
 * what start-up loaded (modules, settings, the app) is frozen: never traversed again;
 * young generations are collected as usual (cheap: they hold only recent objects);
-* the full collection runs on a timer, every --gc-full-interval seconds, instead of
-  whenever the heap grew: one pause of the size above, at a known rate.
+* the full collection runs on a timer, every --gc-full-interval seconds: one pause of
+  the size above, at a known rate.
+Checked against: CPython 3.11 (gc.freeze, gc.set_threshold).  Python 3.13's incremental
+collector changes the trade-off; re-measure with bench/scale.py before relying on it there.
 """
 
 import asyncio

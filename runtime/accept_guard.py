@@ -1,16 +1,16 @@
 """Accepting connections at the open-file limit without spinning or flooding the log.
 
-Tornado's `netutil.add_accept_handler` lets EMFILE (too many open files) escape from
-`accept()`.  The listening socket stays readable, so the IOLoop calls the handler again
-at once: one core spins and every call logs a traceback (~30 MB of log per 5 s).
-
-`add_accept_handler` below is Tornado's, plus: when the process or the system is out of
-descriptors (or buffers), stop watching the socket for *backoff* seconds, and warn at
+Replaces: `tornado.netutil.add_accept_handler`, through `TCPServer.add_sockets`.
+Why: Tornado lets EMFILE (too many open files) escape from `accept()`; the listening
+socket stays readable, so the IOLoop calls the handler again at once: one core spins and
+every call logs a traceback.
+What it does instead: Tornado's accept loop, plus, when the process or the system is out
+of descriptors (or buffers), stop watching the socket for *backoff* seconds and warn at
 most once per *warn_every* seconds with a count.  Connections that arrive meanwhile wait
 in the kernel's listen backlog and are accepted once descriptors are free again.
-`GuardedHTTPServer` accepts through it (it overrides `TCPServer.add_sockets`, whose two
-private dicts it fills the same way; re-check on a Tornado upgrade, tests/test_accept_guard.py
-covers it).
+`GuardedHTTPServer` fills TCPServer's two private socket dicts the way `add_sockets` does.
+Checked against: Tornado 6.6.1 (asyncio loop and uvloop 0.23).  tests/test_accept_guard.py
+fails if a Tornado upgrade changes what this relies on.
 """
 
 import errno
@@ -23,7 +23,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
 
-import lean_streams
+from runtime import lean_streams
 
 log = logging.getLogger("chatterd")
 

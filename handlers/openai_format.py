@@ -8,7 +8,6 @@ import uuid
 from typing import Any, Optional
 
 import jsonfmt
-from upstreams.openai.translate import encode_line
 
 # -- Ollama lines -> OpenAI chunks (for /v1/chat/completions) -------------------------------
 
@@ -32,7 +31,7 @@ class OllamaToOpenAI:
         rest = {"choices": choices}
         if with_usage:
             rest["usage"] = usage
-        return b"data: " + self._prefix + encode_line(rest)[1:] + b"\n\n"
+        return b"data: " + self._prefix + jsonfmt.dumpb_line(rest)[1:] + b"\n\n"
 
     def _delta(self, delta: dict, finish: Optional[str] = None) -> bytes:
         if self.first:
@@ -63,14 +62,14 @@ class OllamaToOpenAI:
                 delta["reasoning_content"] = thinking
             calls = message.get("tool_calls")
             if calls and isinstance(calls, list):
-                delta["tool_calls"] = self._calls(calls)
+                delta["tool_calls"] = self.tool_call_objects(calls)
             if delta:
                 out.append(self._delta(delta))
             if obj.get("done") is True:
                 out.append(self._finish(obj))
         return b"".join(out)
 
-    def _calls(self, calls: list) -> list:
+    def tool_call_objects(self, calls: list) -> list:
         out = []
         for call in calls:
             function = call.get("function") if isinstance(call, dict) else None

@@ -1,13 +1,17 @@
 """Timers for long per-stream deadlines that need no precision: an SSE stream's heartbeat,
 an upstream call's idle and total timeouts.
 
-A loop timer (uvloop's TimerHandle and its libuv handle) costs about 540 bytes, and every
-open stream kept two: a tenth of the ~5 KiB by which a stream outgrew its 30 KB budget
-(bench/scale.py, tracemalloc).  Here each deadline is a small object in its time slot
-(RESOLUTION seconds wide) and one loop timer per event loop waits for the earliest slot.
-A timer fires in the loop pass after its slot ends: up to RESOLUTION late, never early by
-more than the loop clock's 1 ms, so a callback that must not run early checks its own
-clock (both users re-check how long it has been quiet).
+Replaces: `loop.call_later` (and Tornado's per-request `request_timeout` timer) for those
+deadlines.
+Why: a loop timer (uvloop's TimerHandle and its libuv handle) costs about 540 bytes, and
+an open stream would keep three; memory per open stream is what limits how many streams
+one process holds (bench/scale.py).
+What it does instead: each deadline is a small object in its time slot (RESOLUTION
+seconds wide) and one loop timer per event loop waits for the earliest slot.  A timer
+fires in the loop pass after its slot ends: up to RESOLUTION late, never early by more
+than the loop clock's 1 ms, so a callback that must not run early checks its own clock
+(both users re-check how long it has been quiet).
+Checked against: asyncio (Python 3.11) and uvloop 0.23; uses only public loop API.
 
     timer = coarse_timers.call_later(15.0, beat)   # from a coroutine or callback on the loop
     timer.cancel()

@@ -1,4 +1,5 @@
-"""The Ollama client: one POST whose NDJSON body arrives line by line, and can be cancelled.
+"""The upstream transport every dialect shares: one POST whose NDJSON body arrives line by
+line, and can be cancelled.
 
 The transport is Tornado's AsyncHTTPClient with a streaming_callback, mended where it
 has no public hook (abort, resets, buffered chunk reading, keep-alive) in upstreams/http.py;
@@ -16,12 +17,11 @@ from tornado import httputil
 from tornado.httpclient import HTTPClientError
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
-import coarse_timers
 import jsonfmt
-import lean_streams
 import metrics
-from upstreams.errors import (OllamaAborted, OllamaBroken, OllamaBusy, OllamaError,  # noqa: F401
-                              OllamaHTTPError, OllamaTimeout, OllamaUnreachable)
+from runtime import coarse_timers, lean_streams
+from upstreams.errors import (UpstreamAborted, UpstreamBroken, UpstreamError, UpstreamHTTPError,
+                              UpstreamTimeout, UpstreamUnreachable)
 from upstreams.http import AbortableConnection, UpstreamRequest, forget_traceback, http_client
 from upstreams.lines import LineSplitter
 from upstreams.slots import Slots
@@ -45,7 +45,7 @@ def api_base(url: str) -> str:
     return url
 
 
-class OllamaClient:
+class UpstreamClient:
     """Talks to one Ollama server.  Create it on the running IOLoop.
 
     *slots* may be shared by several clients (upstreams/router.py does), so --max-streams
@@ -74,17 +74,17 @@ class OllamaClient:
     def base_url(url: str) -> str:
         return api_base(url)
 
-    def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback]) -> "OllamaCall":
+    def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback]) -> "UpstreamCall":
         """Start POST *path*; each chunk's complete lines go to on_lines(lines) (awaited when
         it returns an awaitable: see LinesCallback).
 
         With on_lines None the whole body is kept in `call.body` instead.
         """
-        return OllamaCall(self, path, body, on_lines)
+        return UpstreamCall(self, path, body, on_lines)
 
     async def version(self, timeout: float = 2.0) -> str:
-        """Ollama's version string; raises OllamaError when it does not answer."""
-        call = OllamaCall(self, "/api/version", None, None, timeout=timeout)
+        """Ollama's version string; raises UpstreamError when it does not answer."""
+        call = UpstreamCall(self, "/api/version", None, None, timeout=timeout)
         await call.finished()
         return jsonfmt.loads(bytes(call.body)).get("version", "?")
 
@@ -92,15 +92,15 @@ class OllamaClient:
         self.http.close()
 
 
-class OllamaCall:
+class UpstreamCall:
     """One request to Ollama.
 
     `wait_status()` tells the status as soon as the headers arrive; `finished()`
-    waits for the end and raises an OllamaError subclass saying what went wrong;
+    waits for the end and raises an UpstreamError subclass saying what went wrong;
     `abort()` closes the connection at once, which is how Ollama is told to stop.
     """
 
-    def __init__(self, client: OllamaClient, path: str, body: Optional[bytes],
+    def __init__(self, client: UpstreamClient, path: str, body: Optional[bytes],
                  on_lines: Optional[LinesCallback], timeout: Optional[float] = None) -> None:
         self.client = client
         self.url = client.base + path
@@ -115,7 +115,7 @@ class OllamaCall:
         self._splitter = LineSplitter()
         self._status_known: asyncio.Future = asyncio.get_running_loop().create_future()
         self._connection: Optional[AbortableConnection] = None
-        self._abort_error: Optional[OllamaError] = None
+        self._abort_error: Optional[UpstreamError] = None
         self._aborted: asyncio.Future = asyncio.get_running_loop().create_future()
         self._slot_taken: asyncio.Future = asyncio.get_running_loop().create_future()
         self._busy = False
@@ -125,7 +125,7 @@ class OllamaCall:
         self._idle = client.idle_timeout if timeout is None else timeout
         # The whole request's limit, counted from when it leaves the queue for a slot.  It is
         # kept here, with the idle one, not by Tornado: a loop timer per call would cost
-        # 0.8 KiB per open stream (coarse_timers.py).
+        # 0.8 KiB per open stream (runtime/coarse_timers.py).
         self._total = client.request_timeout if timeout is None else timeout
         self._deadline: Optional[float] = None
         request = UpstreamRequest(
@@ -151,7 +151,7 @@ class OllamaCall:
     def _unlink(self) -> None:
         """The response is over: drop the links between this call, its connection and its
         request (each refers to the others), so reference counting frees them at once
-        (see gc_schedule.py)."""
+        (see runtime/gc_schedule.py)."""
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.call = None
@@ -162,7 +162,7 @@ class OllamaCall:
     def release(self) -> None:
         """The owner is done with this call: drop what still refers back to it or to the
         owner (its lines callback; the frames in the tracebacks of the errors it keeps),
-        so neither waits for a full garbage collection (see gc_schedule.py)."""
+        so neither waits for a full garbage collection (see runtime/gc_schedule.py)."""
         self.on_lines = None
         errors = [self._abort_error]
         if self._fetch.done() and not self._fetch.cancelled():
@@ -232,11 +232,11 @@ class OllamaCall:
     def failed_early(self) -> bool:
         return self.status is None and self._fetch.done()
 
-    def connection_failed(self, error: BaseException) -> OllamaError:
+    def connection_failed(self, error: BaseException) -> UpstreamError:
         """What a reset of the upstream connection mid-body is reported as."""
-        return OllamaBroken(f"connection to {self.client.label} failed: {error}")
+        return UpstreamBroken(f"connection to {self.client.label} failed: {error}")
 
-    def abort(self, error: OllamaError) -> None:
+    def abort(self, error: UpstreamError) -> None:
         """End the request now; finished() will raise *error*."""
         if self._abort_error is None:
             self._abort_error = error
@@ -246,7 +246,7 @@ class OllamaCall:
             self._connection.abort(self._abort_error)
 
     async def finished(self) -> None:
-        """Wait for the end of the response; raise OllamaError unless it was a clean 200."""
+        """Wait for the end of the response; raise UpstreamError unless it was a clean 200."""
         try:
             try:
                 response = await self._fetch
@@ -260,8 +260,8 @@ class OllamaCall:
             if response.code != 200:
                 raise self._http_error(response.code)
             await self._at_end()
-        except OllamaError as e:
-            if not isinstance(e, OllamaAborted):
+        except UpstreamError as e:
+            if not isinstance(e, UpstreamAborted):
                 metrics.UPSTREAM_ERRORS.labels(kind=type(e).__name__).inc()
             raise
 
@@ -306,7 +306,7 @@ class OllamaCall:
             return None
         try:
             lines = self._splitter.feed(chunk)
-        except OllamaBroken as e:
+        except UpstreamBroken as e:
             self.abort(e)
             return None
         if not lines:
@@ -329,25 +329,25 @@ class OllamaCall:
     def _check_idle(self) -> None:
         now = time.monotonic()
         if self._deadline is not None and now >= self._deadline:
-            self.abort(OllamaTimeout(f"{self.client.label} request exceeded {self._total:g} s"))
+            self.abort(UpstreamTimeout(f"{self.client.label} request exceeded {self._total:g} s"))
             return
         quiet = now - self._last_activity
         if not self._busy and quiet >= self._idle:
-            self.abort(OllamaTimeout(f"{self.client.label} sent nothing for {self._idle:g} s"))
+            self.abort(UpstreamTimeout(f"{self.client.label} sent nothing for {self._idle:g} s"))
             return
         delay = self._idle if self._busy else self._idle - quiet
         if self._deadline is not None:
             delay = min(delay, self._deadline - now)
         self._idle_timer = coarse_timers.call_later(max(delay, 0.01), self._check_idle)
 
-    def _http_error(self, code: int) -> OllamaHTTPError:
+    def _http_error(self, code: int) -> UpstreamHTTPError:
         if code < 400:
             # Another 2xx has no NDJSON to relay (a 204 has no body at all) and a 3xx is
             # not Ollama's answer: neither is the client's fault, nor a status to pass on.
             what = f"{code} {self.reason or httputil.responses.get(code, '')}".strip()
             if 300 <= code < 400 and self.location:
                 what += f" (redirect to {self.location[:200]})"
-            return OllamaHTTPError(f"{self.client.label} answered {what}, expected 200", status=502)
+            return UpstreamHTTPError(f"{self.client.label} answered {what}, expected 200", status=502)
         text = bytes(self.body).decode("utf-8", "replace").strip()
         try:
             message = jsonfmt.loads(text).get("error") or text
@@ -355,25 +355,25 @@ class OllamaCall:
             message = text or f"HTTP {code}"
         if isinstance(message, dict):  # OpenAI's {"error": {"message": ...}}
             message = message.get("message") or jsonfmt.dumps(message)
-        return OllamaHTTPError(f"{self.client.label}: {message}", status=code)
+        return UpstreamHTTPError(f"{self.client.label}: {message}", status=code)
 
-    def _explain(self, e: Exception) -> OllamaError:
+    def _explain(self, e: Exception) -> UpstreamError:
         if self._abort_error is not None:
             return self._abort_error
-        if isinstance(e, OllamaError):
+        if isinstance(e, UpstreamError):
             return e
         if isinstance(e, HTTPTimeoutError):
             if "connecting" in str(e):
-                return OllamaUnreachable(f"cannot reach {self.client.label} at {self.client.base} "
+                return UpstreamUnreachable(f"cannot reach {self.client.label} at {self.client.base} "
                                          "(connect timed out)")
-            return OllamaTimeout(f"{self.client.label} request exceeded {self._total:g} s")
+            return UpstreamTimeout(f"{self.client.label} request exceeded {self._total:g} s")
         if isinstance(e, HTTPStreamClosedError):
             if self.status is None:
-                return OllamaBroken(f"{self.client.label} at {self.client.base} closed the "
+                return UpstreamBroken(f"{self.client.label} at {self.client.base} closed the "
                                     "connection without answering")
-            return OllamaBroken(f"{self.client.label} closed the connection mid-response")
+            return UpstreamBroken(f"{self.client.label} closed the connection mid-response")
         if isinstance(e, HTTPClientError) and e.code != 599:
             return self._http_error(e.code)
         if isinstance(e, (ConnectionError, socket.gaierror, OSError)) and self.status is None:
-            return OllamaUnreachable(f"cannot reach {self.client.label} at {self.client.base}: {e}")
-        return OllamaBroken(f"{self.client.label} request failed: {e}")
+            return UpstreamUnreachable(f"cannot reach {self.client.label} at {self.client.base}: {e}")
+        return UpstreamBroken(f"{self.client.label} request failed: {e}")
