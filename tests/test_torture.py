@@ -1,7 +1,7 @@
 """The torture test (issue 6): two real chatterd processes on one private PostgreSQL, the
 Ollama double scripted with faults, clients that leave mid-stream and type again at once,
 double sends, a SIGTERM, a SIGKILL mid-stream with resends, a PostgreSQL stop/start; then
-an audit from outside of the turn contract (README: "What is stored: the turn contract").
+an audit from outside of the turn contract (docs/turn-contract.md).
 
 CI size by default (a few hundred turns).  Longer runs:
 
