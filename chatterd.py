@@ -30,6 +30,7 @@ from handlers.llm import LLMPrepHandler, LLMPromptHandler
 from handlers.llmtools import LLMToolsHandler
 from handlers.openai_api import ChatCompletionsHandler, ModelsHandler
 from handlers.ops import HealthHandler, MetricsHandler, ReadyHandler
+from handlers.web import ChatRedirectHandler, WebPageHandler
 from runtime.accept_guard import GuardedHTTPServer
 from runtime.gc_schedule import FullCollections
 from turns import TurnKeeper
@@ -51,6 +52,8 @@ ROUTES = [
     (r"/healthz/?", HealthHandler),
     (r"/readyz/?", ReadyHandler),
     (r"/metrics/?", MetricsHandler),
+    (r"/chat", ChatRedirectHandler),
+    (r"/chat/(.*)", WebPageHandler),
 ]
 
 

@@ -1,0 +1,707 @@
+// chatterd's chat page: accounts, the user's conversations, and replies streamed from
+// POST /llmchat.  Plain DOM, no framework, no build step; served with a strict CSP.
+//
+// Model output reaches the DOM only two ways: as text nodes while it streams, and, once
+// a reply is finished (or loaded from storage), as the output of renderMarkdown(), which
+// parses with raw HTML off and sanitizes the result.  Nothing here assigns innerHTML.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const els = {
+    loading: $("loading"), account: $("account"), whoami: $("whoami"), logout: $("logout"),
+    authView: $("auth-view"), authForm: $("auth-form"), username: $("username"),
+    password: $("password"), authError: $("auth-error"),
+    chatView: $("chat-view"), newChat: $("new-chat"), list: $("conversation-list"),
+    listNote: $("list-note"), title: $("conversation-title"), model: $("model"),
+    note: $("conversation-note"), messages: $("messages"), composer: $("composer"),
+    message: $("message"), send: $("send"), stop: $("stop"), announce: $("announce"),
+  };
+
+  const state = {
+    user: null,        // {username, created_at} while signed in
+    appID: null,       // the conversation on screen; null for a new chat not sent yet
+    conversations: [], // GET /conversations, newest first
+    stream: null,      // the reply being streamed, if any (one at a time)
+    view: 0,           // bumped on every navigation, so late answers for an old view are dropped
+    poll: null,        // timer re-reading a conversation whose last turn is still running
+  };
+
+  // ---- markdown: parse with raw HTML off, then sanitize --------------------------------
+
+  // Links may only go to the web or to mail; everything else (javascript:, data:, vbscript:,
+  // relative paths into this site) stays text.
+  const SAFE_URL = /^(?:https?:|mailto:)/i;
+  const ALLOWED_TAGS = ["p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li",
+    "blockquote", "pre", "code", "em", "strong", "s", "del", "a", "table", "thead", "tbody",
+    "tr", "th", "td"];
+  let markdown = null;
+  if (window.markdownit && window.DOMPurify) {
+    markdown = window.markdownit({ html: false, linkify: true, typographer: false });
+    markdown.disable("image"); // img-src is 'self' anyway; a picture from elsewhere is a beacon
+    markdown.validateLink = (url) => SAFE_URL.test(url.trim());
+    window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+      if (node.nodeName === "A") { // a followed link must not take the page (or its opener)
+        node.setAttribute("target", "_blank");
+        node.setAttribute("rel", "noopener noreferrer nofollow");
+      }
+    });
+  }
+
+  function renderMarkdown(target, text) {
+    if (!markdown) { // the libraries did not load: plain text is always safe
+      const plain = document.createElement("div");
+      plain.className = "plain";
+      plain.textContent = text;
+      target.replaceChildren(plain);
+      return;
+    }
+    const fragment = window.DOMPurify.sanitize(markdown.render(text), {
+      ALLOWED_TAGS, ALLOWED_ATTR: ["href", "title", "start"], ADD_URI_SAFE_ATTR: ["start"],
+      ALLOWED_URI_REGEXP: SAFE_URL, RETURN_DOM_FRAGMENT: true,
+    });
+    target.replaceChildren(fragment);
+  }
+
+  // ---- talking to chatterd ---------------------------------------------------------------
+
+  async function api(method, path, body) {
+    const init = { method, credentials: "same-origin", headers: {} };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    let response;
+    try {
+      response = await fetch(path, init);
+    } catch (e) {
+      return { status: 0, ok: false, data: null, error: "chatterd cannot be reached: " + e.message };
+    }
+    let data = null;
+    if (response.status !== 204 && (response.headers.get("Content-Type") || "").includes("json")) {
+      try { data = await response.json(); } catch (e) { data = null; }
+    }
+    const result = { status: response.status, ok: response.ok, data, response,
+      error: response.ok ? null : errorText(response, data) };
+    if (response.status === 401 && state.user && !path.startsWith("/auth/")) sessionEnded();
+    return result;
+  }
+
+  function errorText(response, data) {
+    let message = `${response.status} ${response.statusText}`.trim();
+    if (data && typeof data.error === "string") message = data.error;
+    else if (data && data.error && typeof data.error.message === "string") message = data.error.message;
+    if (response.status === 429) {
+      const wait = retryAfter(response);
+      if (wait !== null) message += ` (try again in ${wait} s)`;
+    }
+    return message;
+  }
+
+  function retryAfter(response) {
+    const value = response.headers.get("Retry-After");
+    if (!value) return null;
+    if (/^\d+$/.test(value.trim())) return Number(value.trim());
+    const when = Date.parse(value);
+    return Number.isNaN(when) ? null : Math.max(0, Math.ceil((when - Date.now()) / 1000));
+  }
+
+  // ---- pages and addresses ---------------------------------------------------------------
+
+  function conversationURL(appID) { return "/chat/c/" + encodeURIComponent(appID); }
+
+  function appIDFromLocation() {
+    const match = location.pathname.match(/^\/chat\/c\/([^/]+)\/?$/);
+    if (!match) return null;
+    try { return decodeURIComponent(match[1]); } catch (e) { return null; }
+  }
+
+  function newAppID() {
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return "web-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  function show(element, visible) { element.hidden = !visible; }
+
+  function announce(text) { els.announce.textContent = text; }
+
+  // ---- accounts --------------------------------------------------------------------------
+
+  function showAuth(message) {
+    state.user = null;
+    show(els.loading, false);
+    show(els.chatView, false);
+    show(els.account, false);
+    show(els.authView, true);
+    els.authError.textContent = message || "";
+    els.username.focus();
+  }
+
+  function sessionEnded() {
+    if (state.stream) stopStream();
+    clearConversation();
+    els.list.replaceChildren();
+    showAuth("Your session has ended; log in again.");
+  }
+
+  async function onAuthSubmit(event) {
+    event.preventDefault();
+    const action = event.submitter && event.submitter.value === "signup" ? "signup" : "login";
+    const username = els.username.value.trim();
+    const password = els.password.value;
+    if (!username || !password) {
+      els.authError.textContent = "Enter a username and a password.";
+      return;
+    }
+    const buttons = els.authForm.querySelectorAll("button");
+    buttons.forEach((b) => { b.disabled = true; });
+    els.authError.textContent = "";
+    try {
+      const result = await api("POST", `/auth/${action}`, { username, password });
+      if (!result.ok) {
+        els.authError.textContent = result.error;
+        return;
+      }
+      els.password.value = "";
+      const me = await api("GET", "/auth/me");
+      if (me.ok && me.data) enterChat(me.data);
+      else showAuth(me.status === 401
+        ? "Signed in, but the browser did not keep the session cookie (it needs https, or localhost)."
+        : me.error);
+    } finally {
+      buttons.forEach((b) => { b.disabled = false; });
+    }
+  }
+
+  async function logOut() {
+    if (state.stream) stopStream();
+    await api("POST", "/auth/logout");
+    // A fresh page: nothing of this user's conversations stays in memory or in the DOM.
+    location.assign("/chat/");
+  }
+
+  function enterChat(user) {
+    state.user = user;
+    els.whoami.textContent = user.username;
+    show(els.loading, false);
+    show(els.authView, false);
+    show(els.account, true);
+    show(els.chatView, true);
+    loadModels();
+    loadConversations();
+    route();
+  }
+
+  // ---- the model picker ------------------------------------------------------------------
+
+  async function loadModels() {
+    const result = await api("GET", "/v1/models");
+    const ids = result.ok && result.data && Array.isArray(result.data.data)
+      ? result.data.data.map((m) => m && m.id).filter((id) => typeof id === "string") : [];
+    const wanted = els.model.value;
+    els.model.replaceChildren(...ids.map((id) => new Option(id, id)));
+    if (!ids.length) {
+      els.model.append(new Option("no model available", ""));
+      els.note.textContent = result.ok ? "No upstream lists a model." : `Models: ${result.error}`;
+    }
+    selectModel(wanted || currentConversation()?.model);
+  }
+
+  function selectModel(name) {
+    if (name && Array.from(els.model.options).some((o) => o.value === name)) els.model.value = name;
+  }
+
+  // ---- the conversation list -------------------------------------------------------------
+
+  function currentConversation() {
+    return state.conversations.find((c) => c.appID === state.appID) || null;
+  }
+
+  function conversationTitle(c) {
+    return (typeof c.title === "string" && c.title.trim()) ? c.title.trim() : "Untitled";
+  }
+
+  async function loadConversations() {
+    const result = await api("GET", "/conversations");
+    if (!result.ok) {
+      els.listNote.textContent = `Conversations: ${result.error}`;
+      return;
+    }
+    const data = result.data;
+    const items = Array.isArray(data) ? data
+      : (data && (data.conversations || data.items || data.data)) || [];
+    state.conversations = items.filter((c) => c && typeof c.appID === "string");
+    els.listNote.textContent = state.conversations.length ? "" : "No conversations yet.";
+    renderList();
+    const current = currentConversation();
+    if (current) els.title.textContent = conversationTitle(current);
+  }
+
+  function renderList() {
+    els.list.replaceChildren(...state.conversations.map(listItem));
+  }
+
+  function listItem(c) {
+    const li = document.createElement("li");
+    li.className = "conversation-item";
+    const link = document.createElement("a");
+    link.href = conversationURL(c.appID);
+    link.textContent = conversationTitle(c);
+    if (c.appID === state.appID) link.setAttribute("aria-current", "page");
+    const rename = smallButton("Rename", `Rename ${conversationTitle(c)}`, () => startRename(li, c));
+    const remove = smallButton("Delete", `Delete ${conversationTitle(c)}`, () => confirmDelete(li, c));
+    li.append(link, rename, remove);
+    return li;
+  }
+
+  function smallButton(text, label, onClick) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "small";
+    button.textContent = text;
+    if (label) button.setAttribute("aria-label", label);
+    button.addEventListener("click", onClick);
+    return button;
+  }
+
+  function startRename(li, c) {
+    const form = document.createElement("form");
+    form.className = "rename";
+    const label = document.createElement("label");
+    const id = "rename-" + Math.random().toString(36).slice(2);
+    label.htmlFor = id;
+    label.textContent = "Title";
+    const input = document.createElement("input");
+    input.id = id;
+    input.value = c.title || "";
+    input.maxLength = 200;
+    const save = document.createElement("button");
+    save.type = "submit";
+    save.className = "small";
+    save.textContent = "Save";
+    const cancel = smallButton("Cancel", null, () => { renderList(); });
+    form.append(label, input, save, cancel);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const result = await api("PATCH", `/conversations/${encodeURIComponent(c.appID)}`,
+        { title: input.value.trim() });
+      if (!result.ok) { els.listNote.textContent = `Rename: ${result.error}`; return; }
+      await loadConversations();
+      focusListLink(c.appID);
+    });
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") { renderList(); focusListLink(c.appID); }
+    });
+    li.replaceChildren(form);
+    input.focus();
+    input.select();
+  }
+
+  function confirmDelete(li, c) {
+    const question = document.createElement("span");
+    question.textContent = `Delete “${conversationTitle(c)}”?`;
+    const yes = smallButton("Yes, delete", null, async () => {
+      const result = await api("DELETE", `/conversations/${encodeURIComponent(c.appID)}`);
+      if (!result.ok && result.status !== 404) {
+        els.listNote.textContent = `Delete: ${result.error}`;
+        return;
+      }
+      if (state.appID === c.appID) navigate("/chat/");
+      await loadConversations();
+      els.newChat.focus();
+    });
+    const no = smallButton("Keep", null, () => { renderList(); focusListLink(c.appID); });
+    li.replaceChildren(question, yes, no);
+    no.focus();
+  }
+
+  function focusListLink(appID) {
+    const link = els.list.querySelector(`a[href="${CSS.escape(conversationURL(appID))}"]`);
+    if (link) link.focus();
+  }
+
+  // ---- navigation ------------------------------------------------------------------------
+
+  function navigate(url) {
+    if (location.pathname !== url) history.pushState(null, "", url);
+    route();
+  }
+
+  function route() {
+    const appID = appIDFromLocation();
+    if (appID) openConversation(appID);
+    else startNewChat();
+  }
+
+  function clearConversation() {
+    state.view += 1;
+    if (state.poll) { clearTimeout(state.poll); state.poll = null; }
+    els.messages.replaceChildren();
+    els.note.textContent = "";
+  }
+
+  function startNewChat() {
+    clearConversation();
+    state.appID = null;
+    els.title.textContent = "New chat";
+    renderList();
+    updateButtons();
+  }
+
+  async function openConversation(appID, polls = 0) {
+    if (polls === 0) {
+      clearConversation();
+      state.appID = appID;
+      els.title.textContent = "…";
+      renderList();
+      updateButtons();
+    }
+    const view = state.view;
+    const result = await api("GET", `/conversations/${encodeURIComponent(appID)}`);
+    if (view !== state.view) return; // the user went elsewhere meanwhile
+    if (!result.ok) {
+      if (state.stream && state.stream.appID === appID) return;
+      state.appID = null; // a message sent from here starts a new conversation
+      els.title.textContent = result.status === 404 ? "No such conversation" : "Conversation";
+      els.note.textContent = result.status === 404
+        ? "This conversation does not exist or is not yours."
+        : `The conversation could not be loaded: ${result.error}`;
+      renderList();
+      updateButtons();
+      return;
+    }
+    const messages = storedMessages(result.data);
+    els.messages.replaceChildren();
+    for (const m of messages) showStoredMessage(m);
+    const current = currentConversation();
+    els.title.textContent = current ? conversationTitle(current)
+      : (result.data && typeof result.data.title === "string" && result.data.title) || "Conversation";
+    selectModel((result.data && result.data.model) || (current && current.model));
+    scrollToEnd(true);
+    updateButtons();
+    if (stillRunning(result.data, messages) && !(state.stream && state.stream.appID === appID)) {
+      // Another tab (or the page before a reload) is still being answered: show what is
+      // stored and look again until that turn has ended and been stored.
+      els.note.textContent = "A reply in this conversation is still being written; it shows here once stored.";
+      if (polls < 60) state.poll = setTimeout(() => openConversation(appID, polls + 1), 1000);
+    } else if (polls > 0) {
+      els.note.textContent = "";
+    }
+  }
+
+  function storedMessages(data) {
+    if (Array.isArray(data)) return data;
+    if (data && Array.isArray(data.messages)) return data.messages;
+    return [];
+  }
+
+  function stillRunning(data, messages) {
+    if (data && (data.running === true || data.status === "running")) return true;
+    const last = messages[messages.length - 1];
+    return Boolean(last && (last.status === "running" || last.turn_status === "running"));
+  }
+
+  // ---- messages --------------------------------------------------------------------------
+
+  const ROLE_NAMES = { user: "You", assistant: "Assistant", system: "System", tool: "Tool" };
+
+  function addMessage(role) {
+    const li = document.createElement("li");
+    li.className = "message";
+    li.dataset.role = role;
+    const who = document.createElement("div");
+    who.className = "who";
+    who.textContent = ROLE_NAMES[role] || role;
+    const body = document.createElement("div");
+    body.className = "body";
+    li.append(who, body);
+    els.messages.append(li);
+    return { li, body };
+  }
+
+  function plainText(target, text) {
+    const div = document.createElement("div");
+    div.className = "plain";
+    div.textContent = text;
+    target.replaceChildren(div);
+  }
+
+  function mark(li, status, text) {
+    li.dataset.status = status;
+    const p = document.createElement("p");
+    p.className = "mark mark-" + status;
+    p.textContent = text;
+    li.append(p);
+  }
+
+  const STATUS_MARKS = {
+    interrupted: "Interrupted: this reply was cut short.",
+    failed: "Failed: the model's server ended this reply with an error.",
+  };
+
+  function showStoredMessage(m) {
+    if (!m || typeof m !== "object") return;
+    const role = typeof m.role === "string" ? m.role : "assistant";
+    const content = typeof m.content === "string" ? m.content : "";
+    const item = addMessage(role);
+    if (role === "assistant") renderMarkdown(item.body, content);
+    else plainText(item.body, content);
+    const calls = m.tool_calls || (m.message && m.message.tool_calls);
+    if (Array.isArray(calls) && calls.length) showToolCalls(item.body, calls);
+    const status = m.status || m.turn_status;
+    if (STATUS_MARKS[status] && role === "assistant") mark(item.li, status, STATUS_MARKS[status]);
+    if (typeof m.error === "string" && m.error) mark(item.li, "failed", `Failed: ${m.error}`);
+  }
+
+  function showToolCalls(target, calls) {
+    for (const call of calls) {
+      const fn = call && call.function ? call.function : {};
+      const p = document.createElement("p");
+      p.className = "tool-call";
+      p.textContent = `Tool call: ${String(fn.name || "?")}(${JSON.stringify(fn.arguments ?? {})})`;
+      target.append(p);
+    }
+  }
+
+  let scrollPending = false;
+  function scrollToEnd(force) {
+    const box = els.messages;
+    const near = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+    if (!force && !near) return; // the reader scrolled up: leave them there
+    if (scrollPending) return;
+    scrollPending = true;
+    requestAnimationFrame(() => {
+      scrollPending = false;
+      box.scrollTop = box.scrollHeight;
+      if (!force) return;
+      els.composer.scrollIntoView({ block: "nearest" });
+    });
+  }
+
+  // ---- sending and streaming -------------------------------------------------------------
+
+  function updateButtons() {
+    const streaming = Boolean(state.stream);
+    els.send.disabled = streaming;
+    els.stop.disabled = !(streaming && state.stream.appID === state.appID);
+  }
+
+  async function send() {
+    const text = els.message.value;
+    if (!text.trim() || state.stream) return;
+    const model = els.model.value;
+    if (!model) {
+      els.note.textContent = "There is no model to send to: no upstream lists one.";
+      return;
+    }
+    const isNew = !state.appID;
+    const appID = state.appID || newAppID();
+    state.appID = appID;
+    if (isNew) els.title.textContent = text.trim().split("\n")[0].slice(0, 80);
+    els.message.value = "";
+    els.note.textContent = "";
+
+    const userItem = addMessage("user");
+    plainText(userItem.body, text);
+    const reply = addMessage("assistant");
+    reply.li.setAttribute("aria-busy", "true");
+    const textBox = document.createElement("div");
+    textBox.className = "plain streaming";
+    reply.body.append(textBox);
+    const stream = { appID, text, reply, userItem, textBox, controller: new AbortController(),
+      answer: "", started: false, done: false, error: null, stopped: false,
+      contextShown: false };
+    state.stream = stream;
+    updateButtons();
+    scrollToEnd(true);
+
+    let outcome;
+    try {
+      const response = await fetch("/llmchat", {
+        method: "POST", credentials: "same-origin", signal: stream.controller.signal,
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ appID, model, stream: true, messages: [{ role: "user", content: text }] }),
+      });
+      if (!response.ok) {
+        let data = null;
+        try { data = await response.json(); } catch (e) { data = null; }
+        rejected(stream, response, data);
+        return;
+      }
+      stream.started = true;
+      if (isNew && state.appID === appID && !appIDFromLocation()) {
+        history.pushState(null, "", conversationURL(appID));
+      }
+      contextNote(stream, response.headers.get("X-Chatterd-Context"));
+      await readEvents(stream, response.body);
+      outcome = stream.done ? "complete" : stream.error ? "failed" : "cut";
+    } catch (e) {
+      if (stream.stopped) outcome = "interrupted";
+      else if (!stream.started) {
+        rejected(stream, null, null, "chatterd cannot be reached: " + e.message);
+        return;
+      } else outcome = stream.error ? "failed" : "cut";
+    } finally {
+      if (state.stream === stream) state.stream = null;
+      updateButtons();
+    }
+    finishReply(stream, outcome);
+    loadConversations();
+  }
+
+  // The turn was refused before its reply began: nothing was stored.
+  function rejected(stream, response, data, message) {
+    let text = message || (response ? errorText(response, data) : "the request failed");
+    if (response && response.status === 409) {
+      text = "Another reply in this conversation is still being written; send again once it has finished. " + `(${text})`;
+    } else if (response && response.status === 401) {
+      sessionEnded();
+      return;
+    }
+    const li = stream.reply.li;
+    li.removeAttribute("aria-busy");
+    delete li.dataset.role;
+    li.className = "message error-item";
+    li.setAttribute("role", "alert");
+    li.replaceChildren();
+    const p = document.createElement("p");
+    p.className = "error";
+    p.textContent = response ? `Not sent (${response.status}): ${text}` : `Not sent: ${text}`;
+    li.append(p);
+    mark(stream.userItem.li, "rejected", "Not stored.");
+    if (!els.message.value) els.message.value = stream.text; // let them send it again
+    announce("The message was not sent.");
+  }
+
+  async function readEvents(stream, body) {
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        handleEvent(stream, block);
+      }
+    }
+    if (buffer.trim()) handleEvent(stream, buffer);
+  }
+
+  function handleEvent(stream, block) {
+    let type = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (line.startsWith(":")) {
+        const comment = line.slice(1).trim();
+        if (comment.startsWith("context ")) contextNote(stream, comment.slice(8));
+        continue;
+      }
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? "" : line.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (field === "event") type = value;
+      else if (field === "data") data.push(value);
+    }
+    if (!data.length) return;
+    let event;
+    try { event = JSON.parse(data.join("\n")); } catch (e) { return; }
+    if (type === "error" || (event && event.error)) {
+      stream.error = (event && typeof event.error === "string" && event.error) || "the reply failed";
+      return;
+    }
+    const message = event && event.message;
+    if (message && typeof message.content === "string" && message.content) {
+      appendText(stream, message.content);
+    }
+    if (message && Array.isArray(message.tool_calls) && message.tool_calls.length) {
+      showToolCalls(stream.reply.body, message.tool_calls);
+    }
+    if (event && event.done === true) stream.done = true;
+  }
+
+  function appendText(stream, piece) {
+    stream.answer += piece;
+    stream.textBox.append(piece); // a new text node: what is already shown is not redrawn
+    scrollToEnd(false);
+  }
+
+  // "sent=5 messages/900 tokens; omitted=3 messages/2400 tokens; context=8192 tokens"
+  function contextNote(stream, text) {
+    if (!text || stream.contextShown) return;
+    const omitted = /omitted=(\d+) messages?/.exec(text);
+    if (!omitted || omitted[1] === "0") return;
+    stream.contextShown = true;
+    const li = document.createElement("li");
+    li.className = "context-note";
+    li.textContent = `The ${omitted[1]} oldest message${omitted[1] === "1" ? " was" : "s were"} left out of what the model saw: the conversation is longer than its context budget.`;
+    els.messages.insertBefore(li, stream.userItem.li);
+  }
+
+  function finishReply(stream, outcome) {
+    const li = stream.reply.li;
+    li.removeAttribute("aria-busy");
+    renderMarkdown(stream.reply.body, stream.answer);
+    if (outcome === "complete") {
+      li.dataset.status = "complete";
+      announce("The reply is complete.");
+    } else if (outcome === "interrupted") {
+      mark(li, "interrupted", "Interrupted: you stopped this reply; what had arrived is kept.");
+      announce("The reply was stopped.");
+    } else if (outcome === "failed") {
+      mark(li, "failed", `Failed: ${stream.error}`);
+      li.querySelector(".mark").setAttribute("role", "alert");
+    } else {
+      mark(li, "interrupted", "Interrupted: the connection ended before the reply was complete.");
+      li.querySelector(".mark").setAttribute("role", "alert");
+    }
+    scrollToEnd(false);
+  }
+
+  function stopStream() {
+    const stream = state.stream;
+    if (!stream) return;
+    stream.stopped = true;
+    stream.controller.abort();
+  }
+
+  // ---- wiring ----------------------------------------------------------------------------
+
+  function wire() {
+    els.authForm.addEventListener("submit", onAuthSubmit);
+    els.logout.addEventListener("click", logOut);
+    els.newChat.addEventListener("click", () => { navigate("/chat/"); els.message.focus(); });
+    els.composer.addEventListener("submit", (event) => { event.preventDefault(); send(); });
+    els.stop.addEventListener("click", () => { stopStream(); els.message.focus(); });
+    els.message.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey && !event.ctrlKey && !event.altKey &&
+          !event.metaKey && !event.isComposing) {
+        event.preventDefault();
+        send();
+      } else if (event.key === "Escape" && state.stream) {
+        event.preventDefault();
+        stopStream();
+      }
+    });
+    els.list.addEventListener("click", (event) => {
+      const link = event.target.closest("a");
+      if (!link || event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey ||
+          event.altKey) return;
+      event.preventDefault();
+      navigate(new URL(link.href).pathname);
+    });
+    window.addEventListener("popstate", () => { if (state.user) route(); });
+  }
+
+  async function start() {
+    wire();
+    const me = await api("GET", "/auth/me");
+    if (me.ok && me.data) enterChat(me.data);
+    else showAuth(me.status === 401 ? "" : me.error);
+  }
+
+  start();
+})();
