@@ -579,10 +579,28 @@ class OllamaDouble:
                  handler.request.uri, model, 1000 * handler.request.request_time())
 
 
-async def serve(address: str, port: int, token_delay: float, accept_any_model: bool) -> None:
+def parse_behavior(text: str) -> tuple[str, dict]:
+    """"MODEL=JSON" (a --behave argument) -> (model, Behavior fields)."""
+    model, sep, fields = text.partition("=")
+    if not sep or not model:
+        raise argparse.ArgumentTypeError(f"expected MODEL=JSON, not {text!r}")
+    try:
+        decoded = json.loads(fields)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{model}: {e}") from None
+    known = {f.name for f in dataclasses.fields(Behavior)}
+    if not isinstance(decoded, dict) or set(decoded) - known:
+        raise argparse.ArgumentTypeError(f"{model}: a JSON object of Behavior fields ({', '.join(sorted(known))})")
+    return model, decoded
+
+
+async def serve(address: str, port: int, token_delay: float, accept_any_model: bool,
+                behaviors: Iterable[tuple[str, dict]] = ()) -> None:
     """Run a double until SIGINT or SIGTERM."""
     double = OllamaDouble(accept_any_model=accept_any_model,
                           default=Behavior(token_delay=token_delay))
+    for model, fields in behaviors:
+        double.behave(model, **fields)
     double.listen(port, address)
     log.info("Ollama double listening on %s", double.url)
     stop = asyncio.Event()
@@ -602,9 +620,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between streamed chunks")
     parser.add_argument("--accept-any-model", action=argparse.BooleanOptionalAction, default=True,
                         help="answer for any model name, not only the known ones")
+    parser.add_argument("--behave", metavar="MODEL=JSON", type=parse_behavior, action="append",
+                        default=[], help='program one model, e.g. slow=\'{"token_delay": 0.5}\' '
+                        "(fields of Behavior; repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    asyncio.run(serve(args.address, args.port, args.token_delay, args.accept_any_model))
+    asyncio.run(serve(args.address, args.port, args.token_delay, args.accept_any_model,
+                      args.behave))
     return 0
 
 

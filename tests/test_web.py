@@ -1,0 +1,697 @@
+"""The chat page (/chat/) as a person uses it: Debian's Chromium, headless, driven by its
+ChromeDriver through Selenium, against a real chatterd process on the run's PostgreSQL and
+an Ollama double in a process of its own (programmed per model: slow tokens, hostile
+replies, failures).  One browser serves the whole module; each test signs up its own user.
+
+Nothing here downloads a browser or a driver: both paths are given explicitly (so Selenium
+Manager never runs), and the browser runs with its background networking off.
+
+The run writes screenshots of the chat view (desktop and 390x844) and the figures of
+docs/web.md (time to the first visible token through the page and through curl, this
+module's duration) to tests/artifacts/.
+"""
+
+import json
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.ollama_double import default_reply, split_tokens
+from tests.support import database_url
+from tests.test_nginx import MAIN_CONF, NGINX_CONF, render, substitutions, tool
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+BROWSER_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1280,900")
+LONG = 30  # seconds: the generous bound on anything a test waits for
+PASSWORD = "correct horse battery"
+
+# The double's models.  "slow" streams a long reply a token every 0.2 s, so a test can act
+# in the middle of it; "hostile" answers with everything model output must never do.
+SLOW_REPLY = " ".join(f"word{i}" for i in range(60)) + "\n\n- a list item\n- another one\n"
+HOSTILE_REPLY = """Hostile reply <script>window.__canary = "script"</script> ends.
+
+<img src=x onerror="window.__canary = 'img'">
+
+[click me](javascript:window.__canary='link') and [data](data:text/html;base64,PHNjcmlwdD5wYXJlbnQuX19jYW5hcnk9J2RhdGEnPC9zY3JpcHQ+)
+
+<a href="javascript:window.__canary='raw-link'">raw link</a>
+<iframe src="javascript:parent.__canary='iframe'"></iframe>
+<svg onload="window.__canary='svg'"><circle r="5"/></svg>
+<form action="https://example.invalid/"><button>go</button></form>
+<style>body { display: none }</style>
+
+```html
+<script>window.__canary = "code"</script>
+```
+
+A fine link: [example](https://example.invalid/page).
+"""
+BEHAVIORS = {
+    "llama3.2": {"token_delay": 0.03},
+    "slow": {"token_delay": 0.2, "reply": SLOW_REPLY},
+    "hostile": {"token_delay": 0.005, "reply": HOSTILE_REPLY},
+    "overloaded": {"status": 503, "error": "server busy, please try again"},
+    "breaks": {"token_delay": 0.02, "error": "CUDA error: out of memory", "error_after": 3},
+}
+
+
+def unused_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A child process whose stderr is read until it says it is ready, then copied to a log
+    file by `cat` (so the pipe never fills, with no thread here)."""
+
+    def __init__(self, name: str, args: list[str], ready: str, log_dir: str,
+                 env: Optional[dict] = None) -> None:
+        self.name = name
+        self.log_path = os.path.join(log_dir, f"{name}.log")
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seen = []
+        deadline = time.monotonic() + 90
+        assert self.proc.stderr is not None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stderr], [], [], left)[0]:
+                self.stop()
+                raise AssertionError(f"{name} did not start:\n" + "".join(seen))
+            line = self.proc.stderr.readline().decode(errors="replace")
+            if not line:
+                self.stop()
+                raise AssertionError(f"{name} exited during start-up:\n" + "".join(seen))
+            seen.append(line)
+            if ready in line:
+                break
+        self.log = open(self.log_path, "w")
+        self.log.write("".join(seen))
+        self.log.flush()
+        self.copier = subprocess.Popen(["cat"], stdin=self.proc.stderr, stdout=self.log)
+        self.proc.stderr.close()
+
+    def text(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def stop(self) -> Optional[int]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(LONG)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "copier", None) is not None:
+            self.copier.wait(10)
+            self.log.close()
+        return self.proc.returncode
+
+
+class Stack:
+    """The Ollama double and one chatterd, each a process; `base` is chatterd's URL."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="chatterd-web-")
+        self.procs: list[Process] = []
+        double_port = unused_port()
+        behave = [f"--behave={model}={json.dumps(fields)}" for model, fields in BEHAVIORS.items()]
+        self.double = self._start("ollama-double", [
+            sys.executable, "-m", "tests.ollama_double", "--address=127.0.0.1",
+            f"--port={double_port}", "--no-accept-any-model", "--token-delay=0.03", *behave],
+            "Ollama double listening")
+        self.port = unused_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATTERD_")}
+        self.chatterd = self._start("chatterd", [
+            sys.executable, "chatterd.py", f"--port={self.port}", "--address=127.0.0.1",
+            f"--database-url={database_url()}", f"--ollama-url=http://127.0.0.1:{double_port}"],
+            "chatterd listening", env)
+        self.base = f"http://localhost:{self.port}"
+
+    def _start(self, name: str, args: list[str], ready: str, env: Optional[dict] = None) -> Process:
+        process = Process(name, args, ready, self.dir, env)
+        self.procs.append(process)
+        return process
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.text()}" for p in self.procs)
+
+    def close(self) -> None:
+        codes = {p.name: p.stop() for p in reversed(self.procs)}
+        assert codes.get("chatterd") == 0, f"chatterd exited {codes}:\n{self.logs()}"
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- fixtures ----------------------------------------------------------------------------
+
+FIGURES: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def stack():
+    started = time.monotonic()
+    s = Stack()
+    yield s
+    s.close()
+    FIGURES["module_seconds"] = round(time.monotonic() - started, 1)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "web-figures.json").write_text(json.dumps(FIGURES, indent=2) + "\n")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    for path in (CHROMIUM, CHROMEDRIVER):
+        assert os.access(path, os.X_OK), (
+            f"{path} is missing: the browser tests need Debian's chromium and chromium-driver; "
+            "run scripts/install-test-deps (as root on Debian), which installs them")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in BROWSER_FLAGS:
+        options.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="chatterd-chromium-")
+    options.add_argument(f"--user-data-dir={profile}")
+    options.accept_insecure_certs = True  # the nginx test's self-signed certificate
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(LONG)
+    driver.set_script_timeout(LONG)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def page(browser, stack):
+    """The browser on a clean slate: no cookies for the page, a desktop-sized window."""
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    browser.get(stack.base + "/chat/")
+    browser.delete_all_cookies()
+    browser.get(stack.base + "/chat/")
+    wait_visible(browser, By.ID, "auth-view")
+    return browser
+
+
+# -- driving the page by what a person sees ----------------------------------------------
+
+def wait(driver: WebDriver, condition: Callable[[WebDriver], Any], what: str,
+         timeout: float = LONG) -> Any:
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+    except TimeoutException:
+        raise AssertionError(f"waited {timeout} s for {what}; the page shows:\n"
+                             + driver.find_element(By.TAG_NAME, "body").text) from None
+
+
+def wait_visible(driver: WebDriver, by: str, value: str) -> WebElement:
+    return wait(driver, lambda d: (e := d.find_element(by, value)).is_displayed() and e,
+                f"{value} to show")
+
+
+def field(driver: WebDriver, label: str) -> WebElement:
+    """The control whose <label> reads *label* (as a screen reader would find it)."""
+    labels = [e for e in driver.find_elements(By.XPATH, f"//label[normalize-space()='{label}']")
+              if e.is_displayed()]
+    assert len(labels) == 1, f"expected one visible label {label!r}, found {len(labels)}"
+    return driver.find_element(By.ID, labels[0].get_attribute("for"))
+
+
+def button(driver: WebDriver, name: str) -> WebElement:
+    found = [e for e in driver.find_elements(By.XPATH, f"//button[normalize-space()='{name}']")
+             if e.is_displayed()]
+    assert len(found) == 1, f"expected one visible button {name!r}, found {len(found)}"
+    return found[0]
+
+
+def new_username(label: str) -> str:
+    return f"{label}-{uuid.uuid4().hex[:10]}"
+
+
+def authenticate(driver: WebDriver, action: str, username: str, password: str = PASSWORD) -> None:
+    field(driver, "Username").clear()
+    field(driver, "Username").send_keys(username)
+    field(driver, "Password").clear()
+    field(driver, "Password").send_keys(password)
+    button(driver, action).click()
+
+
+def sign_up(driver: WebDriver, label: str = "user") -> str:
+    username = new_username(label)
+    authenticate(driver, "Sign up", username)
+    wait_signed_in(driver, username)
+    return username
+
+
+def wait_signed_in(driver: WebDriver, username: str) -> None:
+    wait(driver, lambda d: d.find_element(By.ID, "chat-view").is_displayed()
+         and d.find_element(By.ID, "whoami").text == username, f"{username} signed in")
+    wait(driver, lambda d: d.execute_script(
+        "const s = document.getElementById('model'); return s.options.length && s.value"),
+        "the model picker to fill")
+
+
+def choose_model(driver: WebDriver, model: str) -> None:
+    picker = field(driver, "Model")
+    picker.find_element(By.CSS_SELECTOR, f"option[value='{model}']").click()
+    assert picker.get_attribute("value") == model
+
+
+def type_message(driver: WebDriver, text: str) -> None:
+    box = field(driver, "Message")
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+
+
+def assistants(driver: WebDriver) -> list[WebElement]:
+    return driver.find_elements(By.CSS_SELECTOR, "#messages [data-role='assistant']")
+
+
+def last_reply_state(driver: WebDriver) -> dict:
+    return driver.execute_script("""
+        const all = document.querySelectorAll("#messages [data-role='assistant']");
+        const li = all[all.length - 1];
+        if (!li) return {count: 0};
+        const body = li.querySelector('.body');
+        return {count: all.length, text: body.textContent, status: li.dataset.status || null,
+                streaming: Boolean(li.querySelector('.streaming'))};""")
+
+
+def wait_reply_ended(driver: WebDriver, count: int) -> dict:
+    return wait(driver, lambda d: (s := last_reply_state(d))["count"] == count
+                and s["status"] and s, f"assistant reply #{count} to end")
+
+
+def current_app_id(driver: WebDriver) -> str:
+    path = driver.execute_script("return location.pathname")
+    assert path.startswith("/chat/c/"), path
+    return driver.execute_script("return decodeURIComponent(location.pathname.slice(8))")
+
+
+def api(driver: WebDriver, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """A same-origin fetch from the page, with its session cookie, as app.js makes them."""
+    result = driver.execute_async_script("""
+        const [method, path, body, done] = arguments;
+        const init = {method, credentials: 'same-origin', headers: {}};
+        if (body !== null) { init.headers['Content-Type'] = 'application/json';
+                             init.body = JSON.stringify(body); }
+        fetch(path, init).then(async (r) => done([r.status, await r.text()]),
+                               (e) => done([0, String(e)]));""", method, path, body)
+    status, text = result
+    try:
+        return status, json.loads(text) if text else None
+    except ValueError:
+        return status, text
+
+
+def stored_messages(driver: WebDriver, app_id: str) -> list[dict]:
+    status, data = api(driver, "GET", f"/conversations/{app_id}")
+    assert status == 200, (status, data)
+    return data if isinstance(data, list) else data["messages"]
+
+
+def list_titles(driver: WebDriver) -> list[str]:
+    return [a.text for a in driver.find_elements(By.CSS_SELECTOR, "nav#conversations a")]
+
+
+# -- tests -------------------------------------------------------------------------------
+
+def test_sign_up_log_out_log_in_and_a_wrong_password(page, stack):
+    username = sign_up(page, "ada")
+    assert page.execute_script("return document.cookie") == "", "the session cookie is HttpOnly"
+    assert page.execute_script("return localStorage.length + sessionStorage.length") == 0
+    button(page, "Log out").click()
+    wait_visible(page, By.ID, "auth-view")
+    status, _ = api(page, "GET", "/auth/me")
+    assert status == 401
+    authenticate(page, "Log in", username, "not the password at all")
+    wait(page, lambda d: d.find_element(By.ID, "auth-error").text, "the login error")
+    assert "wrong username or password" in page.find_element(By.ID, "auth-error").text
+    assert not page.find_element(By.ID, "chat-view").is_displayed()
+    authenticate(page, "Log in", username)
+    wait_signed_in(page, username)
+    page.refresh()  # the session survives a reload: it is the cookie, nothing else
+    wait_signed_in(page, username)
+    assert page.execute_script("return localStorage.length + sessionStorage.length") == 0
+
+
+def test_the_reply_streams_in_and_the_stored_conversation_is_what_is_shown(page, stack):
+    sign_up(page, "stream")
+    choose_model(page, "slow")
+    type_message(page, "Tell me a long story")
+    observed = []  # distinct texts of the reply seen while it streamed
+    while True:
+        state = last_reply_state(page)
+        if state.get("status"):
+            break
+        if state.get("count") and state["text"] and (not observed or observed[-1] != state["text"]):
+            observed.append(state["text"])
+        time.sleep(0.05)  # the observer's own pace; the page is not waited on here
+    assert state["status"] == "complete", state
+    assert len(observed) >= 3, f"the reply appeared in {len(observed)} step(s): {observed}"
+    for earlier, later in zip(observed, observed[1:]):
+        assert later.startswith(earlier) and len(later) > len(earlier), (earlier, later)
+    assert SLOW_REPLY.startswith(observed[-1])
+
+    app_id = current_app_id(page)
+    stored = stored_messages(page, app_id)
+    assert [(m["role"], m["content"]) for m in stored] == [
+        ("user", "Tell me a long story"), ("assistant", SLOW_REPLY)]
+    shown = page.execute_script("""return [...document.querySelectorAll('#messages [data-role]')]
+        .map(li => [li.dataset.role, li.querySelector('.body').innerHTML])""")
+    # The finished reply is rendered markdown (the list is a list) ...
+    assert page.find_elements(By.CSS_SELECTOR, "#messages [data-role='assistant'] ul > li")
+    # ... and a reload, which renders from storage, shows exactly the same.
+    page.refresh()
+    wait(page, lambda d: len(assistants(d)) == 1, "the stored reply after a reload")
+    again = page.execute_script("""return [...document.querySelectorAll('#messages [data-role]')]
+        .map(li => [li.dataset.role, li.querySelector('.body').innerHTML])""")
+    assert again == shown
+    assert list_titles(page), "the conversation is listed"
+
+
+def test_stop_keeps_the_partial_reply_marked_and_the_next_message_works(page, stack):
+    sign_up(page, "stop")
+    choose_model(page, "slow")
+    type_message(page, "Go on and on")
+    wait(page, lambda d: len(last_reply_state(d).get("text") or "") > 20, "a few tokens")
+    button(page, "Stop").click()
+    state = wait_reply_ended(page, 1)
+    assert state["status"] == "interrupted", state
+    partial = state["text"]
+    assert partial and len(partial) < len(SLOW_REPLY), partial
+    mark = page.find_element(By.CSS_SELECTOR, "#messages [data-role='assistant'] .mark")
+    assert "nterrupted" in mark.text
+    assert button(page, "Stop").get_attribute("disabled") is not None
+    assert button(page, "Send").get_attribute("disabled") is None
+
+    app_id = current_app_id(page)
+    choose_model(page, "llama3.2")
+    type_message(page, "And now?")
+    state = wait_reply_ended(page, 2)
+    assert state["status"] == "complete", state
+    stored = stored_messages(page, app_id)
+    assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
+    assert SLOW_REPLY.startswith(stored[1]["content"]) and stored[1]["content"]
+    assert stored[1]["content"].strip() in partial.strip() or partial.strip() in stored[1]["content"]
+
+    page.refresh()  # the interrupted reply is still there, still marked
+    wait(page, lambda d: len(assistants(d)) == 2, "the stored replies after a reload")
+    first = assistants(page)[0]
+    assert first.get_attribute("data-status") == "interrupted"
+    assert "nterrupted" in first.find_element(By.CSS_SELECTOR, ".mark").text
+
+
+def test_reload_in_the_middle_of_a_stream_and_after_it(page, stack):
+    sign_up(page, "reload")
+    choose_model(page, "slow")
+    type_message(page, "A long one, please")
+    wait(page, lambda d: len(last_reply_state(d).get("text") or "") > 20, "a few tokens")
+    app_id = current_app_id(page)
+    page.refresh()  # the stream's connection goes with the page: chatterd stores what it had
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#messages [data-role='user']")
+         and assistants(d) and assistants(d)[0].get_attribute("data-status") == "interrupted",
+         "the stored, interrupted reply after the reload")
+    shown = assistants(page)[0].find_element(By.CSS_SELECTOR, ".body").text
+    assert shown and "word0" in shown
+    assert current_app_id(page) == app_id
+    page.refresh()  # after it: the same again
+    wait(page, lambda d: len(assistants(d)) == 1, "the conversation after a second reload")
+    assert assistants(page)[0].get_attribute("data-status") == "interrupted"
+    assert assistants(page)[0].find_element(By.CSS_SELECTOR, ".body").text == shown
+
+
+def test_hostile_reply_runs_nothing_and_navigates_nowhere(page, stack):
+    sign_up(page, "hostile")
+    url_before = None
+    choose_model(page, "hostile")
+    page.execute_script("window.__canary = undefined")
+    type_message(page, "Say something nasty")
+    state = wait_reply_ended(page, 1)
+    assert state["status"] == "complete", state
+    url_before = page.current_url
+    reply = assistants(page)[0]
+    body = reply.find_element(By.CSS_SELECTOR, ".body")
+    # Give any handler that could have been planted the chance to fire: hover and click
+    # everything in the reply (a link opens a new tab at most; the page stays).
+    for element in body.find_elements(By.CSS_SELECTOR, "*"):
+        if element.is_displayed() and element.tag_name != "a":
+            try:
+                element.click()
+            except Exception:
+                pass
+    assert page.execute_script("return window.__canary") is None
+    assert page.current_url == url_before
+    assert len(page.window_handles) == 1
+    # Nothing active made it into the DOM ...
+    counts = page.execute_script("""
+        const b = arguments[0];
+        const bad = [...b.querySelectorAll('*')].filter(e => [...e.attributes].some(
+            a => a.name.startsWith('on') || a.name === 'style' || a.name === 'src'));
+        return {script: b.querySelectorAll('script').length, img: b.querySelectorAll('img').length,
+                iframe: b.querySelectorAll('iframe').length, svg: b.querySelectorAll('svg').length,
+                form: b.querySelectorAll('form').length, style: b.querySelectorAll('style').length,
+                handlers: bad.length,
+                hrefs: [...b.querySelectorAll('a')].map(a => a.getAttribute('href'))};""", body)
+    hrefs = counts.pop("hrefs")
+    assert counts == {"script": 0, "img": 0, "iframe": 0, "svg": 0, "form": 0, "style": 0,
+                      "handlers": 0}, counts
+    # Only the markdown link and URLs in the text became links, and only to the web.
+    assert "https://example.invalid/page" in hrefs
+    assert all(h.startswith("https://example.invalid/") for h in hrefs), hrefs
+    link = body.find_element(By.CSS_SELECTOR, "a")
+    assert link.get_attribute("target") == "_blank"
+    assert set(link.get_attribute("rel").split()) >= {"noopener", "noreferrer"}
+    # ... raw HTML shows as the text it is, and the code block is code.
+    text = body.text
+    assert '<img src=x onerror="window.__canary = \'img\'">' in text
+    assert "[click me](javascript:window.__canary='link')" in text or "click me" in text
+    code = body.find_element(By.CSS_SELECTOR, "pre > code").text
+    assert code == '<script>window.__canary = "code"</script>'
+    assert page.find_element(By.TAG_NAME, "body").is_displayed()  # the <style> did nothing
+    # The same after a reload, rendered from storage.
+    page.refresh()
+    wait(page, lambda d: len(assistants(d)) == 1, "the stored hostile reply")
+    assert page.execute_script("return window.__canary") is None
+    assert assistants(page)[0].find_element(By.CSS_SELECTOR, "pre > code").text == code
+
+
+def test_errors_show_in_place(page, stack):
+    sign_up(page, "errors")
+    choose_model(page, "overloaded")
+    type_message(page, "Anyone there?")
+    error = wait(page, lambda d: (e := d.find_elements(By.CSS_SELECTOR, "#messages .error-item"))
+                 and e[0], "the refusal in place")
+    assert "503" in error.text and "server busy" in error.text, error.text
+    assert field(page, "Message").get_attribute("value") == "Anyone there?", \
+        "the refused message is back in the box"
+    field(page, "Message").clear()
+    choose_model(page, "breaks")
+    type_message(page, "Try this one")
+    state = wait_reply_ended(page, 1)
+    assert state["status"] == "failed", state
+    mark = assistants(page)[0].find_element(By.CSS_SELECTOR, ".mark")
+    assert "out of memory" in mark.text
+
+
+def test_a_second_user_sees_nothing_of_the_first(page, stack):
+    sign_up(page, "first")
+    choose_model(page, "llama3.2")
+    type_message(page, "My secret plan")
+    wait_reply_ended(page, 1)
+    app_id = current_app_id(page)
+    wait(page, lambda d: len(list_titles(d)) == 1, "the first user's conversation listed")
+    button(page, "Log out").click()
+    wait_visible(page, By.ID, "auth-view")
+    sign_up(page, "second")
+    wait(page, lambda d: d.find_element(By.ID, "list-note").text, "the empty list")
+    assert list_titles(page) == []
+    assert "My secret plan" not in page.find_element(By.TAG_NAME, "body").text
+    page.get(f"{stack.base}/chat/c/{app_id}")
+    wait(page, lambda d: d.find_element(By.ID, "conversation-title").text == "No such conversation",
+         "the refusal of someone else's conversation")
+    assert page.find_elements(By.CSS_SELECTOR, "#messages > li") == []
+    assert "My secret plan" not in page.find_element(By.TAG_NAME, "body").text
+    status, _ = api(page, "GET", f"/conversations/{app_id}")
+    assert status == 404
+
+
+def test_rename_delete_and_new_chat_with_the_keyboard_alone(page, stack):
+    sign_up(page, "keys")
+    box = field(page, "Message")
+    box.send_keys("first line", Keys.SHIFT, Keys.ENTER, Keys.SHIFT, "second line")
+    assert box.get_attribute("value") == "first line\nsecond line"
+    assert assistants(page) == [], "Shift+Enter does not send"
+    box.send_keys(Keys.ENTER)
+    wait_reply_ended(page, 1)
+    first_id = current_app_id(page)
+    wait(page, lambda d: len(list_titles(d)) == 1, "one conversation listed")
+    # New chat, reached with Tab from the message box's side of the page.
+    page.find_element(By.ID, "new-chat").send_keys(Keys.ENTER)
+    wait(page, lambda d: d.execute_script("return location.pathname") == "/chat/", "a new chat")
+    assert page.find_elements(By.CSS_SELECTOR, "#messages > li") == []
+    field(page, "Message").send_keys("second conversation", Keys.ENTER)
+    wait_reply_ended(page, 1)
+    wait(page, lambda d: len(list_titles(d)) == 2, "two conversations listed")
+    second_id = current_app_id(page)
+    links = page.find_elements(By.CSS_SELECTOR, "nav#conversations a")
+    assert [link.get_attribute("href").rsplit("/", 1)[1] for link in links] == [second_id, first_id], \
+        "newest first"
+    # Rename the first with keys only.
+    rename = page.find_elements(By.CSS_SELECTOR, "nav#conversations li")[1].find_element(
+        By.XPATH, ".//button[normalize-space()='Rename']")
+    rename.send_keys(Keys.ENTER)
+    title = field(page, "Title")
+    assert page.switch_to.active_element == title
+    title.send_keys(Keys.CONTROL, "a")
+    title.send_keys("Renamed by keys", Keys.ENTER)
+    wait(page, lambda d: "Renamed by keys" in list_titles(d), "the new title in the list")
+    # Open it by its link, with Enter.
+    page.find_element(By.LINK_TEXT, "Renamed by keys").send_keys(Keys.ENTER)
+    wait(page, lambda d: d.find_element(By.ID, "conversation-title").text == "Renamed by keys",
+         "the renamed conversation open")
+    assert current_app_id(page) == first_id
+    # Delete it: Delete, then confirm.
+    item = [li for li in page.find_elements(By.CSS_SELECTOR, "nav#conversations li")
+            if "Renamed by keys" in li.text][0]
+    item.find_element(By.XPATH, ".//button[normalize-space()='Delete']").send_keys(Keys.ENTER)
+    page.find_element(By.XPATH, "//button[normalize-space()='Yes, delete']").send_keys(Keys.ENTER)
+    wait(page, lambda d: list_titles(d) and "Renamed by keys" not in list_titles(d),
+         "the deleted conversation gone from the list")
+    assert page.execute_script("return location.pathname") == "/chat/"
+    status, _ = api(page, "GET", f"/conversations/{first_id}")
+    assert status == 404
+
+
+def test_screenshots_and_phone_size(page, stack):
+    sign_up(page, "shots")
+    choose_model(page, "llama3.2")
+    type_message(page, "Show me some code, please")
+    wait_reply_ended(page, 1)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.save_screenshot(str(ARTIFACTS / "chat-desktop.png"))
+    page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                         {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+    try:
+        page.refresh()
+        wait(page, lambda d: len(assistants(d)) == 1, "the conversation at phone size")
+        sizes = page.execute_script("""return {inner: window.innerWidth,
+            scroll: document.documentElement.scrollWidth, body: document.body.scrollWidth}""")
+        assert sizes["inner"] == 390, sizes
+        assert sizes["scroll"] <= 390 and sizes["body"] <= 390, f"horizontal scrolling: {sizes}"
+        for name in ("Message", "Model"):
+            assert field(page, name).is_displayed()
+        for name in ("Send", "Stop", "New chat", "Log out"):
+            assert button(page, name).is_displayed()
+        page.save_screenshot(str(ARTIFACTS / "chat-phone.png"))
+    finally:
+        page.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_time_to_first_visible_token_page_vs_curl(page, stack):
+    sign_up(page, "ttft")
+    choose_model(page, "llama3.2")
+    page_ms = []
+    for i in range(5):
+        page.execute_script("""
+            window.__ttft = null;
+            const box = document.getElementById('message');
+            const start = performance.now();
+            window.__ttftStart = start;
+            const observer = new MutationObserver(() => {
+                const s = document.querySelector('#messages li:last-child .streaming');
+                if (s && s.textContent) { window.__ttft = performance.now() - window.__ttftStart;
+                                          observer.disconnect(); }
+            });
+            observer.observe(document.getElementById('messages'),
+                             {childList: true, subtree: true, characterData: true});
+            box.addEventListener('keydown', () => { window.__ttftStart = performance.now(); },
+                                 {capture: true, once: true});""")
+        type_message(page, f"timing {i}")
+        wait_reply_ended(page, i + 1)
+        page_ms.append(page.execute_script("return window.__ttft"))
+    curl_ms = []
+    for i in range(5):
+        body = json.dumps({"appID": f"web-ttft-{uuid.uuid4().hex}", "model": "llama3.2",
+                           "stream": True, "messages": [{"role": "user", "content": f"timing {i}"}]})
+        started = time.monotonic()
+        curl = subprocess.Popen([tool("curl"), "-sSN", "--max-time", str(LONG), "-X", "POST",
+                                 f"http://127.0.0.1:{stack.port}/llmchat", "-d", body],
+                                stdout=subprocess.PIPE)
+        assert curl.stdout is not None
+        for line in curl.stdout:
+            if line.startswith(b"data: ") and b'"content":"' in line and b'"content":""' not in line:
+                curl_ms.append(1000 * (time.monotonic() - started))
+                break
+        curl.stdout.read()
+        assert curl.wait(LONG) == 0
+    assert all(isinstance(v, (int, float)) for v in page_ms), page_ms
+    assert len(curl_ms) == 5
+    FIGURES["ttft_page_ms"] = {"median": round(statistics.median(page_ms), 1),
+                               "runs": [round(v, 1) for v in page_ms]}
+    FIGURES["ttft_curl_ms"] = {"median": round(statistics.median(curl_ms), 1),
+                               "runs": [round(v, 1) for v in curl_ms]}
+
+
+def test_through_nginx_on_https(page, stack):
+    """The page through the repository's nginx.conf (TLS, HTTP/2), once."""
+    for name in ("nginx", "openssl"):
+        tool(name)
+    work = tempfile.mkdtemp(prefix="chatterd-web-nginx-")
+    os.chmod(work, 0o755)
+    cert, key = os.path.join(work, "chatterd.crt"), os.path.join(work, "chatterd.key")
+    made = subprocess.run(
+        [tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-days", "2",
+         "-keyout", key, "-out", cert], capture_output=True, timeout=60)
+    assert made.returncode == 0, made.stderr.decode()
+    https_port, http_port = unused_port(), unused_port()
+    subs = substitutions(https_port=https_port, http_port=http_port, cert=cert, key=key,
+                         upstreams=[stack.port, stack.port],
+                         access_log=os.path.join(work, "chatterd.access.log"))
+    Path(work, "chatterd.conf").write_text(render(NGINX_CONF.read_text(), subs))
+    Path(work, "nginx.conf").write_text(MAIN_CONF.format(dir=work))
+    nginx = Process("nginx", [tool("nginx"), "-p", work, "-e", "stderr", "-c",
+                              os.path.join(work, "nginx.conf"), "-g", "daemon off;"],
+                    "start worker process", work)
+    try:
+        base = f"https://localhost:{https_port}"
+        page.get(base + "/chat/")
+        wait_visible(page, By.ID, "auth-view")
+        sign_up(page, "tls")
+        choose_model(page, "llama3.2")
+        type_message(page, "Hello through nginx")
+        state = wait_reply_ended(page, 1)
+        assert state["status"] == "complete", state
+        assert page.find_elements(By.CSS_SELECTOR, "#messages [data-role='assistant'] pre > code")
+        protocol = page.execute_script(
+            "return performance.getEntriesByType('navigation')[0].nextHopProtocol")
+        assert protocol == "h2", protocol
+        assert page.execute_script("return window.isSecureContext") is True
+    finally:
+        nginx.stop()
+        shutil.rmtree(work, ignore_errors=True)
