@@ -96,26 +96,26 @@ class Process:
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        seen = []
+        out = self.proc.stderr
+        assert out is not None
+        seen = b""
         deadline = time.monotonic() + 90
-        assert self.proc.stderr is not None
-        while True:
+        while ready.encode() not in seen:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.proc.stderr], [], [], left)[0]:
+            # Unbuffered reads: select() only knows about bytes not yet read from the pipe.
+            if left <= 0 or not select.select([out], [], [], left)[0]:
                 self.stop()
-                raise AssertionError(f"{name} did not start:\n" + "".join(seen))
-            line = self.proc.stderr.readline().decode(errors="replace")
-            if not line:
+                raise AssertionError(f"{name} did not start:\n" + seen.decode(errors="replace"))
+            data = os.read(out.fileno(), 65536)
+            if not data:
                 self.stop()
-                raise AssertionError(f"{name} exited during start-up:\n" + "".join(seen))
-            seen.append(line)
-            if ready in line:
-                break
-        self.log = open(self.log_path, "w")
-        self.log.write("".join(seen))
+                raise AssertionError(f"{name} exited during start-up:\n" + seen.decode(errors="replace"))
+            seen += data
+        self.log = open(self.log_path, "wb")
+        self.log.write(seen)
         self.log.flush()
-        self.copier = subprocess.Popen(["cat"], stdin=self.proc.stderr, stdout=self.log)
-        self.proc.stderr.close()
+        self.copier = subprocess.Popen(["cat"], stdin=out, stdout=self.log)
+        out.close()
 
     def text(self) -> str:
         return Path(self.log_path).read_text(errors="replace")
@@ -617,20 +617,24 @@ def test_time_to_first_visible_token_page_vs_curl(page, stack):
     choose_model(page, "llama3.2")
     page_ms = []
     for i in range(5):
+        # From the Enter that sends to the first reply text in the DOM (a MutationObserver
+        # fires after the DOM change, before the next paint).
         page.execute_script("""
             window.__ttft = null;
-            const box = document.getElementById('message');
-            const start = performance.now();
-            window.__ttftStart = start;
+            window.__ttftStart = null;
             const observer = new MutationObserver(() => {
                 const s = document.querySelector('#messages li:last-child .streaming');
-                if (s && s.textContent) { window.__ttft = performance.now() - window.__ttftStart;
-                                          observer.disconnect(); }
+                if (s && s.textContent && window.__ttftStart !== null) {
+                    window.__ttft = performance.now() - window.__ttftStart;
+                    observer.disconnect();
+                }
             });
             observer.observe(document.getElementById('messages'),
                              {childList: true, subtree: true, characterData: true});
-            box.addEventListener('keydown', () => { window.__ttftStart = performance.now(); },
-                                 {capture: true, once: true});""")
+            document.getElementById('message').addEventListener('keydown', (event) => {
+                if (event.key === 'Enter' && window.__ttftStart === null)
+                    window.__ttftStart = performance.now();
+            }, {capture: true});""")
         type_message(page, f"timing {i}")
         wait_reply_ended(page, i + 1)
         page_ms.append(page.execute_script("return window.__ttft"))

@@ -25,6 +25,7 @@
     stream: null,      // the reply being streamed, if any (one at a time)
     view: 0,           // bumped on every navigation, so late answers for an old view are dropped
     poll: null,        // timer re-reading a conversation whose last turn is still running
+    model: null,       // the model of the conversation on screen, once known
   };
 
   // ---- markdown: parse with raw HTML off, then sanitize --------------------------------
@@ -204,11 +205,13 @@
       els.model.append(new Option("no model available", ""));
       els.note.textContent = result.ok ? "No upstream lists a model." : `Models: ${result.error}`;
     }
-    selectModel(wanted || currentConversation()?.model);
+    selectModel(state.model || wanted);
   }
 
   function selectModel(name) {
-    if (name && Array.from(els.model.options).some((o) => o.value === name)) els.model.value = name;
+    if (typeof name !== "string" || !name) return;
+    state.model = name; // kept for when the model list arrives
+    if (Array.from(els.model.options).some((o) => o.value === name)) els.model.value = name;
   }
 
   // ---- the conversation list -------------------------------------------------------------
@@ -234,7 +237,10 @@
     els.listNote.textContent = state.conversations.length ? "" : "No conversations yet.";
     renderList();
     const current = currentConversation();
-    if (current) els.title.textContent = conversationTitle(current);
+    if (current) {
+      els.title.textContent = conversationTitle(current);
+      if (!state.model) selectModel(current.model);
+    }
   }
 
   function renderList() {
@@ -335,6 +341,7 @@
 
   function clearConversation() {
     state.view += 1;
+    state.model = null;
     if (state.poll) { clearTimeout(state.poll); state.poll = null; }
     els.messages.replaceChildren();
     els.note.textContent = "";
@@ -376,7 +383,8 @@
     const current = currentConversation();
     els.title.textContent = current ? conversationTitle(current)
       : (result.data && typeof result.data.title === "string" && result.data.title) || "Conversation";
-    selectModel((result.data && result.data.model) || (current && current.model));
+    const lastModel = messages.map((m) => m && m.model).filter((m) => typeof m === "string").pop();
+    selectModel(lastModel || (result.data && result.data.model) || (current && current.model));
     scrollToEnd(true);
     updateButtons();
     if (stillRunning(result.data, messages) && !(state.stream && state.stream.appID === appID)) {
