@@ -167,6 +167,12 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     access_log.log(level, " ".join(parts))
 
 
+def page_url(address: str, port: int) -> str:
+    """The chat page's URL for a person on this machine (a wildcard address is loopback)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/chat/"
+
+
 def raise_open_file_limit() -> None:
     # Every chat holds two sockets; the usual soft limit of 1024 caps us near 500 chats.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -233,6 +239,7 @@ async def main(opts: Any) -> None:
         raise SystemExit(f"chatterd: cannot listen on {opts.address}:{opts.port}: {describe_error(e)}") from None
     log.info("chatterd listening on http://%s:%d (upstreams: %s)", opts.address, opts.port,
              ", ".join(m.name for m in upstreams.members))
+    log.info("the chat page: %s", page_url(opts.address, opts.port))
 
     full_collections = FullCollections(opts.gc_full_interval)
     stop = asyncio.Event()
