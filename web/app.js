@@ -3,7 +3,7 @@
 //
 // Model output reaches the DOM only two ways: as text nodes while it streams, and, once
 // a reply is finished (or loaded from storage), as the output of renderMarkdown(), which
-// parses with raw HTML off and sanitizes the result.  Nothing here assigns innerHTML.
+// parses with raw HTML off and sanitizes the result.  Nothing here sets HTML from a string.
 "use strict";
 
 (() => {
