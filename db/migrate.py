@@ -93,7 +93,7 @@ async def migrate(pool: asyncpg.Pool) -> Migrated:
                 known.add(version)
                 if version in done:
                     continue
-                if re.sub(r"--[^\n]*", "", sql).strip():  # (a file of comments only is no query)
+                if re.sub(r"--[^\n]*", "", sql).strip():  # asyncpg fails on comments alone
                     await con.execute(sql)
                 await con.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                                   version, name)
