@@ -16,6 +16,7 @@
     listNote: $("list-note"), title: $("conversation-title"), model: $("model"),
     note: $("conversation-note"), messages: $("messages"), composer: $("composer"),
     message: $("message"), send: $("send"), stop: $("stop"), announce: $("announce"),
+    olderChats: $("older-chats"),
   };
 
   const state = {
@@ -26,6 +27,7 @@
     view: 0,           // bumped on every navigation, so late answers for an old view are dropped
     poll: null,        // timer re-reading a conversation whose last turn is still running
     model: null,       // the model of the conversation on screen, once known
+    nextPage: null,    // the URL of the list's next page, if there is one
   };
 
   // ---- markdown: parse with raw HTML off, then sanitize --------------------------------
@@ -224,16 +226,23 @@
     return (typeof c.title === "string" && c.title.trim()) ? c.title.trim() : "Untitled";
   }
 
-  async function loadConversations() {
-    const result = await api("GET", "/conversations");
+  // The list comes in pages (newest first); a Link header rel="next" names the next one.
+  async function loadConversations(more) {
+    const path = more ? state.nextPage : "/conversations";
+    if (!path) return;
+    const result = await api("GET", path);
     if (!result.ok) {
       els.listNote.textContent = `Conversations: ${result.error}`;
       return;
     }
     const data = result.data;
-    const items = Array.isArray(data) ? data
-      : (data && (data.conversations || data.items || data.data)) || [];
-    state.conversations = items.filter((c) => c && typeof c.appID === "string");
+    const items = (Array.isArray(data) ? data
+      : (data && (data.conversations || data.items || data.data)) || [])
+      .filter((c) => c && typeof c.appID === "string");
+    state.conversations = more ? state.conversations.concat(items) : items;
+    const next = /<([^>]+)>\s*;\s*rel="?next"?/.exec(result.response.headers.get("Link") || "");
+    state.nextPage = next && next[1].startsWith("/conversations?") ? next[1] : null;
+    els.olderChats.hidden = !state.nextPage;
     els.listNote.textContent = state.conversations.length ? "" : "No conversations yet.";
     renderList();
     const current = currentConversation();
@@ -457,8 +466,9 @@
     const calls = m.tool_calls || (m.message && m.message.tool_calls);
     if (Array.isArray(calls) && calls.length) showToolCalls(item.body, calls);
     const status = m.status || m.turn_status;
-    if (STATUS_MARKS[status] && role === "assistant") mark(item.li, status, STATUS_MARKS[status]);
+    if (role !== "assistant") return;
     if (typeof m.error === "string" && m.error) mark(item.li, "failed", `Failed: ${m.error}`);
+    else if (STATUS_MARKS[status]) mark(item.li, status, STATUS_MARKS[status]);
   }
 
   function showToolCalls(target, calls) {
@@ -505,7 +515,7 @@
     const isNew = !state.appID;
     const appID = state.appID || newAppID();
     state.appID = appID;
-    if (isNew) els.title.textContent = text.trim().split("\n")[0].slice(0, 80);
+    if (isNew) els.title.textContent = titleFrom(text);
     els.message.value = "";
     els.note.textContent = "";
 
@@ -554,7 +564,16 @@
       updateButtons();
     }
     finishReply(stream, outcome);
+    // A new conversation is titled after its first message (the list shows titles); the
+    // turn has ended by now, so the conversation exists to be titled.
+    if (isNew) await api("PATCH", `/conversations/${encodeURIComponent(appID)}`,
+      { title: titleFrom(text) });
     loadConversations();
+  }
+
+  function titleFrom(text) {
+    const line = text.trim().split("\n")[0].trim();
+    return line.length > 80 ? line.slice(0, 79) + "…" : line;
   }
 
   // The turn was refused before its reply began: nothing was stored.
@@ -682,6 +701,7 @@
     els.authForm.addEventListener("submit", onAuthSubmit);
     els.logout.addEventListener("click", logOut);
     els.newChat.addEventListener("click", () => { navigate("/chat/"); els.message.focus(); });
+    els.olderChats.addEventListener("click", () => loadConversations(true));
     els.composer.addEventListener("submit", (event) => { event.preventDefault(); send(); });
     els.stop.addEventListener("click", () => { stopStream(); els.message.focus(); });
     els.message.addEventListener("keydown", (event) => {
