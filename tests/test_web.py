@@ -334,6 +334,12 @@ def stored_messages(driver: WebDriver, app_id: str) -> list[dict]:
     return data if isinstance(data, list) else data["messages"]
 
 
+def csp_violations(driver: WebDriver) -> list[str]:
+    """The browser console's Content-Security-Policy complaints since the last call."""
+    return [entry["message"] for entry in driver.get_log("browser")
+            if "Content Security Policy" in entry["message"]]
+
+
 def list_titles(driver: WebDriver) -> list[str]:
     return [a.text for a in driver.find_elements(By.CSS_SELECTOR, "nav#conversations a")]
 
@@ -493,6 +499,8 @@ def test_hostile_reply_runs_nothing_and_navigates_nowhere(page, stack):
     code = body.find_element(By.CSS_SELECTOR, "pre > code").text
     assert code == '<script>window.__canary = "code"</script>'
     assert page.find_element(By.TAG_NAME, "body").is_displayed()  # the <style> did nothing
+    # The page itself needs nothing the policy forbids (so a violation would mean an attack).
+    assert csp_violations(page) == []
     # The same after a reload, rendered from storage.
     page.refresh()
     wait(page, lambda d: len(assistants(d)) == 1, "the stored hostile reply")
