@@ -96,7 +96,7 @@
     else if (data && data.error && typeof data.error.message === "string") message = data.error.message;
     if (response.status === 429) {
       const wait = retryAfter(response);
-      if (wait !== null) message += ` (try again in ${wait} s)`;
+      if (wait !== null && !/\d+\s*s\b/.test(message)) message += ` (try again in ${wait} s)`;
     }
     return message;
   }
