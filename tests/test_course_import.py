@@ -11,6 +11,7 @@ import asyncpg
 from tornado.testing import AsyncTestCase, gen_test
 
 import jsonfmt
+import settings
 from db import embedded, migrate, pool as db_pool
 from tests.ollama_double import OllamaDouble, default_reply
 from tests.support import database_url
@@ -340,7 +341,7 @@ class PublicLayoutTest(DatabaseTestCase):
                                   " '[{\"role\": \"user\", \"content\": \"hi\"}]'::jsonb)")
         await con.execute("SELECT end_turn($1, 'complete', NULL, 'hello', NULL, NULL, NULL, true)", turn)
 
-        pool = await db_pool.create_pool(dsn, max_size=2)
+        pool = await db_pool.create_pool(dsn, settings.defaults(db_pool_size=2))
         try:
             later = [v for v, _, _ in migrate.available()[2:]]
             self.assertEqual(await migrate.migrate(pool), later)

@@ -221,7 +221,7 @@ async def raw_exchange(port: int, request: bytes) -> tuple[int, dict, bytes]:
 
 
 class FuzzTest(ChatterdTestCase):
-    max_messages = 1000
+    settings_overrides = {"max_messages": 1000}
 
     def answer_is_clean(self, status: int, content_type: Optional[str], payload: bytes,
                         before: tuple, what: Any) -> None:
