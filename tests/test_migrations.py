@@ -26,6 +26,7 @@ import asyncpg
 import pytest
 
 import jsonfmt
+import settings
 from db import conversations, migrate, pool as db_pool
 from db.conversations import Reply
 from tests.support import fresh_database
@@ -71,7 +72,7 @@ async def release_database(commit: str) -> str:
 
 
 async def upgrade(dsn: str) -> migrate.Migrated:
-    pool = await db_pool.create_pool(dsn, max_size=1)
+    pool = await db_pool.create_pool(dsn, settings.defaults(db_pool_size=1))
     try:
         return await migrate.migrate(pool)
     finally:
@@ -182,7 +183,7 @@ def test_a_database_of_the_ten_migrations_upgrades_with_its_data_kept():
         finally:
             await con.close()
 
-        pool = await db_pool.create_pool(dsn, max_size=2)
+        pool = await db_pool.create_pool(dsn, settings.defaults(db_pool_size=2))
         try:
             # The new code goes on with those conversations.
             turn, history, window, _ = await conversations.begin_turn(
@@ -260,7 +261,7 @@ def test_a_database_of_the_first_release_upgrades_with_its_data_kept():
         finally:
             await con.close()
 
-        pool = await db_pool.create_pool(dsn, max_size=2)
+        pool = await db_pool.create_pool(dsn, settings.defaults(db_pool_size=2))
         try:
             turn, history, window, _ = await conversations.begin_turn(
                 pool, "a", "new", 10, [{"role": "user", "content": "more"}], budget=100000)
@@ -446,10 +447,11 @@ def test_a_database_migrated_by_a_newer_chatterd_keeps_its_functions():
 
 MIGRATE_ONCE = """
 import asyncio, json, sys
+import settings
 from db import migrate, pool
 
 async def main():
-    p = await pool.create_pool(sys.argv[1], max_size=1, timeout=60)
+    p = await pool.create_pool(sys.argv[1], settings.defaults(db_pool_size=1, db_timeout=60))
     try:
         done = await migrate.migrate(p)
     finally:
