@@ -214,7 +214,8 @@ def test_a_killed_worker_fails_its_request_at_once_and_is_replaced(run) -> None:
             duration = time.perf_counter() - start
             request = asyncio.ensure_future(hasher._request("hash", "secret-2"))
             await until(lambda: len(hasher._idle) == 1, "one worker is busy")
-            victim = next(pid for pid in hasher.pids if pid not in {w.pid for w in hasher._idle})
+            [busy] = hasher._workers - set(hasher._idle)
+            victim = busy.pid
             killed = time.perf_counter()
             os.kill(victim, signal.SIGKILL)
             with pytest.raises(WorkerDied, match=str(victim)):
@@ -223,6 +224,7 @@ def test_a_killed_worker_fails_its_request_at_once_and_is_replaced(run) -> None:
             print(f"hash {duration * 1000:.0f} ms; the killed worker's request failed after "
                   f"{failed_after * 1000:.1f} ms")
             assert failed_after < duration / 2
+            assert await asyncio.wait_for(busy.exited, 10) == -signal.SIGKILL
             assert victim not in hash_workers_of_this_process()  # reaped, no zombie
             reply = await hasher._request("hash", "secret-3")
             assert reply["pid"] != victim
@@ -236,13 +238,14 @@ def test_a_killed_worker_fails_its_request_at_once_and_is_replaced(run) -> None:
 def test_a_worker_that_does_not_answer_in_time_is_killed_and_replaced(run) -> None:
     async def main() -> None:
         async with PasswordHasher(workers=1, timeout=0.3) as hasher:
-            [stuck] = hasher.pids
-            os.kill(stuck, signal.SIGSTOP)
+            [stuck] = hasher._workers
+            os.kill(stuck.pid, signal.SIGSTOP)
             start = time.perf_counter()
             with pytest.raises(WorkerDied, match="did not answer within 0.3 s"):
                 await asyncio.wait_for(hasher.hash("secret-1"), 10)
             assert 0.3 <= time.perf_counter() - start < 5
-            assert stuck not in hash_workers_of_this_process()
+            assert await asyncio.wait_for(stuck.exited, 10) == -signal.SIGKILL
+            assert stuck.pid not in hash_workers_of_this_process()
             stored = await hasher.hash("secret-2")
             assert await hasher.verify(stored, "secret-2") == (True, None)
 
@@ -258,10 +261,11 @@ def test_a_worker_that_answers_out_of_turn_is_killed(run) -> None:
         hasher = PasswordHasher(workers=1)
         hasher._command = [sys.executable, "-c", fake]
         async with hasher:
-            [pid] = hasher.pids
+            [rogue] = hasher._workers
             with pytest.raises(WorkerDied, match="answered a request it was not given"):
                 await asyncio.wait_for(hasher.hash("secret-1"), 10)
-            assert pid not in hash_workers_of_this_process()
+            assert await asyncio.wait_for(rogue.exited, 10) == -signal.SIGKILL
+            assert rogue.pid not in hash_workers_of_this_process()
 
     run(main())
 
@@ -335,3 +339,36 @@ def test_the_event_loop_keeps_ticking_while_hashes_run(run) -> None:
             return max(gaps)
 
     assert run(main()) < 0.05
+
+
+def test_a_hasher_whose_workers_cannot_start_fails_to_start_and_leaves_nothing(run) -> None:
+    async def main() -> None:
+        hasher = PasswordHasher(workers=2)
+        hasher._command = [sys.executable, "-c", "raise SystemExit(3)"]
+        with pytest.raises(HasherUnavailable):
+            await asyncio.wait_for(hasher.start(), 10)
+        assert hash_workers_of_this_process() == [] and hasher.pids == []
+        with pytest.raises(HasherClosed):
+            await hasher.hash("secret-1")
+
+    run(main())
+
+
+def test_without_pidfds_workers_are_reaped_all_the_same(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_pidfd(pid: int) -> int:
+        raise OSError("pidfd_open is not available")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+
+    async def main() -> None:
+        async with PasswordHasher(workers=2) as hasher:
+            assert all(w._pidfd is None for w in hasher._workers)
+            worker = next(iter(hasher._workers))
+            os.kill(worker.pid, signal.SIGKILL)
+            assert await asyncio.wait_for(worker.exited, 10) == -signal.SIGKILL
+            assert worker.pid not in hash_workers_of_this_process()
+            assert await hasher.verify(await hasher.hash("secret-1"), "secret-1") == (True, None)
+            pids = hasher.pids
+        assert not set(pids) & set(hash_workers_of_this_process())
+
+    run(main())
