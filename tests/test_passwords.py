@@ -25,7 +25,10 @@ OWASP = "$argon2id$v=19$m=19456,t=2,p=1$"
 @pytest.fixture(params=sorted(LOOPS))
 def run(request: pytest.FixtureRequest) -> Callable[[Awaitable], object]:
     def run(coroutine: Awaitable) -> object:
-        assert_no_thread()
+        global _threads_before
+        # Threads that earlier tests of the run left (a loop's resolver pool winding down) are
+        # not this test's; any other is.
+        _threads_before = threads()
         with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
             result = runner.run(coroutine)
         assert_no_thread()
@@ -33,8 +36,17 @@ def run(request: pytest.FixtureRequest) -> Callable[[Awaitable], object]:
     return run
 
 
+_threads_before: set = set()
+
+
+def threads() -> set:
+    """The Python threads and the kernel's tasks (native threads too) of this process."""
+    return set(threading.enumerate()) | {f"task {t}" for t in os.listdir("/proc/self/task")}
+
+
 def assert_no_thread() -> None:
-    assert threading.active_count() == 1, [t.name for t in threading.enumerate()]
+    started = threads() - _threads_before
+    assert not started, f"threads started: {started}"
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
@@ -106,7 +118,9 @@ def test_a_hash_argon2_cannot_check_raises_invalid_stored_hash(run) -> None:
     async def main() -> None:
         async with PasswordHasher(workers=1) as hasher:
             stored = await hasher.hash("secret-1")
-            for bad in ["", "not a hash", stored[:-5], stored.replace("argon2id", "argon2xx"), "é" * 10,
+            # (Not a truncated hash: one in 16 still decodes, as a shorter hash that simply mismatches.)
+            for bad in ["", "not a hash", stored.rsplit("$", 1)[0], stored[:-5] + "!!!!!",
+                        stored.replace("argon2id", "argon2xx"), stored.replace("m=19456", "m=abc"), "é" * 10,
                         "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$" + "A" * 600, None]:
                 with pytest.raises(InvalidStoredHash):
                     await hasher.verify(bad, "secret-1")
@@ -310,20 +324,29 @@ def test_close_fails_pending_requests_and_leaves_no_child_process(run) -> None:
     run(main())
 
 
+def runqueue_wait() -> float:
+    """Seconds this (single-threaded) process has spent ready to run but waiting for a CPU."""
+    with open("/proc/self/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
 def test_the_event_loop_keeps_ticking_while_hashes_run(run) -> None:
-    async def main() -> float:
+    async def main() -> tuple[float, float]:
         async with PasswordHasher() as hasher:
             loop = asyncio.get_running_loop()
-            gaps = []
+            gaps, held = [], []
             done = False
 
             async def ticker() -> None:
-                last = loop.time()
+                last, last_wait = loop.time(), runqueue_wait()
                 while not done:
                     await asyncio.sleep(0.005)
-                    now = loop.time()
+                    now, wait = loop.time(), runqueue_wait()
                     gaps.append(now - last)
-                    last = now
+                    # The part of the gap that the loop itself is answerable for: on a shared
+                    # machine the scheduler may keep a ready process off the CPUs for a while.
+                    held.append(now - last - (wait - last_wait))
+                    last, last_wait = now, wait
                     assert_no_thread()
 
             ticking = asyncio.ensure_future(ticker())
@@ -333,10 +356,10 @@ def test_the_event_loop_keeps_ticking_while_hashes_run(run) -> None:
             done = True
             await ticking
             assert len(set(hashes)) == 20
-            print(f"20 hashes on 2 workers in {elapsed * 1000:.0f} ms; {len(gaps)} ticks, "
-                  f"largest gap {max(gaps) * 1000:.1f} ms")
+            print(f"20 hashes on 2 workers in {elapsed * 1000:.0f} ms; {len(gaps)} ticks, largest gap "
+                  f"{max(gaps) * 1000:.1f} ms ({max(held) * 1000:.1f} ms less waiting for a CPU)")
             assert len(gaps) >= 5  # the hashes took long enough for the figure to mean something
-            return max(gaps)
+            return max(held)
 
     assert run(main()) < 0.05
 
