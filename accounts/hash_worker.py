@@ -1,4 +1,4 @@
-"""A password hashing worker: ``python -m accounts.hash_worker --time-cost T --memory-cost M --parallelism P``.
+"""A password hashing worker: ``python -m accounts.hash_worker --time-cost T --memory-cost M --parallelism P [--nice N]``.
 
 Started and spoken to by accounts.passwords.PasswordHasher.  It reads one JSON request per line
 on standard input and answers each with one JSON line on standard output, one at a time:
@@ -71,7 +71,10 @@ def main() -> None:
     parser.add_argument("--time-cost", type=int, required=True)
     parser.add_argument("--memory-cost", type=int, required=True, help="KiB")
     parser.add_argument("--parallelism", type=int, required=True)
+    parser.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority by N steps")
     args = parser.parse_args()
+    if args.nice:
+        os.nice(args.nice)
     # Ctrl-C in a terminal reaches the whole process group; the server decides when workers end
     # (it closes their input or kills them), and an interrupted worker would only print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -70,13 +70,14 @@ class PasswordHasher:
     or start() and close().  Each worker handles one request at a time; up to `max_waiting`
     callers wait for one in arrival order, and one more raises HasherBusy.  A request that a
     worker has not answered within `timeout` seconds fails with WorkerDied and the worker is
-    replaced, as is any worker that exits."""
+    replaced, as is any worker that exits.  Workers run `nice` steps below this process's CPU
+    priority: when hashing and streams want the same CPUs, the streams get them first."""
 
     def __init__(self, workers: int = 2, *, memory_cost: int = MEMORY_COST, time_cost: int = TIME_COST,
                  parallelism: int = PARALLELISM, max_waiting: int = 256, timeout: float = 30.0,
-                 start_timeout: float = 30.0) -> None:
-        if workers < 1 or max_waiting < 0 or timeout <= 0 or start_timeout <= 0:
-            raise ValueError("workers must be >= 1, max_waiting >= 0, timeouts > 0")
+                 start_timeout: float = 30.0, nice: int = 10) -> None:
+        if workers < 1 or max_waiting < 0 or timeout <= 0 or start_timeout <= 0 or not 0 <= nice <= 19:
+            raise ValueError("workers must be >= 1, max_waiting >= 0, timeouts > 0, nice 0 to 19")
         if time_cost < 1 or parallelism < 1 or memory_cost < 8 * parallelism:
             raise ValueError("Argon2 needs time_cost >= 1, parallelism >= 1, memory_cost >= 8 * parallelism KiB")
         self.size = workers
@@ -85,7 +86,8 @@ class PasswordHasher:
         self.timeout = timeout
         self.start_timeout = start_timeout
         self._command = [sys.executable, "-m", "accounts.hash_worker", "--time-cost", str(time_cost),
-                         "--memory-cost", str(memory_cost), "--parallelism", str(parallelism)]
+                         "--memory-cost", str(memory_cost), "--parallelism", str(parallelism),
+                         "--nice", str(nice)]
         self._workers: set[_Worker] = set()  # every worker not yet dead: starting, idle or busy
         self._idle: collections.deque[_Worker] = collections.deque()
         self._waiters: collections.deque[asyncio.Future] = collections.deque()

@@ -395,3 +395,14 @@ def test_without_pidfds_workers_are_reaped_all_the_same(run, monkeypatch: pytest
         assert not set(pids) & set(hash_workers_of_this_process())
 
     run(main())
+
+
+def test_workers_run_below_the_server_s_cpu_priority(run) -> None:
+    async def main() -> None:
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        async with PasswordHasher(workers=1) as hasher:
+            assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in hasher.pids] == [min(mine + 10, 19)]
+        async with PasswordHasher(workers=1, nice=0) as hasher:
+            assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in hasher.pids] == [mine]
+
+    run(main())
