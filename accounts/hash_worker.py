@@ -1,11 +1,14 @@
-"""A password hashing worker: ``python -m accounts.hash_worker --time-cost T --memory-cost M --parallelism P [--nice N]``.
+"""A password hashing worker:
+
+    python -m accounts.hash_worker --time-cost T --memory-cost M --parallelism P [--nice N]
 
 Started and spoken to by accounts.passwords.PasswordHasher.  It reads one JSON request per line
 on standard input and answers each with one JSON line on standard output, one at a time:
 
-    {"id": 7, "op": "hash",   "password": <base64 of UTF-8>}               -> {"id": 7, "hash": "$argon2id$..."}
-    {"id": 8, "op": "verify", "password": ..., "hash": "$argon2id$..."}    -> {"id": 8, "ok": true, "new_hash": null}
-    {"id": 9, "op": "dummy",  "password": ...}                             -> {"id": 9, "ok": false}
+    {"id": 7, "op": "hash", "password": <base64 of UTF-8>}         -> {"id": 7, "hash": "$argon2id$..."}
+    {"id": 8, "op": "verify", "password": ..., "hash": "$argon2id$..."}
+                                                                    -> {"id": 8, "ok": true, "new_hash": null}
+    {"id": 9, "op": "dummy", "password": ...}                       -> {"id": 9, "ok": false}
 
 Every answer also carries "pid", "started" and "finished" (time.monotonic(), which is one clock
 for every process of the machine).  Failures answer {"id": ..., "error": CODE} with a fixed code

@@ -79,7 +79,8 @@ class PasswordHasher:
         if workers < 1 or max_waiting < 0 or timeout <= 0 or start_timeout <= 0 or not 0 <= nice <= 19:
             raise ValueError("workers must be >= 1, max_waiting >= 0, timeouts > 0, nice 0 to 19")
         if time_cost < 1 or parallelism < 1 or memory_cost < 8 * parallelism:
-            raise ValueError("Argon2 needs time_cost >= 1, parallelism >= 1, memory_cost >= 8 * parallelism KiB")
+            raise ValueError("Argon2 needs time_cost >= 1, parallelism >= 1, "
+                             "memory_cost >= 8 * parallelism KiB")
         self.size = workers
         self.memory_cost, self.time_cost, self.parallelism = memory_cost, time_cost, parallelism
         self.max_waiting = max_waiting
@@ -117,7 +118,8 @@ class PasswordHasher:
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             await self.close()
-            raise HasherUnavailable(f"could not start the password hashing workers: {failures[0]}") from failures[0]
+            raise HasherUnavailable(f"could not start the password hashing workers: {failures[0]}") \
+                from failures[0]
         for worker in results:
             self._give(worker)
 
@@ -166,12 +168,13 @@ class PasswordHasher:
         if error == "invalid_hash":
             raise InvalidStoredHash("the stored password hash is not a PHC string argon2 can check")
         if error is not None:
-            raise HasherError(f"password hashing worker {worker.pid} failed: {error} {reply.get('type', '')}".rstrip())
+            detail = f"{error} {reply.get('type', '')}".rstrip()
+            raise HasherError(f"password hashing worker {worker.pid} failed: {detail}")
         return reply
 
     async def _take(self) -> "_Worker":
         if self._closed or not self._started:
-            raise HasherClosed("the password hasher is closed" if self._closed else "the password hasher is not started")
+            raise HasherClosed(f"the password hasher is {'closed' if self._closed else 'not started'}")
         while self._idle and not self._waiters:
             worker = self._idle.popleft()
             if not worker.dead:
@@ -289,8 +292,9 @@ class _Worker:
             self._loop.add_reader(self._pidfd, self._reap)
 
     async def connect(self) -> None:
-        self._stdin, _ = await self._loop.connect_write_pipe(lambda: _StdinProtocol(self), self.process.stdin)
-        self._stdout, _ = await self._loop.connect_read_pipe(lambda: _StdoutProtocol(self), self.process.stdout)
+        loop, process = self._loop, self.process
+        self._stdin, _ = await loop.connect_write_pipe(lambda: _StdinProtocol(self), process.stdin)
+        self._stdout, _ = await loop.connect_read_pipe(lambda: _StdoutProtocol(self), process.stdout)
 
     def send(self, request_id: int, request: dict) -> asyncio.Future:
         """Write one request; the future gets the worker's reply or the error it died of."""
@@ -406,7 +410,8 @@ class _StdoutProtocol(asyncio.Protocol):
             end = buffer.find(b"\n")
             if end < 0:
                 if len(buffer) > _REPLY_LIMIT:
-                    self.worker.kill(WorkerDied(f"password hashing worker {self.worker.pid} wrote an overlong line"))
+                    self.worker.kill(WorkerDied(f"password hashing worker {self.worker.pid} "
+                                                "wrote an overlong line"))
                 return
             line = bytes(buffer[:end])
             del buffer[:end + 1]

@@ -15,8 +15,8 @@ from typing import Awaitable, Callable
 import pytest
 import uvloop
 
-from accounts.passwords import (HasherBusy, HasherClosed, HasherUnavailable, InvalidStoredHash, PasswordHasher,
-                                WorkerDied)
+from accounts.passwords import (HasherBusy, HasherClosed, HasherUnavailable, InvalidStoredHash,
+                                PasswordHasher, WorkerDied)
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 OWASP = "$argon2id$v=19$m=19456,t=2,p=1$"
@@ -77,7 +77,8 @@ def hash_workers_of_this_process() -> list[int]:
 
 
 def test_hash_and_verify_any_unicode_up_to_1024_characters(run) -> None:
-    passwords = ["correct horse battery staple", "pässwörd-пароль-密码-🔑", "e\u0301" * 4 + "\u00e9" * 4,
+    passwords = ["correct horse battery staple", "pässwörd-пароль-密码-🔑",
+                 "e\u0301" * 4 + "\u00e9" * 4,
                  "x" * 1024, "é" * 1024, "🔑" * 1024, "\x00\n\"{}\\"]
 
     async def main() -> None:
@@ -87,7 +88,8 @@ def test_hash_and_verify_any_unicode_up_to_1024_characters(run) -> None:
             for password, stored in zip(passwords, hashes):
                 assert stored.startswith(OWASP), stored
                 assert await hasher.verify(stored, password) == (True, None)
-                assert await hasher.verify(stored, password[:-1] + chr(ord(password[-1]) ^ 1)) == (False, None)
+                other = password[:-1] + chr(ord(password[-1]) ^ 1)  # the last character changed
+                assert await hasher.verify(stored, other) == (False, None)
                 assert await hasher.verify(stored, password[:-1]) == (False, None)
             assert len(set(hashes)) == len(hashes)
             assert hashes[0] != await hasher.hash(passwords[0])  # salted
