@@ -77,8 +77,8 @@ class ConversationsHandler(BaseHandler):
                                                 parse_cursor(before) if before else None)
         if len(rows) > limit:  # there is another page
             rows = rows[:limit]
-            self.set_header("Link", f'</conversations?limit={limit}&before={cursor(rows[-1])}>;'
-                                    ' rel="next"')
+            self.set_header("Link", f'<{self.request.path}?limit={limit}'
+                                    f'&before={cursor(rows[-1])}>; rel="next"')
         self.send_json([summary(r) for r in rows])
 
 
