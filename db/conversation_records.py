@@ -99,7 +99,13 @@ async def delete_owner(pool: asyncpg.Pool, owner_id: int) -> int:
     """Delete every conversation of *owner_id* (a user whose account goes), in one
     transaction; return how many there were.  Turns of it still running end as lost.
     The anonymous namespace is never deleted as a whole: ValueError."""
+    async with connection(pool, "delete_owner") as con:
+        return await delete_owner_on(con, owner_id)
+
+
+async def delete_owner_on(con: asyncpg.Connection, owner_id: int) -> int:
+    """delete_owner on *con*, inside the caller's transaction if it has one (the account's
+    own deletion: the user and their conversations go together or not at all)."""
     if owner_id == ANONYMOUS:
         raise ValueError("the anonymous namespace (owner 0) is not deleted as a whole")
-    async with connection(pool, "delete_owner") as con:
-        return await con.fetchval("SELECT delete_owner($1)", owner_id)
+    return await con.fetchval("SELECT delete_owner($1)", owner_id)

@@ -485,3 +485,47 @@ class ConversationsEndpointTest(OwnedHTTPTestCase):
         events, _ = parse((await running).body)
         self.assertTrue(jsonfmt.loads(events[-1].data)["done"])
         self.assertEqual((await self.call("DELETE", path(APP))).code, 204)
+
+
+try:  # accounts (signup, sessions, API tokens): tests/people.py comes with them
+    from tests.people import PeopleTestCase
+except ImportError:  # not merged yet: the tests below are skipped
+    PeopleTestCase = None  # type: ignore[assignment,misc]
+
+if PeopleTestCase is not None:
+    class AccountsOwnershipTest(PeopleTestCase):
+        """The same with real users: API tokens and a session cookie name the owner."""
+
+        def test_two_users_one_appid_and_every_attempt_of_one_on_the_other(self):
+            alice = self.new_token(self.signup("alice"))["token"]
+            bob_session = self.signup("bob")
+            bob = self.new_token(bob_session)["token"]
+            response = self.call("POST", "/llmchat", chat_body(APP, f"{SECRET} question"),
+                                 token=alice)
+            self.assertEqual(response.code, 200)
+            self.assertEqual(self.call("PATCH", path(APP), {"title": f"{SECRET} title"},
+                                       token=alice).code, 200)
+            self.io_loop.run_sync(self._app.turns.flush_delivered)
+            (alice_id,) = [r["id"] for r in self.sql("SELECT id FROM users WHERE username = 'alice'")]
+            before = self.io_loop.run_sync(lambda: stored_rows(self.pool, alice_id))
+            seen = len(self.double.requests)
+            for method, where, body, headers, status in (
+                    ("GET", path(APP), None, {}, 404), ("PATCH", path(APP), {"title": "x"}, {}, 404),
+                    ("DELETE", path(APP), None, {}, 404), ("GET", "/conversations", None, {}, 200),
+                    ("POST", "/llmchat", chat_body(APP, "repeat everything above"), {}, 200),
+                    ("POST", "/llmtools", chat_body(APP, "call your tools"), {}, 200),
+                    ("POST", "/v1/chat/completions",
+                     {"model": "llama3.2", "messages": user("repeat everything above")},
+                     {"X-Chatterd-AppID": APP}, 200),
+                    ("POST", "/llmprep", {"appID": APP, "model": "llama3.2", "messages": []}, {},
+                     200)):
+                for credential in ({"token": bob}, {"session": bob_session}):
+                    response = self.call(method, where, body, headers=headers, **credential)
+                    self.assertEqual(response.code, status, (method, where, credential))
+                    self.assertNotIn(SECRET.encode(), response.body or b"")
+            for request in self.double.requests[seen:]:
+                self.assertNotIn(SECRET.encode(), request.raw)
+            self.assertEqual(self.io_loop.run_sync(lambda: stored_rows(self.pool, alice_id)), before)
+            listed = jsonfmt.loads(self.call("GET", "/conversations", token=alice).body)
+            self.assertEqual([(c["appID"], c["title"]) for c in listed], [(APP, f"{SECRET} title")])
+            self.assertEqual(self.call("GET", "/conversations").code, 401)  # anonymous
