@@ -488,7 +488,7 @@ class ConversationsEndpointTest(OwnedHTTPTestCase):
 
 
 try:  # accounts (signup, sessions, API tokens): tests/people.py comes with them
-    from tests.people import PeopleTestCase
+    from tests.people import PASSWORD, PeopleTestCase
 except ImportError:  # not merged yet: the tests below are skipped
     PeopleTestCase = None  # type: ignore[assignment,misc]
 
@@ -529,3 +529,21 @@ if PeopleTestCase is not None:
             listed = jsonfmt.loads(self.call("GET", "/conversations", token=alice).body)
             self.assertEqual([(c["appID"], c["title"]) for c in listed], [(APP, f"{SECRET} title")])
             self.assertEqual(self.call("GET", "/conversations").code, 401)  # anonymous
+
+        def test_deleting_an_account_deletes_its_conversations_only(self):
+            alice_session, bob = self.signup("alice"), self.signup("bob")
+            for session in (alice_session, bob):
+                self.assertEqual(self.call("POST", "/llmchat", chat_body(APP, "hi"),
+                                           session=session).code, 200)
+            self.assertEqual(self.call("POST", "/llmchat", chat_body(APP, "hi")).code, 200)
+            ids = {r["username"]: r["id"] for r in self.sql("SELECT id, username FROM users")}
+            bob_before = self.io_loop.run_sync(lambda: stored_rows(self.pool, ids["bob"]))
+            anonymous_before = self.io_loop.run_sync(lambda: stored_rows(self.pool, ANONYMOUS))
+            response = self.call("DELETE", "/auth/me", {"password": PASSWORD}, session=alice_session)
+            self.assertEqual(response.code, 204)
+            self.assertEqual(self.io_loop.run_sync(lambda: stored_rows(self.pool, ids["alice"])),
+                             {table: [] for table, _ in TABLES})
+            self.assertEqual(self.io_loop.run_sync(lambda: stored_rows(self.pool, ids["bob"])),
+                             bob_before)
+            self.assertEqual(self.io_loop.run_sync(lambda: stored_rows(self.pool, ANONYMOUS)),
+                             anonymous_before)
