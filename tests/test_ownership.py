@@ -21,6 +21,8 @@ import asyncpg
 from tornado.httpclient import AsyncHTTPClient
 from tornado.testing import gen_test
 
+from hypothesis import given, strategies as st
+
 import jsonfmt
 from db import conversation_records as records
 from db import conversations
@@ -31,6 +33,7 @@ from handlers.conversations import ConversationHandler, ConversationsHandler
 from handlers.llm import LLMPrepHandler, LLMPromptHandler
 from handlers.llmtools import LLMToolsHandler
 from handlers.openai_api import ChatCompletionsHandler
+from tests import test_fuzz as fuzz  # its strategies (module attributes: FuzzTest is not collected here)
 from tests.sse_parser import parse
 from tests.support import ChatterdTestCase, chat_body
 
@@ -485,6 +488,45 @@ class ConversationsEndpointTest(OwnedHTTPTestCase):
         events, _ = parse((await running).body)
         self.assertTrue(jsonfmt.loads(events[-1].data)["done"])
         self.assertEqual((await self.call("DELETE", path(APP))).code, 204)
+
+
+class ConversationsFuzzTest(OwnedHTTPTestCase):
+    """Hostile appIDs in the path (any bytes, URL-encoded), titles and paging parameters, for
+    a user and anonymously: every answer is 2xx or a 4xx with {"error": "..."}, and nothing
+    is logged as an error."""
+
+    def exchange(self, method: str, url: str, body: Any = None) -> None:
+        with self.assertNoLogs(level="ERROR"):
+            response = self.fetch(url, method=method, body=body, raise_error=False,
+                                  allow_nonstandard_methods=True)
+        self.assertTrue(200 <= response.code < 300 or 400 <= response.code < 500,
+                        (method, url, response.code, response.body[:300]))
+        if response.code >= 400:
+            self.assertEqual(response.headers.get("Content-Type"), "application/json")
+            error = jsonfmt.loads(response.body)
+            self.assertEqual(list(error), ["error"])
+            self.assertTrue(error["error"].strip())
+
+    @given(segment=st.one_of(st.just(b"a"), st.binary(min_size=1, max_size=200)),
+           title=st.one_of(fuzz.hostile_values, fuzz.values, fuzz.json_strings()))
+    @fuzz.examples(100)
+    def test_hostile_appids_and_titles(self, segment: bytes, title: str) -> None:
+        for owner, prefix in ((ALICE, f"/u{ALICE}"), (ANONYMOUS, "")):
+            if not self.io_loop.run_sync(lambda: records.read_conversation(self.pool, owner, "a")):
+                self.assertEqual(self.fetch(f"{prefix}/llmchat", method="POST",
+                                            body=jsonfmt.dumps(chat_body("a", "hi"))).code, 200)
+            where = f"{prefix}/conversations/" + urllib.parse.quote_from_bytes(segment, safe="")
+            self.exchange("GET", where)
+            self.exchange("PATCH", where, fuzz.encode('{"title": ' + title + "}"))
+            self.exchange("DELETE", where)
+
+    @given(limit=fuzz.texts, before=fuzz.texts)
+    @fuzz.examples(100)
+    def test_hostile_paging(self, limit: str, before: str) -> None:
+        query = "limit=" + urllib.parse.quote_from_bytes(fuzz.encode(limit), safe="") + \
+                "&before=" + urllib.parse.quote_from_bytes(fuzz.encode(before), safe="")
+        self.exchange("GET", f"/u{ALICE}/conversations?{query}")
+        self.exchange("GET", f"/conversations?{query}")
 
 
 try:  # accounts (signup, sessions, API tokens): tests/people.py comes with them
