@@ -390,8 +390,10 @@
     els.messages.replaceChildren();
     for (const m of messages) showStoredMessage(m);
     const current = currentConversation();
-    els.title.textContent = current ? conversationTitle(current)
-      : (result.data && typeof result.data.title === "string" && result.data.title) || "Conversation";
+    const stored = result.data && typeof result.data.title === "string" ? result.data.title : "";
+    const firstUser = messages.find((m) => m && m.role === "user" && typeof m.content === "string");
+    els.title.textContent = (current && current.title && conversationTitle(current)) || stored
+      || (firstUser && titleFrom(firstUser.content)) || "Conversation";
     const lastModel = messages.map((m) => m && m.model).filter((m) => typeof m === "string").pop();
     selectModel(lastModel || (result.data && result.data.model) || (current && current.model));
     scrollToEnd(true);
