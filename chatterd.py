@@ -7,10 +7,12 @@ Run `python chatterd.py --help` for every setting.
 
 import asyncio
 from datetime import timedelta
+import getpass
 from http import HTTPStatus
 import logging
 import resource
 import signal
+import sys
 from typing import Any
 
 import tornado.locks
@@ -20,8 +22,14 @@ from tornado.httpserver import HTTPServer
 import metrics
 import settings
 import tools
-from db import course_import
+from accounts import rules
+from accounts.limits import CallerLimits
+from accounts.passwords import HasherError, PasswordHasher
+from accounts.policy import AuthPolicy
+from db import accounts, course_import
 from db.startup import describe_error, open_database
+from handlers.auth import (LoginHandler, LogoutHandler, MeHandler, PasswordHandler, SignupHandler,
+                           TokenHandler, TokensHandler)
 from handlers.base import JSONBodyHandler, NotFoundHandler
 from handlers.board import GetChattsHandler, PostChattHandler, TopHandler
 from handlers.chat import LLMChatHandler
@@ -51,6 +59,13 @@ ROUTES = [
     (r"/healthz/?", HealthHandler),
     (r"/readyz/?", ReadyHandler),
     (r"/metrics/?", MetricsHandler),
+    (r"/auth/signup/?", SignupHandler),
+    (r"/auth/login/?", LoginHandler),
+    (r"/auth/logout/?", LogoutHandler),
+    (r"/auth/me/?", MeHandler),
+    (r"/auth/password/?", PasswordHandler),
+    (r"/auth/tokens/?", TokensHandler),
+    (r"/auth/tokens/([0-9]{1,18})/?", TokenHandler),
 ]
 
 
@@ -59,6 +74,7 @@ NO_BODY_LIMIT = 4096  # bytes of body accepted (and ignored) by an endpoint that
 # Metric labels come from fixed sets, so no client can add series (a random method or
 # path per request would otherwise grow /metrics without bound).
 ROUTE_NAMES = {handler: pattern.removesuffix("/?") for pattern, handler in ROUTES}
+ROUTE_NAMES[TokenHandler] = "/auth/tokens/{id}"
 METRIC_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
 METRIC_STATUSES = frozenset(int(s) for s in HTTPStatus) | {499}
 
@@ -78,8 +94,8 @@ def metric_labels(handler: tornado.web.RequestHandler) -> dict[str, str]:
 
 
 class Application(tornado.web.Application):
-    """The routes plus what handlers share: the pool, the upstreams, the live streams.
-
+    """The routes plus what handlers share: the pool, the upstreams, the live streams, the
+    account settings (auth), the password hasher and the per-caller limits.
     """
 
     def __init__(self, pool: Any, upstreams: Router, *, max_body_size: int = 1048576,
@@ -88,9 +104,14 @@ class Application(tornado.web.Application):
                  turn_lease: float = 10.0, store_retry: float = 15.0,
                  resend_window: float = 120.0, context_tokens: int = 8192,
                  max_messages: int = 1000, weather_url: str = "", tool_rounds: int = 4,
-                 tool_timeout: float = 10.0, history_cache: int = 1000) -> None:
+                 tool_timeout: float = 10.0, history_cache: int = 1000,
+                 auth: AuthPolicy = AuthPolicy(), hasher: PasswordHasher | None = None,
+                 user_streams: int = 0, user_rate: int = 0) -> None:
         self.pool = pool
         self.upstreams = upstreams
+        self.auth = auth
+        self.hasher = hasher  # None: the account endpoints answer 503
+        self.caller_limits = CallerLimits(streams=user_streams, rate=user_rate)
         self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry,
                                 resend_window=resend_window, history_cache=history_cache)
         # The resident tools of /llmtools (tools/): none when --tool-rounds is 0.
@@ -183,13 +204,16 @@ def make_server(app: Application, opts: Any) -> HTTPServer:
         body_timeout=opts.body_timeout)
 
 
-async def main(opts: Any) -> None:
+async def main(opts: Any, new_password: str | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The format uses none of these, and finding them costs every log line (one per request):
     # the logging HOWTO's "Optimization" section.
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     raise_open_file_limit()
+    if opts.add_user:
+        await add_user(opts, new_password or "")
+        return
     pool = await open_database(opts, import_course=not opts.import_course,
                                ready=not opts.import_course)
     if opts.import_course:
@@ -212,6 +236,12 @@ async def main(opts: Any) -> None:
     except ValueError as e:
         pool.terminate()
         raise SystemExit(f"chatterd: {e} (see --help)") from None
+    hasher = PasswordHasher(workers=opts.hash_workers)
+    try:
+        await hasher.start()
+    except HasherError as e:
+        pool.terminate()
+        raise SystemExit(f"chatterd: {e}") from None
     upstreams = Router(clients, cooldown=opts.upstream_cooldown, refresh_every=opts.models_refresh)
     upstreams.start()
     app = Application(pool, upstreams, max_body_size=opts.max_body_size,
@@ -221,11 +251,13 @@ async def main(opts: Any) -> None:
                       store_retry=opts.store_retry, resend_window=opts.resend_window,
                       context_tokens=opts.context_tokens, weather_url=opts.weather_url,
                       tool_rounds=opts.tool_rounds, tool_timeout=opts.tool_timeout,
-                      history_cache=opts.history_cache)
+                      history_cache=opts.history_cache, auth=auth_policy(opts), hasher=hasher,
+                      user_streams=opts.user_streams, user_rate=opts.user_rate)
     server = make_server(app, opts)
     try:
         server.listen(opts.port, opts.address)
     except OSError as e:
+        await hasher.close()
         pool.terminate()
         raise SystemExit(f"chatterd: cannot listen on {opts.address}:{opts.port}: {describe_error(e)}") from None
     log.info("chatterd listening on http://%s:%d (upstreams: %s)", opts.address, opts.port,
@@ -241,6 +273,7 @@ async def main(opts: Any) -> None:
     server.stop()
     await app.drain(opts.shutdown_grace)
     await asyncio.wait_for(server.close_all_connections(), 10)
+    await hasher.close()
     upstreams.close()
     await app.turns.flush_delivered()
     app.turns.close()
@@ -249,19 +282,78 @@ async def main(opts: Any) -> None:
     log.info("stopped")
 
 
+def auth_policy(opts: Any) -> AuthPolicy:
+    return AuthPolicy(required=opts.auth == "required", signup_open=opts.signup == "open",
+                      session_idle=opts.session_idle, session_max_age=opts.session_max_age,
+                      login_attempts=opts.login_attempts, login_window=opts.login_window)
+
+
+def check_account_settings(opts: Any) -> None:
+    """One line and exit code 1 for an account setting out of range."""
+    if opts.auth not in ("open", "required"):
+        raise SystemExit(f"chatterd: --auth must be open or required, not {opts.auth!r}")
+    if opts.signup not in ("open", "closed"):
+        raise SystemExit(f"chatterd: --signup must be open or closed, not {opts.signup!r}")
+    for name in ("session_idle", "session_max_age", "login_window"):
+        if not getattr(opts, name) > 0:
+            raise SystemExit(f"chatterd: --{name.replace('_', '-')} must be more than 0 seconds")
+    for name in ("login_attempts", "hash_workers"):
+        if getattr(opts, name) < 1:
+            raise SystemExit(f"chatterd: --{name.replace('_', '-')} must be at least 1")
+    for name in ("user_streams", "user_rate"):
+        if getattr(opts, name) < 0:
+            raise SystemExit(f"chatterd: --{name.replace('_', '-')} must be 0 (no limit) or more")
+
+
+def read_new_password() -> str:
+    """The new account's password: one line of standard input (asked for, unechoed, on a
+    terminal), never the command line, where every user of the machine could read it."""
+    if sys.stdin is None:
+        raise SystemExit("chatterd: --add-user reads the password from standard input, which is closed")
+    if sys.stdin.isatty():
+        return getpass.getpass("password: ")
+    line = sys.stdin.readline()
+    return line[:-1] if line.endswith("\n") else line
+
+
+async def add_user(opts: Any, password: str) -> None:
+    """--add-user NAME: validate, hash (in a worker process), store; one line either way."""
+    try:
+        name = rules.username(opts.add_user)
+        password = rules.password(password)
+    except rules.RuleError as e:
+        raise SystemExit(f"chatterd: cannot add the user: {e}") from None
+    pool = await open_database(opts, import_course=False, ready=False)
+    try:
+        async with PasswordHasher(workers=1) as hasher:
+            password_hash = await hasher.hash(password)
+        user = await accounts.create_user(pool, name, rules.username_key(name), password_hash)
+    except HasherError as e:
+        raise SystemExit(f"chatterd: cannot add the user: {e}") from None
+    except Exception as e:
+        raise SystemExit(f"chatterd: cannot add the user: {describe_error(e)}") from None
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    if user is None:
+        raise SystemExit(f"chatterd: cannot add the user: the username {name!r} is taken")
+    print(f"chatterd: added user {user.username!r} (id {user.id})")
+
+
 def run() -> None:
     """Parse the settings, pick the event loop, serve until SIGTERM/SIGINT."""
     try:
         opts = settings.parse_settings()
     except settings.Error as e:
         raise SystemExit(f"chatterd: {e} (see --help)") from None
+    check_account_settings(opts)
+    new_password = read_new_password() if opts.add_user else None
     if opts.event_loop == "uvloop":
         import uvloop  # measured: less CPU per event and per turn (README, Benchmarks)
 
         uvloop.install()
     elif opts.event_loop != "asyncio":
         raise SystemExit(f"chatterd: --event-loop must be uvloop or asyncio, not {opts.event_loop!r}")
-    asyncio.run(main(opts))
+    asyncio.run(main(opts, new_password))
 
 
 if __name__ == "__main__":

@@ -100,6 +100,30 @@ SETTINGS = (
             "is an error text for the model"),
     Setting("shutdown-grace", 30.0, float,
             "On SIGTERM, seconds in-flight streams may run before they are ended"),
+    Setting("auth", "open", str,
+            "open: a request without credentials acts in the anonymous namespace (the course's "
+            "apps); required: every endpoint but /, /healthz, /readyz, /auth/signup and "
+            "/auth/login needs a login session or an API token (401 otherwise)"),
+    Setting("signup", "open", str,
+            "open: anyone may make an account (POST /auth/signup); closed: 403, and accounts "
+            "are added with --add-user"),
+    Setting("session-idle", 86400.0, float,
+            "Seconds a login session may go unused before it ends"),
+    Setting("session-max-age", 604800.0, float,
+            "Seconds after login at which a session ends however much it is used"),
+    Setting("login-attempts", 5, int,
+            "Login attempts (and password checks) one username may get from one client address "
+            "per --login-window before 429; other addresses are not affected"),
+    Setting("login-window", 300.0, float, "Seconds over which --login-attempts are counted"),
+    Setting("user-streams", 0, int,
+            "Concurrent model requests per user (per client address for anonymous callers) "
+            "before 429 (0: no limit)"),
+    Setting("user-rate", 0, int,
+            "Model requests per minute per user (per client address for anonymous callers) "
+            "before 429 (0: no limit)"),
+    Setting("hash-workers", 2, int,
+            "Processes that hash and check passwords (Argon2id, 19 MiB each), so that no "
+            "login stalls a stream"),
 )
 
 # One-shot actions: command line only (no environment variable), so a service's
@@ -107,6 +131,9 @@ SETTINGS = (
 ACTIONS = (
     Setting("import-course", False, bool,
             "Import the rows of the course's public.chatts table not imported yet, then exit"),
+    Setting("add-user", "", str,
+            "Add the account NAME (its password read from standard input, one line), then exit; "
+            "works with --signup closed"),
 )
 
 
@@ -141,7 +168,7 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
 
 def _join_values(args: list[str]) -> list[str]:
     """Accept `--port 8000` as well as tornado's own `--port=8000`."""
-    takes_value = {f"--{s.name}" for s in SETTINGS if s.type is not bool}
+    takes_value = {f"--{s.name}" for s in (*SETTINGS, *ACTIONS) if s.type is not bool}
     takes_value |= {name.replace("-", "_") for name in takes_value}
     joined: list[str] = []
     i = 0
