@@ -207,6 +207,7 @@ class MeHandler(ProvenUser):
 
 class PasswordHandler(ProvenUser):
     async def post(self) -> None:
+        self.user()
         password, new_password = self.body_fields("password", "new_password")
         try:
             new_password = rules.password(new_password, "new_password")
