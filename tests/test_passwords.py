@@ -237,12 +237,22 @@ def test_a_worker_that_does_not_answer_in_time_is_killed_and_replaced(run) -> No
     async def main() -> None:
         async with PasswordHasher(workers=1, timeout=0.3) as hasher:
             [stuck] = hasher.pids
+            stuck_exit = os.pidfd_open(stuck)  # readable once it has exited
             os.kill(stuck, signal.SIGSTOP)
             start = time.perf_counter()
             with pytest.raises(WorkerDied, match="did not answer within 0.3 s"):
                 await asyncio.wait_for(hasher.hash("secret-1"), 10)
             assert 0.3 <= time.perf_counter() - start < 5
-            assert stuck not in hash_workers_of_this_process()
+            # Killed, it still has to be scheduled to exit (slow on a loaded machine), then reaped.
+            loop = asyncio.get_running_loop()
+            exited = loop.create_future()
+            loop.add_reader(stuck_exit, lambda: exited.done() or exited.set_result(None))
+            try:
+                await asyncio.wait_for(exited, 10)
+            finally:
+                loop.remove_reader(stuck_exit)
+                os.close(stuck_exit)
+            await until(lambda: stuck not in hash_workers_of_this_process(), "the stuck worker reaped")
             stored = await hasher.hash("secret-2")
             assert await hasher.verify(stored, "secret-2") == (True, None)
 
