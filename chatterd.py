@@ -22,7 +22,7 @@ from tornado.httpserver import HTTPServer
 import metrics
 import settings
 import tools
-from accounts import rules
+from accounts import redact, rules
 from accounts.limits import CallerLimits
 from accounts.passwords import HasherError, PasswordHasher
 from accounts.policy import AuthPolicy
@@ -210,6 +210,7 @@ async def main(opts: Any, new_password: str | None = None) -> None:
     # the logging HOWTO's "Optimization" section.
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    redact.install()  # no credential in any line, Tornado's and tracebacks included
     raise_open_file_limit()
     if opts.add_user:
         await add_user(opts, new_password or "")
