@@ -115,7 +115,7 @@ def strings(*values: Any) -> None:
 
 class SignupHandler(AuthHandler):
     public = True
-    sets_session = True
+    sets_session = replaces_session = True
 
     async def post(self) -> None:
         if not self.application.auth.signup_open:
@@ -139,7 +139,7 @@ class SignupHandler(AuthHandler):
 
 class LoginHandler(AuthHandler):
     public = True
-    sets_session = True
+    sets_session = replaces_session = True
 
     async def post(self) -> None:
         name, password = self.body_fields("username", "password")
@@ -164,6 +164,8 @@ class LoginHandler(AuthHandler):
 
 
 class LogoutHandler(BaseHandler):
+    replaces_session = True
+
     async def post(self) -> None:
         if self.credential == "session":
             await accounts.end_session(self.pool, self.session_hash)  # type: ignore[arg-type]

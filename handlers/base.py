@@ -195,6 +195,9 @@ class BaseHandler(RequestHandler):
 
     # Login and signup start a session: a cross-site page must not log a browser in either.
     sets_session = False
+    # Login, signup and logout take a session cookie that is no longer valid as no session
+    # (and clear it) instead of answering 401.
+    replaces_session = False
 
     def check_same_origin(self, cookie: bool) -> None:
         """403 for a state-changing request that rides on the session cookie (or would set
@@ -232,6 +235,9 @@ class BaseHandler(RequestHandler):
                                                    policy.touch_after)
             if user is None:
                 self.clear_session_cookie()
+                if self.replaces_session:
+                    self.admit(None)  # logging in again (or out) is what a stale cookie calls for
+                    return
                 raise ClientError(401, "login session expired or unknown: log in again",
                                   NO_CREDENTIALS)
             self.credential, self.session_hash = "session", id_hash

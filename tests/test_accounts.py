@@ -191,6 +191,19 @@ class SessionTest(PeopleTestCase):
         self.assertEqual(session_of(response), "")
         self.assertEqual(self.call("GET", "/auth/me", session=other).code, 200)  # only that one
 
+    def test_a_stale_cookie_does_not_stand_in_the_way_of_logging_in_again_or_out(self):
+        stale = self.signup("ada")
+        self.assertEqual(self.call("POST", "/auth/logout", session=stale).code, 204)
+        response = self.login("ada", session=stale)
+        self.assertEqual(response.code, 200)
+        self.assertNotIn(session_of(response), ("", stale))
+        response = self.call("POST", "/auth/logout", session=stale)
+        self.assertEqual((response.code, session_of(response)), (204, ""))
+        response = self.call("POST", "/auth/signup", {"username": "bob", "password": PASSWORD}, session=stale)
+        self.assertEqual(response.code, 201)
+        # A stale cookie from another site is still refused first.
+        self.assertEqual(self.login("ada", session=stale, site="cross-site").code, 403)
+
     def test_me_without_credentials_is_401(self):
         response = self.call("GET", "/auth/me")
         self.assertEqual(response.code, 401)
