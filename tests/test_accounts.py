@@ -132,6 +132,34 @@ class LoginTest(PeopleTestCase):
         self.assertEqual(self.login("old").code, 200)
         self.assertEqual(self.login("old", "not the password").code, 401)
 
+    def test_no_hasher_or_a_full_queue_is_503_with_retry_after(self):
+        self.signup("ada")
+        self._app.hasher = None
+        response = self.login("ada")
+        self.assertEqual(response.code, 503)
+        self.assertIn("accounts are not available", error(response))
+
+        async def crowd() -> tuple[list, int]:
+            async with PasswordHasher(workers=1, max_waiting=0) as one:
+                self._app.hasher = one
+                hashing = asyncio.ensure_future(one.hash("keeps the one worker busy"))
+                while one._idle:  # until that hash has the worker
+                    await asyncio.sleep(0)
+                responses = await asyncio.gather(*(self.http_client.fetch(
+                    self.get_url("/auth/login"), method="POST", raise_error=False,
+                    body=jsonfmt.dumps({"username": "ada", "password": PASSWORD})) for _ in range(3)))
+                await hashing
+                after = await self.http_client.fetch(
+                    self.get_url("/auth/login"), method="POST", raise_error=False,
+                    body=jsonfmt.dumps({"username": "ada", "password": PASSWORD}))
+                return responses, after.code
+
+        responses, after = self.io_loop.run_sync(crowd, timeout=60)
+        self.assertEqual([r.code for r in responses], [503] * 3)
+        self.assertEqual({r.headers["Retry-After"] for r in responses}, {"1"})
+        self.assertIn("too many password checks", error(responses[0]))
+        self.assertEqual(after, 200)
+
     def test_a_stored_hash_argon2_cannot_read_matches_nothing(self):
         self.sql("INSERT INTO users (username, username_key, password_hash) VALUES ('odd', 'odd', 'plain')")
         self.assertEqual(self.login("odd", "plain-text-password").code, 401)
