@@ -2,7 +2,9 @@
 (tables: db/migrations/0020_accounts.sql).
 
 Every function takes the pool (`await find_login(pool, key)`) and holds a connection only
-for its own statements.  Sessions and tokens are found by the SHA-256 digest of the secret
+for its own statements.  The database latency metric knows them as two operations:
+`credential_lookup` (a session's or token's user, on every request that carries one) and
+`accounts` (everything else: rare, and each a series of its own would only swell /metrics).  Sessions and tokens are found by the SHA-256 digest of the secret
 (accounts/credentials.credential_hash), never by the secret itself; times are PostgreSQL's
 now(), so every chatterd process judges expiry by one clock.
 """
@@ -37,7 +39,7 @@ def _user(row: Optional[asyncpg.Record]) -> Optional[User]:
 
 async def username_taken(pool: asyncpg.Pool, key: str) -> bool:
     """Whether an account has this username_key.  `await username_taken(pool, key)`."""
-    async with connection(pool, "username_taken") as con:
+    async with connection(pool, "accounts") as con:
         return bool(await con.fetchval("SELECT 1 FROM users WHERE username_key = $1", key))
 
 
@@ -45,7 +47,7 @@ async def create_user(pool: asyncpg.Pool, username: str, key: str,
                       password_hash: str) -> Optional[User]:
     """The new user, or None if the name (its key) is taken.
     `await create_user(pool, name, rules.username_key(name), await hasher.hash(password))`."""
-    async with connection(pool, "create_user") as con:
+    async with connection(pool, "accounts") as con:
         return _user(await con.fetchrow(
             "INSERT INTO users (username, username_key, password_hash) VALUES ($1, $2, $3)"
             " ON CONFLICT (username_key) DO NOTHING RETURNING id, username, created_at",
@@ -54,7 +56,7 @@ async def create_user(pool: asyncpg.Pool, username: str, key: str,
 
 async def find_login(pool: asyncpg.Pool, key: str) -> Optional[LoginRecord]:
     """The user with this username_key and their password hash, or None."""
-    async with connection(pool, "find_login") as con:
+    async with connection(pool, "accounts") as con:
         row = await con.fetchrow(
             "SELECT id, username, password_hash FROM users WHERE username_key = $1", key)
     return None if row is None else LoginRecord(row["id"], row["username"], row["password_hash"])
@@ -62,14 +64,14 @@ async def find_login(pool: asyncpg.Pool, key: str) -> Optional[LoginRecord]:
 
 async def password_hash(pool: asyncpg.Pool, user_id: int) -> Optional[str]:
     """The user's stored password hash (None if the user is gone)."""
-    async with connection(pool, "password_hash") as con:
+    async with connection(pool, "accounts") as con:
         return await con.fetchval("SELECT password_hash FROM users WHERE id = $1", user_id)
 
 
 async def rehash(pool: asyncpg.Pool, user_id: int, old_hash: str, new_hash: str) -> None:
     """Store new_hash (the same password at grown parameters) unless the password changed
     meanwhile.  `await rehash(pool, user.id, stored, new_hash)` after a matching verify."""
-    async with connection(pool, "rehash") as con:
+    async with connection(pool, "accounts") as con:
         await con.execute("UPDATE users SET password_hash = $3 WHERE id = $1 AND password_hash = $2",
                           user_id, old_hash, new_hash)
 
@@ -79,7 +81,7 @@ async def change_password(pool: asyncpg.Pool, user_id: int, old_hash: str, new_h
     """Replace the password and end every session of the user but *keep_session* (the
     id_hash of the session that asked, or None); API tokens stay.  False (and nothing
     changed) if the stored hash is no longer *old_hash*: the password changed meanwhile."""
-    async with connection(pool, "change_password") as con:
+    async with connection(pool, "accounts") as con:
         async with con.transaction():
             changed = await con.fetchval(
                 "UPDATE users SET password_hash = $3 WHERE id = $1 AND password_hash = $2"
@@ -104,7 +106,7 @@ async def delete_owned_conversations(con: asyncpg.Connection, owner_id: int) -> 
 async def delete_user(pool: asyncpg.Pool, user_id: int) -> bool:
     """Delete the user with their conversations (delete_owned_conversations), sessions and
     tokens (ON DELETE CASCADE); their board posts stay, unattributed.  False if already gone."""
-    async with connection(pool, "delete_user") as con:
+    async with connection(pool, "accounts") as con:
         async with con.transaction():
             await delete_owned_conversations(con, user_id)
             return bool(await con.fetchval("DELETE FROM users WHERE id = $1 RETURNING true", user_id))
@@ -121,7 +123,7 @@ async def create_session(pool: asyncpg.Pool, user_id: int, id_hash: bytes, absol
     """Store a new session (id_hash of a fresh credentials.new_session_id()) that ends
     *absolute_seconds* from now at the latest.  The session the request came with
     (*replaces*, its id_hash) ends, as do the user's expired ones."""
-    async with connection(pool, "create_session") as con:
+    async with connection(pool, "accounts") as con:
         async with con.transaction():
             await con.execute(
                 "DELETE FROM sessions WHERE (user_id = $1 AND (expires_at <= now()"
@@ -141,7 +143,7 @@ async def session_user(pool: asyncpg.Pool, id_hash: bytes, idle_seconds: float,
     """The user of a live session, or None (unknown, ended, idle or past its absolute
     expiry).  The session's last_seen_at moves to now when older than *touch_after*
     seconds: one round trip, and a write only now and then."""
-    async with connection(pool, "session_user") as con:
+    async with connection(pool, "credential_lookup") as con:
         return _user(await con.fetchrow(
             "WITH s AS ("
             "  SELECT user_id FROM sessions WHERE id_hash = $1 AND expires_at > now()"
@@ -155,7 +157,7 @@ async def session_user(pool: asyncpg.Pool, id_hash: bytes, idle_seconds: float,
 
 async def end_session(pool: asyncpg.Pool, id_hash: bytes) -> None:
     """Delete the session (logout): its cookie is refused from now on."""
-    async with connection(pool, "end_session") as con:
+    async with connection(pool, "accounts") as con:
         await con.execute("DELETE FROM sessions WHERE id_hash = $1", id_hash)
 
 
@@ -178,7 +180,7 @@ async def create_token(pool: asyncpg.Pool, user_id: int, name: str, token_hash: 
     """Store an API token (token_hash of a fresh credentials.new_api_token()), valid until
     revoked or, with *expires_seconds*, until then; None if the user has MAX_TOKENS live
     ones already."""
-    async with connection(pool, "create_token") as con:
+    async with connection(pool, "accounts") as con:
         async with con.transaction():
             # The user's row locked: two concurrent creations cannot both pass the count.
             await con.execute("SELECT FROM users WHERE id = $1 FOR UPDATE", user_id)
@@ -194,7 +196,7 @@ async def create_token(pool: asyncpg.Pool, user_id: int, name: str, token_hash: 
 async def token_user(pool: asyncpg.Pool, token_hash: bytes, touch_after: float) -> Optional[User]:
     """The user of a live token, or None (unknown, revoked or expired); last_used_at moves to
     now when older than *touch_after* seconds."""
-    async with connection(pool, "token_user") as con:
+    async with connection(pool, "credential_lookup") as con:
         return _user(await con.fetchrow(
             "WITH t AS ("
             "  SELECT id, user_id, last_used_at FROM api_tokens WHERE token_hash = $1"
@@ -208,7 +210,7 @@ async def token_user(pool: asyncpg.Pool, token_hash: bytes, touch_after: float) 
 
 async def list_tokens(pool: asyncpg.Pool, user_id: int) -> list[TokenInfo]:
     """The user's tokens not revoked, oldest first (expired ones too, marked by expires_at)."""
-    async with connection(pool, "list_tokens") as con:
+    async with connection(pool, "accounts") as con:
         rows = await con.fetch(
             "SELECT id, name, created_at, last_used_at, expires_at FROM api_tokens"
             " WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id", user_id)
@@ -217,7 +219,7 @@ async def list_tokens(pool: asyncpg.Pool, user_id: int) -> list[TokenInfo]:
 
 async def revoke_token(pool: asyncpg.Pool, user_id: int, token_id: int) -> bool:
     """Revoke the user's token *token_id*; False if the user has no such live token."""
-    async with connection(pool, "revoke_token") as con:
+    async with connection(pool, "accounts") as con:
         return bool(await con.fetchval(
             "UPDATE api_tokens SET revoked_at = now() WHERE id = $2 AND user_id = $1"
             " AND revoked_at IS NULL RETURNING true", user_id, token_id))
@@ -230,7 +232,7 @@ async def count_login_attempt(pool: asyncpg.Pool, key: str, address: str, window
     """Count an attempt to log in as *key* from *address*; 0 if it may go ahead, else the
     seconds until the pair's window ends (more than *limit* attempts within *window*
     seconds).  Counted before the password is checked, so concurrent guesses count too."""
-    async with connection(pool, "count_login_attempt") as con:
+    async with connection(pool, "accounts") as con:
         row = await con.fetchrow(
             "INSERT INTO login_throttle AS t (username_key, address, attempts, window_start)"
             " VALUES ($1, $2, 1, now())"
@@ -247,13 +249,13 @@ async def count_login_attempt(pool: asyncpg.Pool, key: str, address: str, window
 
 async def clear_login_attempts(pool: asyncpg.Pool, key: str, address: str) -> None:
     """A login succeeded: the pair starts afresh."""
-    async with connection(pool, "clear_login_attempts") as con:
+    async with connection(pool, "accounts") as con:
         await con.execute("DELETE FROM login_throttle WHERE username_key = $1 AND address = $2",
                           key, address)
 
 
 async def prune_login_attempts(pool: asyncpg.Pool, window: float) -> None:
     """Delete the pairs whose window has ended (they would start afresh anyway)."""
-    async with connection(pool, "prune_login_attempts") as con:
+    async with connection(pool, "accounts") as con:
         await con.execute("DELETE FROM login_throttle WHERE window_start <= now() - make_interval(secs => $1)",
                           window)

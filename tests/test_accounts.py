@@ -3,6 +3,8 @@ and status, sessions and tokens refused once revoked or expired, forged credenti
 same-origin rule, the login throttle, --auth required and the per-caller limits."""
 
 import asyncio
+import os
+import signal
 import statistics
 import time
 
@@ -142,12 +144,17 @@ class LoginTest(PeopleTestCase):
         async def crowd() -> tuple[list, int]:
             async with PasswordHasher(workers=1, max_waiting=0) as one:
                 self._app.hasher = one
-                hashing = asyncio.ensure_future(one.hash("keeps the one worker busy"))
-                while one._idle:  # until that hash has the worker
-                    await asyncio.sleep(0)
-                responses = await asyncio.gather(*(self.http_client.fetch(
-                    self.get_url("/auth/login"), method="POST", raise_error=False,
-                    body=jsonfmt.dumps({"username": "ada", "password": PASSWORD})) for _ in range(3)))
+                [worker] = one.pids
+                os.kill(worker, signal.SIGSTOP)  # the one worker stays busy with the next hash
+                try:
+                    hashing = asyncio.ensure_future(one.hash("keeps the one worker busy"))
+                    while one._idle:  # until that hash has the worker
+                        await asyncio.sleep(0)
+                    responses = await asyncio.gather(*(self.http_client.fetch(
+                        self.get_url("/auth/login"), method="POST", raise_error=False,
+                        body=jsonfmt.dumps({"username": "ada", "password": PASSWORD})) for _ in range(3)))
+                finally:
+                    os.kill(worker, signal.SIGCONT)
                 await hashing
                 after = await self.http_client.fetch(
                     self.get_url("/auth/login"), method="POST", raise_error=False,
