@@ -232,6 +232,19 @@ class LoginStormTest(AsyncTestCase):
             await asyncio.sleep(0.5)  # a stretch of streaming without logins, for comparison
             storm_start = loop.time()
             latencies = []
+            # This process's own loop lag: a gap it causes is the client's, not chatterd's.
+            lags = []
+            ticking = True
+
+            async def ticker() -> None:
+                last = loop.time()
+                while ticking:
+                    await asyncio.sleep(0.005)
+                    now = loop.time()
+                    lags.append(now - last - 0.005)
+                    last = now
+
+            ticks = asyncio.ensure_future(ticker())
 
             async def login(name: str) -> int:
                 t0 = loop.time()
@@ -241,6 +254,8 @@ class LoginStormTest(AsyncTestCase):
 
             statuses = await asyncio.gather(*(login(n) for n in names))
             storm_end = loop.time()
+            ticking = False
+            await ticks
             await asyncio.sleep(0.3)
             self.assertEqual(set(statuses), {200})
             during, before = [], []
@@ -266,7 +281,8 @@ class LoginStormTest(AsyncTestCase):
               f"(each {min(latencies) * 1000:.0f}-{max(latencies) * 1000:.0f} ms) while {self.STREAMS} "
               f"streams relayed a token every {self.TOKEN_DELAY * 1000:.0f} ms: largest gap between "
               f"events {max(during) * 1000:.1f} ms (p99 {statistics.quantiles(during, n=100)[98] * 1000:.1f} ms; "
-              f"before the storm {max(before) * 1000:.1f} ms); one Argon2id hash "
+              f"before the storm {max(before) * 1000:.1f} ms; the client's own largest loop lag "
+              f"{max(lags) * 1000:.1f} ms); one Argon2id hash "
               f"(19 MiB, t=2, p=1) {statistics.median(t) * 1000:.1f} ms")
         self.assertGreater(storm_end - storm_start, 0.2)  # long enough for the figure to mean something
         self.assertLess(max(during), 0.25)
