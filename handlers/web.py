@@ -56,6 +56,12 @@ class WebPageHandler(BaseHandler, StaticFileHandler):
     """GET/HEAD /chat/<path>: a file of web/, or index.html for / and /c/<appID>."""
 
     metric_route = "/chat/"
+    public = True  # the page is how a person logs in, --auth required or not
+
+    def identify(self) -> None:
+        # The same files for everyone: no credential is looked up, so a page load costs no
+        # query, and a stale session cookie cannot keep the page (and its login form) away.
+        return None
 
     def initialize(self, path: str = str(WEB_ROOT)) -> None:  # type: ignore[override]
         StaticFileHandler.initialize(self, path=path)

@@ -91,6 +91,16 @@ class ServingTest(AsyncHTTPTestCase):
                 self.assertNotIn(b"import", response.body)
         self.assertEqual(self.fetch("/chat/", method="POST", body=b"{}", raise_error=False).code, 405)
 
+    def test_credentials_are_not_looked_at(self):
+        # A stale session cookie or a bad token must not keep the page (and its login form)
+        # away; this app has no database, so a lookup would fail the request.
+        for headers in ({"Cookie": "__Host-chatterd_session=stale-or-forged"},
+                        {"Authorization": "Bearer chd_not_a_real_token"}):
+            with self.subTest(headers=headers):
+                self.assertEqual(self.get("/chat/", headers=headers).code, 200)
+                self.assertEqual(self.get("/chat/app.js", headers=headers).code, 200)
+        self.assertTrue(WebPageHandler.public)
+
     def test_chat_without_the_slash_moves_to_it(self):
         response = self.get("/chat")
         self.assertEqual(response.code, 301)
