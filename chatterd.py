@@ -254,7 +254,7 @@ async def main(config: settings.Settings, new_password: str | None = None) -> No
                          f"{describe_error(e)}") from None
     log.info("chatterd listening on http://%s:%d (upstreams: %s)", config.address, config.port,
              ", ".join(m.name for m in upstreams.members))
-    log.info("the chat page: %s", page_url(opts.address, opts.port))
+    log.info("the chat page: %s", page_url(config.address, config.port))
 
     full_collections = FullCollections(config.gc_full_interval)
     stop = asyncio.Event()
