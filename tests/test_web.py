@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -222,7 +222,10 @@ def page(browser, stack):
 def wait(driver: WebDriver, condition: Callable[[WebDriver], Any], what: str,
          timeout: float = LONG) -> Any:
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+        # The page re-renders (the list after each change, everything after Log out): an
+        # element found a moment ago may be gone; the condition is then asked again.
+        return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(condition)
     except TimeoutException:
         raise AssertionError(f"waited {timeout} s for {what}; the page shows:\n"
                              + driver.find_element(By.TAG_NAME, "body").text) from None

@@ -247,7 +247,7 @@
     renderList();
     const current = currentConversation();
     if (current) {
-      els.title.textContent = conversationTitle(current);
+      if (current.title) els.title.textContent = conversationTitle(current);
       if (!state.model) selectModel(current.model);
     }
   }
@@ -468,9 +468,10 @@
     const calls = m.tool_calls || (m.message && m.message.tool_calls);
     if (Array.isArray(calls) && calls.length) showToolCalls(item.body, calls);
     const status = m.status || m.turn_status;
-    if (role !== "assistant") return;
-    if (typeof m.error === "string" && m.error) mark(item.li, "failed", `Failed: ${m.error}`);
-    else if (STATUS_MARKS[status]) mark(item.li, status, STATUS_MARKS[status]);
+    if (role !== "assistant" || !STATUS_MARKS[status]) return;
+    const why = typeof m.error === "string" && m.error ? m.error : "";
+    mark(item.li, status, status === "failed" && why ? `Failed: ${why}`
+      : STATUS_MARKS[status] + (why ? ` (${why})` : ""));
   }
 
   function showToolCalls(target, calls) {
