@@ -47,6 +47,8 @@ BROWSER_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-d
                  "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--window-size=1280,900")
 LONG = 30  # seconds: the generous bound on anything a test waits for
+CONTEXT_TOKENS = 600
+USER_STREAMS = 2
 PASSWORD = "correct horse battery"
 
 # The double's models.  "slow" streams a long reply a token every 0.2 s, so a test can act
@@ -72,6 +74,7 @@ A fine link: [example](https://example.invalid/page).
 """
 BEHAVIORS = {
     "llama3.2": {"token_delay": 0.03},
+    "quick": {"token_delay": 0.0},
     "slow": {"token_delay": 0.2, "reply": SLOW_REPLY},
     "hostile": {"token_delay": 0.005, "reply": HOSTILE_REPLY},
     "overloaded": {"status": 503, "error": "server busy, please try again"},
@@ -150,7 +153,12 @@ class Stack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHATTERD_")}
         self.chatterd = self._start("chatterd", [
             sys.executable, "chatterd.py", f"--port={self.port}", "--address=127.0.0.1",
-            f"--database-url={database_url()}", f"--ollama-url=http://127.0.0.1:{double_port}"],
+            f"--database-url={database_url()}", f"--ollama-url=http://127.0.0.1:{double_port}",
+            # Small enough for a test to fill: a budget of 450 tokens (a quarter is kept for
+            # the reply), which the other tests' conversations stay well within.
+            f"--context-tokens={CONTEXT_TOKENS}",
+            # Two streams per user at once: a third is a 429 the page must show.
+            f"--user-streams={USER_STREAMS}"],
             "chatterd listening", env)
         self.base = f"http://localhost:{self.port}"
 
@@ -527,6 +535,50 @@ def test_errors_show_in_place(page, stack):
     assert state["status"] == "failed", state
     mark = assistants(page)[0].find_element(By.CSS_SELECTOR, ".mark")
     assert "out of memory" in mark.text
+
+
+def test_too_many_streams_is_a_429_with_its_wait(page, stack):
+    sign_up(page, "busy")
+    # The user's two streams allowed, taken by this same session (as another tab would).
+    page.execute_script("""
+        window.__held = [];
+        for (let i = 0; i < arguments[0]; i++) {
+            const control = new AbortController();
+            window.__held.push(control);
+            fetch('/llmchat', {method: 'POST', signal: control.signal,
+                headers: {'Content-Type': 'application/json'},
+                body: JSON.stringify({appID: 'web-held-' + i + '-' + Math.random(), model: 'slow',
+                                      stream: true, messages: [{role: 'user', content: 'hold'}]})})
+              .then(r => r.body.getReader().read()).catch(() => {});
+        }""", USER_STREAMS)
+    try:
+        wait(page, lambda d: api(d, "POST", "/llmchat", {
+            "appID": "web-probe", "model": "quick", "stream": True,
+            "messages": [{"role": "user", "content": "probe"}]})[0] == 429, "both streams held")
+        choose_model(page, "quick")
+        type_message(page, "One more")
+        error = wait(page, lambda d: (e := d.find_elements(By.CSS_SELECTOR, "#messages .error-item"))
+                     and e[0], "the 429 in place")
+        assert "429" in error.text and "try again in 1 s" in error.text, error.text
+    finally:
+        page.execute_script("window.__held.forEach(c => c.abort())")
+
+
+def test_a_note_when_older_messages_were_left_out(page, stack):
+    sign_up(page, "budget")
+    choose_model(page, "quick")
+    long_message = " ".join(f"w{i}" for i in range(200))  # ~200 tokens, and a reply quoting it
+    type_message(page, long_message)
+    wait_reply_ended(page, 1)
+    assert page.find_elements(By.CSS_SELECTOR, "#messages .context-note") == []
+    type_message(page, long_message)
+    wait_reply_ended(page, 2)
+    note = page.find_element(By.CSS_SELECTOR, "#messages .context-note")
+    assert "The 2 oldest messages were left out" in note.text, note.text
+    # It sits just before the turn it is about.
+    following = note.find_element(By.XPATH, "following-sibling::li[1]")
+    assert following.get_attribute("data-role") == "user"
+    assert len(page.find_elements(By.CSS_SELECTOR, "#messages [data-role='user']")) == 2
 
 
 def test_a_second_user_sees_nothing_of_the_first(page, stack):
