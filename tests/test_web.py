@@ -49,6 +49,7 @@ BROWSER_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-d
 LONG = 30  # seconds: the generous bound on anything a test waits for
 CONTEXT_TOKENS = 600
 USER_STREAMS = 2
+TURN_WAIT = 3
 PASSWORD = "correct horse battery"
 
 # The double's models.  "slow" streams a long reply a token every 0.2 s, so a test can act
@@ -158,7 +159,9 @@ class Stack:
             # the reply), which the other tests' conversations stay well within.
             f"--context-tokens={CONTEXT_TOKENS}",
             # Two streams per user at once: a third is a 429 the page must show.
-            f"--user-streams={USER_STREAMS}"],
+            f"--user-streams={USER_STREAMS}",
+            # A turn waits this long for the conversation's running one, then is a 409.
+            f"--turn-wait={TURN_WAIT}"],
             "chatterd listening", env)
         self.base = f"http://localhost:{self.port}"
 
@@ -562,6 +565,33 @@ def test_too_many_streams_is_a_429_with_its_wait(page, stack):
         assert "429" in error.text and "try again in 1 s" in error.text, error.text
     finally:
         page.execute_script("window.__held.forEach(c => c.abort())")
+
+
+def test_a_turn_while_another_of_the_conversation_runs_is_a_409_in_place(page, stack):
+    sign_up(page, "409")
+    choose_model(page, "quick")
+    type_message(page, "First")
+    wait_reply_ended(page, 1)
+    app_id = current_app_id(page)
+    # Another tab of this user answering in the same conversation, slowly.
+    page.execute_script("""
+        window.__other = new AbortController();
+        fetch('/llmchat', {method: 'POST', signal: window.__other.signal,
+            headers: {'Content-Type': 'application/json'},
+            body: JSON.stringify({appID: arguments[0], model: 'slow', stream: true,
+                                  messages: [{role: 'user', content: 'elsewhere'}]})})
+          .then(r => { window.__otherStarted = r.status; return r.body.getReader().read(); })
+          .catch(() => {});""", app_id)
+    try:
+        wait(page, lambda d: d.execute_script("return window.__otherStarted") == 200,
+             "the other tab's turn running")
+        type_message(page, "Second")
+        error = wait(page, lambda d: (e := d.find_elements(By.CSS_SELECTOR, "#messages .error-item"))
+                     and e[0], "the 409 in place", timeout=TURN_WAIT + LONG)
+        assert "409" in error.text and "still being written" in error.text, error.text
+        assert field(page, "Message").get_attribute("value") == "Second"
+    finally:
+        page.execute_script("window.__other.abort()")
 
 
 def test_a_note_when_older_messages_were_left_out(page, stack):
