@@ -53,7 +53,8 @@ TURN_WAIT = 3
 PASSWORD = "correct horse battery"
 
 # The double's models.  "slow" streams a long reply a token every 0.2 s, so a test can act
-# in the middle of it; "hostile" answers with everything model output must never do.
+# in the middle of it ("steady" the same reply faster, to watch it whole); "hostile"
+# answers with everything model output must never do.
 SLOW_REPLY = " ".join(f"word{i}" for i in range(60)) + "\n\n- a list item\n- another one\n"
 HOSTILE_REPLY = """Hostile reply <script>window.__canary = "script"</script> ends.
 
@@ -77,6 +78,7 @@ BEHAVIORS = {
     "llama3.2": {"token_delay": 0.03},
     "quick": {"token_delay": 0.0},
     "slow": {"token_delay": 0.2, "reply": SLOW_REPLY},
+    "steady": {"token_delay": 0.08, "reply": SLOW_REPLY},
     "hostile": {"token_delay": 0.005, "reply": HOSTILE_REPLY},
     "overloaded": {"status": 503, "error": "server busy, please try again"},
     "breaks": {"token_delay": 0.02, "error": "CUDA error: out of memory", "error_after": 3},
@@ -381,7 +383,7 @@ def test_sign_up_log_out_log_in_and_a_wrong_password(page, stack):
 
 def test_the_reply_streams_in_and_the_stored_conversation_is_what_is_shown(page, stack):
     sign_up(page, "stream")
-    choose_model(page, "slow")
+    choose_model(page, "steady")
     type_message(page, "Tell me a long story")
     observed = []  # distinct texts of the reply seen while it streamed
     while True:
