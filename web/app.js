@@ -25,7 +25,8 @@
     conversations: [], // GET /conversations, newest first
     stream: null,      // the reply being streamed, if any (one at a time)
     view: 0,           // bumped on every navigation, so late answers for an old view are dropped
-    poll: null,        // timer re-reading a conversation whose last turn is still running
+    poll: null,        // timer reading the conversation once more after a reload
+    shown: -1,         // how many stored messages are on screen
     model: null,       // the model of the conversation on screen, once known
     nextPage: null,    // the URL of the list's next page, if there is one
   };
@@ -364,18 +365,33 @@
     updateButtons();
   }
 
-  async function openConversation(appID, polls = 0) {
-    if (polls === 0) {
+  // A reload in the middle of a reply ends that reply's request, and chatterd stores the
+  // reply (interrupted) a moment later, possibly after this page has read the conversation.
+  // So a page that was reloaded reads it once more, a second later, and shows it again if
+  // it has changed (GET /conversations/{appID} shows ended turns only).
+  let lookAgainAfterReload =
+    (performance.getEntriesByType("navigation")[0] || {}).type === "reload";
+  const LOOK_AGAIN_MS = 1000;
+
+  async function openConversation(appID, again = false) {
+    if (!again) {
       clearConversation();
       state.appID = appID;
+      state.shown = -1;
       els.title.textContent = "…";
       renderList();
       updateButtons();
     }
+    const lookAgain = lookAgainAfterReload && !again;
+    lookAgainAfterReload = false;
     const view = state.view;
     const result = await api("GET", `/conversations/${encodeURIComponent(appID)}`);
     if (view !== state.view) return; // the user went elsewhere meanwhile
+    if (lookAgain) state.poll = setTimeout(() => openConversation(appID, true), LOOK_AGAIN_MS);
     if (!result.ok) {
+      // After a reload, a 404 may be a first turn not stored yet: the second look decides.
+      if (lookAgain && result.status === 404) return;
+      if (again && state.shown >= 0) return; // keep what the first look showed
       if (state.stream && state.stream.appID === appID) return;
       state.appID = null; // a message sent from here starts a new conversation
       els.title.textContent = result.status === 404 ? "No such conversation" : "Conversation";
@@ -387,6 +403,10 @@
       return;
     }
     const messages = storedMessages(result.data);
+    if (again && (messages.length === state.shown || state.stream)) return;
+    state.appID = appID;
+    state.shown = messages.length;
+    els.note.textContent = "";
     els.messages.replaceChildren();
     for (const m of messages) showStoredMessage(m);
     const current = currentConversation();
@@ -397,27 +417,14 @@
     const lastModel = messages.map((m) => m && m.model).filter((m) => typeof m === "string").pop();
     selectModel(lastModel || (result.data && result.data.model) || (current && current.model));
     scrollToEnd(true);
+    renderList();
     updateButtons();
-    if (stillRunning(result.data, messages) && !(state.stream && state.stream.appID === appID)) {
-      // Another tab (or the page before a reload) is still being answered: show what is
-      // stored and look again until that turn has ended and been stored.
-      els.note.textContent = "A reply in this conversation is still being written; it shows here once stored.";
-      if (polls < 60) state.poll = setTimeout(() => openConversation(appID, polls + 1), 1000);
-    } else if (polls > 0) {
-      els.note.textContent = "";
-    }
   }
 
   function storedMessages(data) {
     if (Array.isArray(data)) return data;
     if (data && Array.isArray(data.messages)) return data.messages;
     return [];
-  }
-
-  function stillRunning(data, messages) {
-    if (data && (data.running === true || data.status === "running")) return true;
-    const last = messages[messages.length - 1];
-    return Boolean(last && (last.status === "running" || last.turn_status === "running"));
   }
 
   // ---- messages --------------------------------------------------------------------------
