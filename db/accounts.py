@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 
 import asyncpg
 
+from db import conversation_records
 from db.pool import connection
 
 
@@ -95,12 +96,8 @@ async def change_password(pool: asyncpg.Pool, user_id: int, old_hash: str, new_h
 
 async def delete_owned_conversations(con: asyncpg.Connection, owner_id: int) -> None:
     """Delete every conversation (and what hangs off it) that *owner_id* owns, on *con*,
-    inside delete_user's transaction.
-
-    The hook for ownership: conversation tables gain their owner column in the ownership
-    migration, which must make this delete by it.  Until then no conversation has an
-    owner, and there is nothing of the user's to delete here.
-    """
+    inside delete_user's transaction."""
+    await conversation_records.delete_owner_on(con, owner_id)
 
 
 async def delete_user(pool: asyncpg.Pool, user_id: int) -> bool:
