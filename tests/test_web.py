@@ -16,6 +16,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,6 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.ollama_double import default_reply, split_tokens
 from tests.support import database_url
 from tests.test_nginx import MAIN_CONF, NGINX_CONF, render, substitutions, tool
 
@@ -86,7 +86,6 @@ BEHAVIORS = {
 
 
 def unused_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -469,7 +468,6 @@ def test_reload_in_the_middle_of_a_stream_and_after_it(page, stack):
 
 def test_hostile_reply_runs_nothing_and_navigates_nowhere(page, stack):
     sign_up(page, "hostile")
-    url_before = None
     choose_model(page, "hostile")
     page.execute_script("window.__canary = undefined")
     type_message(page, "Say something nasty")
@@ -554,7 +552,13 @@ def test_too_many_streams_is_a_429_with_its_wait(page, stack):
                 headers: {'Content-Type': 'application/json'},
                 body: JSON.stringify({appID: 'web-held-' + i + '-' + Math.random(), model: 'slow',
                                       stream: true, messages: [{role: 'user', content: 'hold'}]})})
-              .then(r => r.body.getReader().read()).catch(() => {});
+              .then(r => drain(r.body.getReader())).catch(() => {});
+        }
+        // Read each stream to its end, holding the reader: a stream nobody holds may be
+        // collected, and cancelled, which would free its slot.
+        async function drain(reader) {
+            window.__readers = (window.__readers || []).concat([reader]);
+            while (!(await reader.read()).done) {}
         }""", USER_STREAMS)
     try:
         wait(page, lambda d: api(d, "POST", "/llmchat", {
@@ -582,8 +586,11 @@ def test_a_turn_while_another_of_the_conversation_runs_is_a_409_in_place(page, s
             headers: {'Content-Type': 'application/json'},
             body: JSON.stringify({appID: arguments[0], model: 'slow', stream: true,
                                   messages: [{role: 'user', content: 'elsewhere'}]})})
-          .then(r => { window.__otherStarted = r.status; return r.body.getReader().read(); })
-          .catch(() => {});""", app_id)
+          .then(async (r) => {
+              window.__otherStarted = r.status;
+              window.__otherReader = r.body.getReader();  // held, so it is not collected
+              while (!(await window.__otherReader.read()).done) {}
+          }).catch(() => {});""", app_id)
     try:
         wait(page, lambda d: d.execute_script("return window.__otherStarted") == 200,
              "the other tab's turn running")

@@ -7,7 +7,6 @@ versions web/vendor/README.md lists.  No database, no browser: a fast module."""
 import hashlib
 import re
 from html.parser import HTMLParser
-from pathlib import Path
 
 import tornado.web
 from tornado.testing import AsyncHTTPTestCase

@@ -590,7 +590,8 @@
   function rejected(stream, response, data, message) {
     let text = message || (response ? errorText(response, data) : "the request failed");
     if (response && response.status === 409) {
-      text = "Another reply in this conversation is still being written; send again once it has finished. " + `(${text})`;
+      text = "Another reply in this conversation is still being written; " +
+        `send again once it has finished. (${text})`;
     } else if (response && response.status === 401) {
       sessionEnded();
       return;
@@ -674,7 +675,9 @@
     stream.contextShown = true;
     const li = document.createElement("li");
     li.className = "context-note";
-    li.textContent = `The ${omitted[1]} oldest message${omitted[1] === "1" ? " was" : "s were"} left out of what the model saw: the conversation is longer than its context budget.`;
+    const count = omitted[1] === "1" ? "oldest message was" : `${omitted[1]} oldest messages were`;
+    li.textContent = `The ${count} left out of what the model saw: ` +
+      "the conversation is longer than its context budget.";
     els.messages.insertBefore(li, stream.userItem.li);
   }
 
