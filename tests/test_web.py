@@ -13,44 +13,30 @@ module's duration) to tests/artifacts/.
 
 import json
 import os
-import select
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytest
-from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.support import database_url
 from tests.test_nginx import MAIN_CONF, NGINX_CONF, render, substitutions, tool
+from tests.web_page import (api, assistants, authenticate, button, choose_model,
+                            csp_violations, current_app_id, field, last_reply_state,
+                            list_titles, sign_up, start_browser, stored_messages,
+                            type_message, wait, wait_reply_ended, wait_signed_in, wait_visible)
+from tests.web_processes import LONG, Process, Stack, unused_port
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-BROWSER_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1280,900")
-LONG = 30  # seconds: the generous bound on anything a test waits for
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CONTEXT_TOKENS = 600
 USER_STREAMS = 2
 TURN_WAIT = 3
-PASSWORD = "correct horse battery"
 
 # The double's models.  "slow" streams a long reply a token every 0.2 s, so a test can act
 # in the middle of it ("steady" the same reply faster, to watch it whole); "hostile"
@@ -85,101 +71,6 @@ BEHAVIORS = {
 }
 
 
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Process:
-    """A child process whose stderr is read until it says it is ready, then copied to a log
-    file by `cat` (so the pipe never fills, with no thread here)."""
-
-    def __init__(self, name: str, args: list[str], ready: str, log_dir: str,
-                 env: Optional[dict] = None) -> None:
-        self.name = name
-        self.log_path = os.path.join(log_dir, f"{name}.log")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        out = self.proc.stderr
-        assert out is not None
-        seen = b""
-        deadline = time.monotonic() + 90
-        while ready.encode() not in seen:
-            left = deadline - time.monotonic()
-            # Unbuffered reads: select() only knows about bytes not yet read from the pipe.
-            if left <= 0 or not select.select([out], [], [], left)[0]:
-                self.stop()
-                raise AssertionError(f"{name} did not start:\n" + seen.decode(errors="replace"))
-            data = os.read(out.fileno(), 65536)
-            if not data:
-                self.stop()
-                raise AssertionError(f"{name} exited during start-up:\n" + seen.decode(errors="replace"))
-            seen += data
-        self.log = open(self.log_path, "wb")
-        self.log.write(seen)
-        self.log.flush()
-        self.copier = subprocess.Popen(["cat"], stdin=out, stdout=self.log)
-        out.close()
-
-    def text(self) -> str:
-        return Path(self.log_path).read_text(errors="replace")
-
-    def stop(self) -> Optional[int]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(LONG)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "copier", None) is not None:
-            self.copier.wait(10)
-            self.log.close()
-        return self.proc.returncode
-
-
-class Stack:
-    """The Ollama double and one chatterd, each a process; `base` is chatterd's URL."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="chatterd-web-")
-        self.procs: list[Process] = []
-        double_port = unused_port()
-        behave = [f"--behave={model}={json.dumps(fields)}" for model, fields in BEHAVIORS.items()]
-        self.double = self._start("ollama-double", [
-            sys.executable, "-m", "tests.ollama_double", "--address=127.0.0.1",
-            f"--port={double_port}", "--no-accept-any-model", "--token-delay=0.03", *behave],
-            "Ollama double listening")
-        self.port = unused_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATTERD_")}
-        self.chatterd = self._start("chatterd", [
-            sys.executable, "chatterd.py", f"--port={self.port}", "--address=127.0.0.1",
-            f"--database-url={database_url()}", f"--ollama-url=http://127.0.0.1:{double_port}",
-            # Small enough for a test to fill: a budget of 450 tokens (a quarter is kept for
-            # the reply), which the other tests' conversations stay well within.
-            f"--context-tokens={CONTEXT_TOKENS}",
-            # Two streams per user at once: a third is a 429 the page must show.
-            f"--user-streams={USER_STREAMS}",
-            # A turn waits this long for the conversation's running one, then is a 409.
-            f"--turn-wait={TURN_WAIT}"],
-            "chatterd listening", env)
-        self.base = f"http://localhost:{self.port}"
-
-    def _start(self, name: str, args: list[str], ready: str, env: Optional[dict] = None) -> Process:
-        process = Process(name, args, ready, self.dir, env)
-        self.procs.append(process)
-        return process
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.text()}" for p in self.procs)
-
-    def close(self) -> None:
-        codes = {p.name: p.stop() for p in reversed(self.procs)}
-        assert codes.get("chatterd") == 0, f"chatterd exited {codes}:\n{self.logs()}"
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 # -- fixtures ----------------------------------------------------------------------------
 
 FIGURES: dict[str, Any] = {}
@@ -188,7 +79,14 @@ FIGURES: dict[str, Any] = {}
 @pytest.fixture(scope="module")
 def stack():
     started = time.monotonic()
-    s = Stack()
+    s = Stack(BEHAVIORS, [
+        # Small enough for a test to fill: a budget of 450 tokens (a quarter is kept for
+        # the reply), which the other tests' conversations stay well within.
+        f"--context-tokens={CONTEXT_TOKENS}",
+        # Two streams per user at once: a third is a 429 the page must show.
+        f"--user-streams={USER_STREAMS}",
+        # A turn waits this long for the conversation's running one, then is a 409.
+        f"--turn-wait={TURN_WAIT}"])
     yield s
     s.close()
     FIGURES["module_seconds"] = round(time.monotonic() - started, 1)
@@ -198,21 +96,8 @@ def stack():
 
 @pytest.fixture(scope="module")
 def browser():
-    for path in (CHROMIUM, CHROMEDRIVER):
-        assert os.access(path, os.X_OK), (
-            f"{path} is missing: the browser tests need Debian's chromium and chromium-driver; "
-            "run scripts/install-test-deps (as root on Debian), which installs them")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in BROWSER_FLAGS:
-        options.add_argument(flag)
     profile = tempfile.mkdtemp(prefix="chatterd-chromium-")
-    options.add_argument(f"--user-data-dir={profile}")
-    options.accept_insecure_certs = True  # the nginx test's self-signed certificate
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(LONG)
-    driver.set_script_timeout(LONG)
+    driver = start_browser(profile)
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
@@ -227,136 +112,6 @@ def page(browser, stack):
     browser.get(stack.base + "/chat/")
     wait_visible(browser, By.ID, "auth-view")
     return browser
-
-
-# -- driving the page by what a person sees ----------------------------------------------
-
-def wait(driver: WebDriver, condition: Callable[[WebDriver], Any], what: str,
-         timeout: float = LONG) -> Any:
-    try:
-        # The page re-renders (the list after each change, everything after Log out): an
-        # element found a moment ago may be gone; the condition is then asked again.
-        return WebDriverWait(driver, timeout, poll_frequency=0.05,
-                             ignored_exceptions=(StaleElementReferenceException,)).until(condition)
-    except TimeoutException:
-        raise AssertionError(f"waited {timeout} s for {what}; the page shows:\n"
-                             + driver.find_element(By.TAG_NAME, "body").text) from None
-
-
-def wait_visible(driver: WebDriver, by: str, value: str) -> WebElement:
-    return wait(driver, lambda d: (e := d.find_element(by, value)).is_displayed() and e,
-                f"{value} to show")
-
-
-def field(driver: WebDriver, label: str) -> WebElement:
-    """The control whose <label> reads *label* (as a screen reader would find it)."""
-    labels = [e for e in driver.find_elements(By.XPATH, f"//label[normalize-space()='{label}']")
-              if e.is_displayed()]
-    assert len(labels) == 1, f"expected one visible label {label!r}, found {len(labels)}"
-    return driver.find_element(By.ID, labels[0].get_attribute("for"))
-
-
-def button(driver: WebDriver, name: str) -> WebElement:
-    found = [e for e in driver.find_elements(By.XPATH, f"//button[normalize-space()='{name}']")
-             if e.is_displayed()]
-    assert len(found) == 1, f"expected one visible button {name!r}, found {len(found)}"
-    return found[0]
-
-
-def new_username(label: str) -> str:
-    return f"{label}-{uuid.uuid4().hex[:10]}"
-
-
-def authenticate(driver: WebDriver, action: str, username: str, password: str = PASSWORD) -> None:
-    field(driver, "Username").clear()
-    field(driver, "Username").send_keys(username)
-    field(driver, "Password").clear()
-    field(driver, "Password").send_keys(password)
-    button(driver, action).click()
-
-
-def sign_up(driver: WebDriver, label: str = "user") -> str:
-    username = new_username(label)
-    authenticate(driver, "Sign up", username)
-    wait_signed_in(driver, username)
-    return username
-
-
-def wait_signed_in(driver: WebDriver, username: str) -> None:
-    wait(driver, lambda d: d.find_element(By.ID, "chat-view").is_displayed()
-         and d.find_element(By.ID, "whoami").text == username, f"{username} signed in")
-    wait(driver, lambda d: d.execute_script(
-        "const s = document.getElementById('model'); return s.options.length && s.value"),
-        "the model picker to fill")
-
-
-def choose_model(driver: WebDriver, model: str) -> None:
-    picker = field(driver, "Model")
-    picker.find_element(By.CSS_SELECTOR, f"option[value='{model}']").click()
-    assert picker.get_attribute("value") == model
-
-
-def type_message(driver: WebDriver, text: str) -> None:
-    box = field(driver, "Message")
-    box.send_keys(text)
-    box.send_keys(Keys.ENTER)
-
-
-def assistants(driver: WebDriver) -> list[WebElement]:
-    return driver.find_elements(By.CSS_SELECTOR, "#messages [data-role='assistant']")
-
-
-def last_reply_state(driver: WebDriver) -> dict:
-    return driver.execute_script("""
-        const all = document.querySelectorAll("#messages [data-role='assistant']");
-        const li = all[all.length - 1];
-        if (!li) return {count: 0};
-        const body = li.querySelector('.body');
-        return {count: all.length, text: body.textContent, status: li.dataset.status || null,
-                streaming: Boolean(li.querySelector('.streaming'))};""")
-
-
-def wait_reply_ended(driver: WebDriver, count: int) -> dict:
-    return wait(driver, lambda d: (s := last_reply_state(d))["count"] == count
-                and s["status"] and s, f"assistant reply #{count} to end")
-
-
-def current_app_id(driver: WebDriver) -> str:
-    path = driver.execute_script("return location.pathname")
-    assert path.startswith("/chat/c/"), path
-    return driver.execute_script("return decodeURIComponent(location.pathname.slice(8))")
-
-
-def api(driver: WebDriver, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """A same-origin fetch from the page, with its session cookie, as app.js makes them."""
-    result = driver.execute_async_script("""
-        const [method, path, body, done] = arguments;
-        const init = {method, credentials: 'same-origin', headers: {}};
-        if (body !== null) { init.headers['Content-Type'] = 'application/json';
-                             init.body = JSON.stringify(body); }
-        fetch(path, init).then(async (r) => done([r.status, await r.text()]),
-                               (e) => done([0, String(e)]));""", method, path, body)
-    status, text = result
-    try:
-        return status, json.loads(text) if text else None
-    except ValueError:
-        return status, text
-
-
-def stored_messages(driver: WebDriver, app_id: str) -> list[dict]:
-    status, data = api(driver, "GET", f"/conversations/{app_id}")
-    assert status == 200, (status, data)
-    return data if isinstance(data, list) else data["messages"]
-
-
-def csp_violations(driver: WebDriver) -> list[str]:
-    """The browser console's Content-Security-Policy complaints since the last call."""
-    return [entry["message"] for entry in driver.get_log("browser")
-            if "Content Security Policy" in entry["message"]]
-
-
-def list_titles(driver: WebDriver) -> list[str]:
-    return [a.text for a in driver.find_elements(By.CSS_SELECTOR, "nav#conversations a")]
 
 
 # -- tests -------------------------------------------------------------------------------
