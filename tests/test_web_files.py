@@ -42,6 +42,8 @@ class ServingTest(AsyncHTTPTestCase):
                            ("/chat/c/web-0123abcd", "text/html; charset=utf-8"),
                            ("/chat/c/some%2Fthing%20odd", "text/html; charset=utf-8"),
                            ("/chat/app.js", "text/javascript; charset=utf-8"),
+                           ("/chat/markdown.js", "text/javascript; charset=utf-8"),
+                           ("/chat/sse.js", "text/javascript; charset=utf-8"),
                            ("/chat/app.css", "text/css; charset=utf-8"),
                            ("/chat/icon.svg", "image/svg+xml"),
                            ("/chat/vendor/markdown-it-15.0.3.min.js", "text/javascript; charset=utf-8"),
@@ -137,19 +139,25 @@ def test_index_html_keeps_to_the_policy():
     rules.feed((WEB_ROOT / "index.html").read_text())
     assert rules.inline == []
     assert rules.scripts == ["/chat/vendor/markdown-it-15.0.3.min.js",
-                             "/chat/vendor/dompurify-3.4.18.min.js", "/chat/app.js"]
+                             "/chat/vendor/dompurify-3.4.18.min.js", "/chat/markdown.js",
+                             "/chat/sse.js", "/chat/app.js"]
     assert rules.stylesheets == ["/chat/app.css"]
     for src in rules.scripts + rules.stylesheets:
         assert (WEB_ROOT / src.removeprefix("/chat/")).is_file(), src
 
 
-def test_app_js_builds_no_html_from_strings_and_stores_no_secret():
-    code = (WEB_ROOT / "app.js").read_text()
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
-                 "new Function", "localStorage", "sessionStorage", "setTimeout(\"", "srcdoc"):
-        assert sink not in code, sink
-    assert "html: false" in code  # markdown-it with raw HTML off
-    assert "DOMPurify.sanitize" in code
+def test_the_page_builds_no_html_from_strings_and_stores_no_secret():
+    own = sorted(WEB_ROOT.glob("*.js"))
+    assert [p.name for p in own] == ["app.js", "markdown.js", "sse.js"]
+    for path in own:
+        code = path.read_text()
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                     "new Function", "localStorage", "sessionStorage", "setTimeout(\"",
+                     "srcdoc", "DOMParser"):
+            assert sink not in code, (path.name, sink)
+    markdown = (WEB_ROOT / "markdown.js").read_text()
+    assert "html: false" in markdown  # markdown-it with raw HTML off
+    assert "DOMPurify.sanitize" in markdown and "RETURN_DOM_FRAGMENT: true" in markdown
 
 
 def test_vendored_files_are_the_listed_versions():

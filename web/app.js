@@ -2,8 +2,9 @@
 // POST /llmchat.  Plain DOM, no framework, no build step; served with a strict CSP.
 //
 // Model output reaches the DOM only two ways: as text nodes while it streams, and, once
-// a reply is finished (or loaded from storage), as the output of renderMarkdown(), which
-// parses with raw HTML off and sanitizes the result.  Nothing here sets HTML from a string.
+// a reply is finished (or loaded from storage), as the output of renderMarkdown()
+// (markdown.js), which parses with raw HTML off and sanitizes the result.  Nothing here
+// sets HTML from a string.  The SSE framing is read by sse.js.
 "use strict";
 
 (() => {
@@ -31,41 +32,7 @@
     nextPage: null,    // the URL of the list's next page, if there is one
   };
 
-  // ---- markdown: parse with raw HTML off, then sanitize --------------------------------
-
-  // Links may only go to the web or to mail; everything else (javascript:, data:, vbscript:,
-  // relative paths into this site) stays text.
-  const SAFE_URL = /^(?:https?:|mailto:)/i;
-  const ALLOWED_TAGS = ["p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li",
-    "blockquote", "pre", "code", "em", "strong", "s", "del", "a", "table", "thead", "tbody",
-    "tr", "th", "td"];
-  let markdown = null;
-  if (window.markdownit && window.DOMPurify) {
-    markdown = window.markdownit({ html: false, linkify: true, typographer: false });
-    markdown.disable("image"); // img-src is 'self' anyway; a picture from elsewhere is a beacon
-    markdown.validateLink = (url) => SAFE_URL.test(url.trim());
-    window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
-      if (node.nodeName === "A") { // a followed link must not take the page (or its opener)
-        node.setAttribute("target", "_blank");
-        node.setAttribute("rel", "noopener noreferrer nofollow");
-      }
-    });
-  }
-
-  function renderMarkdown(target, text) {
-    if (!markdown) { // the libraries did not load: plain text is always safe
-      const plain = document.createElement("div");
-      plain.className = "plain";
-      plain.textContent = text;
-      target.replaceChildren(plain);
-      return;
-    }
-    const fragment = window.DOMPurify.sanitize(markdown.render(text), {
-      ALLOWED_TAGS, ALLOWED_ATTR: ["href", "title", "start"], ADD_URI_SAFE_ATTR: ["start"],
-      ALLOWED_URI_REGEXP: SAFE_URL, RETURN_DOM_FRAGMENT: true,
-    });
-    target.replaceChildren(fragment);
-  }
+  const renderMarkdown = window.chatterd.renderMarkdown; // markdown.js
 
   // ---- talking to chatterd ---------------------------------------------------------------
 
@@ -612,41 +579,18 @@
   }
 
   async function readEvents(stream, body) {
-    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += value.replace(/\r\n?/g, "\n");
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const block = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        handleEvent(stream, block);
-      }
-    }
-    if (buffer.trim()) handleEvent(stream, buffer);
+    await window.chatterd.readServerSentEvents(body, {
+      comment(text) {
+        if (text.startsWith("context ")) contextNote(stream, text.slice(8));
+      },
+      event(type, data) { handleEvent(stream, type, data); },
+    });
   }
 
-  function handleEvent(stream, block) {
-    let type = "message";
-    const data = [];
-    for (const line of block.split("\n")) {
-      if (line.startsWith(":")) {
-        const comment = line.slice(1).trim();
-        if (comment.startsWith("context ")) contextNote(stream, comment.slice(8));
-        continue;
-      }
-      const colon = line.indexOf(":");
-      const field = colon < 0 ? line : line.slice(0, colon);
-      let value = colon < 0 ? "" : line.slice(colon + 1);
-      if (value.startsWith(" ")) value = value.slice(1);
-      if (field === "event") type = value;
-      else if (field === "data") data.push(value);
-    }
-    if (!data.length) return;
+  // One event of /llmchat: a data event is one Ollama line; `error` ends the reply.
+  function handleEvent(stream, type, data) {
     let event;
-    try { event = JSON.parse(data.join("\n")); } catch (e) { return; }
+    try { event = JSON.parse(data); } catch (e) { return; }
     if (type === "error" || (event && event.error)) {
       stream.error = (event && typeof event.error === "string" && event.error) || "the reply failed";
       return;
