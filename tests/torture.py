@@ -44,6 +44,7 @@ from tornado.testing import bind_unused_port
 
 import jsonfmt
 from db import embedded, migrate, pool as db_pool
+from tests.message_shape import shape_problems
 from tests.ollama_double import Behavior, OllamaDouble, default_reply
 from tests.sse_parser import SSEError, parse
 
@@ -377,12 +378,22 @@ class Report:
     stored: collections.Counter = field(default_factory=collections.Counter)
     upstream: int = 0
     violations: collections.Counter = field(default_factory=collections.Counter)
+    # The shape of every message list sent upstream (tests/message_shape.py): lists checked,
+    # and the problems found, by kind (a list counts once per kind it breaks).
+    shape_checked: int = 0
+    malformed: collections.Counter = field(default_factory=collections.Counter)
     evidence: dict = field(default_factory=lambda: collections.defaultdict(list))
 
     def violation(self, kind: str, detail: str) -> None:
         self.violations[kind] += 1
         if len(self.evidence[kind]) < 8:
             self.evidence[kind].append(detail)
+
+    def ill_formed(self, kind: str, detail: str) -> None:
+        self.malformed[kind] += 1
+        key = f"ill-formed: {kind}"
+        if len(self.evidence[key]) < 8:
+            self.evidence[key].append(detail)
 
     def summary(self) -> str:
         def fmt(c: collections.Counter) -> str:
@@ -394,6 +405,8 @@ class Report:
                f"  attempt outcomes: {fmt(self.outcomes)}",
                f"  HTTP statuses: {fmt(self.statuses)}",
                f"  stored turns by status: {fmt(self.stored)}",
+               f"  well-formedness: {self.shape_checked} upstream message lists checked, "
+               f"{sum(self.malformed.values())} violations ({fmt(self.malformed)})",
                f"  violations: {sum(self.violations.values())} ({fmt(self.violations)})"]
         for kind, details in self.evidence.items():
             out.append(f"  -- {kind}:")
@@ -703,6 +716,30 @@ class Torture:
         # The double: every upstream request, in arrival order.
         upstream = [r for r in self.double.chat_requests() if isinstance(r.body, dict)]
         rep.upstream = len(upstream)
+
+        # Every message list sent upstream is well formed.  The only breaks of the
+        # alternation allowed are a client's: two messages one request sent together (the
+        # "-a", "-b" pairs), adjacent as the client sent them.
+        def client_pair(a: Optional[dict], b: dict) -> bool:
+            if a is None:
+                return False
+            sent = sends_by_tid.get(tid_of(a.get("content")) or "")
+            ours = [(m["role"], m["content"]) for m in sent[0].messages] if sent else []
+            pair = ((a.get("role"), a.get("content")), (b.get("role"), b.get("content")))
+            return any(tuple(ours[k:k + 2]) == pair for k in range(len(ours) - 1))
+
+        for n, u in enumerate(upstream):
+            messages = u.messages
+            rep.shape_checked += 1
+            if messages is None:
+                rep.ill_formed("no message list", f"upstream #{n}")
+                continue
+            problems = shape_problems(messages, client_pair)
+            for kind in sorted({p.split(" at ")[0] for p in problems}):
+                rep.ill_formed(kind, f"upstream #{n} model {u.body.get('model')}: "
+                               + "; ".join(problems[:3]) + " -- "
+                               + repr([(m.get("role"), (m.get("content") or "")[:20])
+                                       for m in messages][-8:]))
         up_index: dict[tuple, list] = collections.defaultdict(list)
         for u in upstream:
             msgs = [(m.get("role"), m.get("content")) for m in u.body.get("messages", [])]
