@@ -12,6 +12,7 @@ from tornado.testing import AsyncTestCase, gen_test
 
 import jsonfmt
 from db import embedded, migrate, pool as db_pool
+from tests.message_shape import shape_problems
 from tests.ollama_double import OllamaDouble, default_reply
 from tests.support import database_url
 from tests.test_process import ROOT, curl, start_chatterd, stop, unused_port
@@ -131,6 +132,12 @@ async def run_chatterd(*args: str) -> tuple[int, str]:
         await proc.wait()
         raise
     return proc.returncode, err.decode()
+
+
+def estimate_tokens(message: dict) -> int:
+    """chatterd's estimate of a message's tokens before a model has counted it (see the
+    context budget in the turn contract): 4, plus one per 4 bytes of UTF-8."""
+    return 4 + -(-len(message["content"].encode()) // 4)
 
 
 def import_lines(log: list[str]) -> list[str]:
@@ -270,6 +277,63 @@ class CourseImportTest(DatabaseTestCase):
                                         {"role": "user", "content": "last"}])
         self.assertEqual(len(history), len(expected_tools) + 4 + 3)
         self.assertEqual(await course.snapshot(), before)
+
+    @gen_test(timeout=300)
+    async def test_long_imported_conversation_sends_its_newest_turns_within_the_budget(self):
+        """100,000 imported messages and a 2048-token context: the model gets the system
+        prompt, the newest whole turns of the course's history that fit, and the new message."""
+        dsn = await fresh_database("course_long", NEWER)
+        con = await self.connect(dsn)
+        app_id = "edu.umich.long"
+        # The course's rows, one second apart: the system prompt (/llmprep), a first request
+        # with two user messages and its reply, then 49,998 requests of one user message each
+        # with its reply: 100,000 messages.
+        await con.execute(
+            "INSERT INTO chatts (name, message, id, time, appid)"
+            " SELECT CASE WHEN i = 0 THEN 'system' WHEN i IN (1, 2) OR (i >= 4 AND i % 2 = 0)"
+            "             THEN 'user' ELSE 'assistant' END,"
+            "        CASE WHEN i = 0 THEN 'You keep the ship''s log.'"
+            "             WHEN i = 1 THEN 'day 0, first watch?' WHEN i = 2 THEN 'day 0, second watch?'"
+            "             WHEN i = 3 THEN 'Day 0: calm seas.'"
+            "             WHEN i % 2 = 0 THEN format('What happened on day %s?', (i - 2) / 2)"
+            "             ELSE format('Day %s: wind from the west, all well.', (i - 2) / 2) END,"
+            "        gen_random_uuid(), timestamp '2026-01-05 08:00' + i * interval '1 second', $1"
+            "   FROM generate_series(0, 99999) AS i", app_id)
+        course = [{"role": r["name"], "content": r["message"]} for r in await con.fetch(
+            "SELECT name, message FROM chatts WHERE appid = $1 ORDER BY time", app_id)]
+        self.assertEqual(len(course), 100_000)
+        system, history = course[0], course[1:]
+        context = 2048
+        budget = context - context // 4  # the reply's reserve (no num_predict)
+
+        proc, base = await self.start(dsn)
+        try:
+            new = {"role": "user", "content": "And today?"}
+            before = len(self.double.chat_requests())
+            body = await curl("-N", "-X", "POST", f"{base}/llmchat", "-d", jsonfmt.dumps(
+                {"appID": app_id, "model": "llama3.2", "stream": True,
+                 "options": {"num_ctx": context}, "messages": [new]}))
+            sent = (await self.double.wait_for_chats(before + 1))[before].messages
+        finally:
+            await stop(proc)
+        [line] = import_lines(proc.log)
+        self.assertIn("100000 message(s) in 1 appID(s)", line)
+
+        self.assertEqual(sent[0], system)
+        self.assertEqual(sent[-1], new)
+        kept = sent[1:-1]
+        self.assertTrue(kept, "none of the imported history was sent")
+        self.assertEqual(kept, history[-len(kept):])  # the newest, contiguous, in order
+        self.assertEqual(kept[0]["role"], "user")  # whole turns: from a user message on
+        self.assertEqual(shape_problems(sent), [])
+        # The budget is filled: the turn before the oldest one sent would not have fit.
+        tokens = sum(map(estimate_tokens, sent))
+        older = history[-len(kept) - 2:-len(kept)]
+        self.assertEqual([m["role"] for m in older], ["user", "assistant"])
+        self.assertLessEqual(tokens, budget)
+        self.assertGreater(tokens + sum(map(estimate_tokens, older)), budget)
+        self.assertIn(f": context sent={len(sent)} messages/{tokens} tokens;"
+                      f" omitted={len(course) - len(sent) + 1} messages/".encode(), body)
 
     @gen_test(timeout=120)
     async def test_older_course_spelling_username(self):
