@@ -529,12 +529,18 @@ class Torture:
 
     async def _send(self, send: Send, first: Optional[Chatterd] = None) -> None:
         pause = 0.1
+        resent_after_error = False
         for i in range(12):
             proc = first if (first is not None and i == 0) else self.rng.choice(self.procs)
             a = await http_attempt(proc, send.body(), send.leave_after)
             send.attempts.append(a)
             again = a.outcome in ("nostatus", "truncated") or (
                 a.outcome == "status" and a.status in RETRY_STATUSES)
+            if a.outcome == "error" and not resent_after_error and send.kind != "probe" \
+                    and self.rng.random() < 0.5:
+                # A person who saw an error often sends the same message again, once.
+                again = resent_after_error = True
+                self.report.faults["client resends after an error event"] += 1
             if not again:
                 return
             # A real client backs off a little before it resends.
@@ -669,8 +675,9 @@ class Torture:
                                                                    "ended": r["ended"]})
             t["rows"].append(r)
         stored_by_tid: dict[str, list[dict]] = collections.defaultdict(list)
+        # Turns that ended before any answer text: kept as records, never in the conversation.
+        records_by_tid: dict[str, list[dict]] = collections.defaultdict(list)
         views: dict[str, list[tuple[str, str]]] = {}
-        turn_pos: dict[int, int] = {}
         for app, turns in by_app_turns.items():
             view: list[tuple[str, str]] = []
             for tid_, t in sorted(turns.items()):
@@ -698,11 +705,13 @@ class Torture:
                         if r["mstatus"] != t["status"]:
                             rep.violation("reply status differs from the turn's", ev)
                     t["tid"], t["users"], t["reply"] = tid, users, replies[0] if replies else None
-                    t["pos"] = len(view)
-                    turn_pos[t["id"]] = len(view)
+                    t["pos"] = len(view)  # it was sent the conversation up to here
+                    if t["status"] != "complete" and not (t["reply"] and t["reply"]["content"]):
+                        records_by_tid[tid].append(t)
+                        continue
                     stored_by_tid[tid].append(t)
                     view += [("user", r["content"]) for r in users]
-                    if replies and (replies[0]["mstatus"] == "complete" or replies[0]["content"]):
+                    if replies:
                         view.append(("assistant", replies[0]["content"]))
                 elif replies:
                     rep.violation("a turn outside the conversation has a reply row", ev)
@@ -830,11 +839,16 @@ class Torture:
         # The clients.
         for tid, sends in sends_by_tid.items():
             stored = stored_by_tid.get(tid, [])
+            records = records_by_tid.get(tid, [])
             attempts = [a for s in sends for a in s.attempts]
             ev = (f"{tid} model {sends[0].model} kind {sends[0].kind}: attempts "
                   f"{[(a.proc, a.status, a.outcome) for a in attempts]}; stored "
-                  f"{[(t['id'], t['status']) for t in stored]}")
-            possible = sum(1 for s in sends if any(a.outcome not in ("status",) for a in s.attempts))
+                  f"{[(t['id'], t['status']) for t in stored]}; records {[t['id'] for t in records]}")
+            # Each send is stored at most once, however often it is retried; a resend after an
+            # event: error is a new question when the failed turn had answer text (it is then
+            # in the conversation, with what was said), else the failed turn is a record only.
+            possible = sum(1 for s in sends if any(a.outcome not in ("status",) for a in s.attempts)) \
+                + sum(1 for s in sends for a in s.attempts[:-1] if a.outcome == "error")
             if len(stored) > possible:
                 ends = "; ".join(
                     f"turn {t['id']} owner {t['owner']} ended {t['ended']:.3f}"
@@ -861,14 +875,14 @@ class Torture:
                                                                      "timeout"))
             if len(unclaimed) > indeterminate:
                 rep.violation("stored complete though its client saw an error, not done", ev)
-            n_failed = sum(1 for t in stored if t["status"] == "failed")
+            n_failed = sum(1 for t in stored + records if t["status"] == "failed")
             if n_failed > indeterminate + sum(1 for a in attempts if a.outcome == "error"):
                 rep.violation("stored failed though no client saw an error event", ev)
             rejected = [t for t in by_app_turns[sends[0].app].values()
                         if t["status"] == "rejected" and t["rows"] and tid_of(t["rows"][0]["content"]) == tid]
             if len(rejected) > indeterminate + sum(1 for a in attempts if a.outcome in ("status", "error")):
                 rep.violation("turn rejected though every client got its answer", ev)
-            if any(t["status"] == "interrupted" for t in stored) and not any(
+            if any(t["status"] == "interrupted" for t in stored + records) and not any(
                     a.outcome in ("left", "timeout") for a in attempts):
                 rep.violation("stored interrupted though no client left", ev)
             model = sends[0].model
