@@ -172,7 +172,7 @@ def raise_open_file_limit() -> None:
 
 
 def make_server(app: Application, opts: Any) -> HTTPServer:
-    """The HTTP server with chatterd's connection limits (see README, "Limits")."""
+    """The HTTP server with chatterd's connection limits (docs/turn-contract.md, "Limits")."""
     return GuardedHTTPServer(  # at the open-file limit: pauses accepting, no spin, no log flood
         app, xheaders=opts.xheaders,
         # The server's own cap sits above ours so oversized bodies get a 413, not a dropped connection.
@@ -256,7 +256,7 @@ def run() -> None:
     except settings.Error as e:
         raise SystemExit(f"chatterd: {e} (see --help)") from None
     if opts.event_loop == "uvloop":
-        import uvloop  # measured: less CPU per event and per turn (README, Benchmarks)
+        import uvloop  # measured: less CPU per event and per turn (docs/architecture.md)
 
         uvloop.install()
     elif opts.event_loop != "asyncio":

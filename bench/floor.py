@@ -6,7 +6,7 @@ Not chatterd and not a server to deploy: Tornado on uvloop, the conversation of 
 kept in a dict of this process (nothing in PostgreSQL, lost when it stops, no turn rules),
 its whole history sent upstream, each NDJSON line relayed as one SSE `data:` event.  Run it
 as the shared harness's `cmd` target to see the TTFT that is left once the database costs
-nothing at all (README, "Benchmarks"):
+nothing at all (docs/benchmarks.md):
 
     cd ../shared/bench && ./run.sh --targets naive_tornado,cmd --settings c --rounds 2 \\
         --cmd-name floor --cmd-cwd /path/to/chatterd \\

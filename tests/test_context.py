@@ -1,4 +1,4 @@
-"""Long conversations (README, "Long conversations: the context budget"): each turn sends
+"""Long conversations (docs/turn-contract.md, "Long conversations"): each turn sends
 the system prompts, the newest whole turns that fit the budget and its own messages; says
 what it left out; learns token counts from Ollama; reads what the budget needs, not the
 whole conversation."""

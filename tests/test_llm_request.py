@@ -185,7 +185,7 @@ class ValidationOverHTTPTest(ChatterdTestCase):
     def test_a_valid_chat_still_works(self):
         response = self.post_json("/llmchat", chat_body("a", "hi", options={"seed": 42, "temperature": 0.5}))
         self.assertEqual(response.code, 200)
-        # The client's options go through; chatterd adds its context size (README, context budget).
+        # The client's options go through; chatterd adds its context size (docs/turn-contract.md, the context budget).
         self.assertEqual(self.double.chat_requests()[0].body["options"],
                          {"seed": 42, "temperature": 0.5, "num_ctx": 8192})
 

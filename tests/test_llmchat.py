@@ -51,7 +51,7 @@ class LLMChatTest(ChatterdTestCase):
         response, events, _ = self.chat(chat_body("app1", "<b>&</b>"))
         sent = self.double.chat_requests()[0].lines_sent
         self.assertEqual([e.data.encode() for e in events], sent)
-        # The stream opens with what the turn sent and left out, as a comment (README).
+        # The stream opens with what the turn sent and left out, as a comment (docs/api.md).
         comment = b": context " + response.headers["X-Chatterd-Context"].encode() + b"\n\n"
         self.assertEqual(response.body,
                          comment + b"".join(b"data: " + line + b"\n\n" for line in sent))

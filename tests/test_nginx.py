@@ -426,7 +426,7 @@ class NginxTest(AsyncTestCase):
         cls.cert_dir = tempfile.mkdtemp(prefix="chatterd-cert-")
         cls.cert = os.path.join(cls.cert_dir, "chatterd.crt")
         cls.key = os.path.join(cls.cert_dir, "chatterd.key")
-        # The README's command for a self-signed certificate, valid for localhost and 127.0.0.1.
+        # docs/deployment.md's command for a self-signed certificate, valid for localhost and 127.0.0.1.
         made = subprocess.run(
             [tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
              "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-days", "2",

@@ -1,4 +1,4 @@
-"""The turn contract (README, "What is stored"): whole turns, one at a time per appID,
+"""The turn contract (docs/turn-contract.md): whole turns, one at a time per appID,
 rejected turns never seen, an idempotent end, leases that free a dead process's appIDs."""
 
 import asyncio

@@ -1,6 +1,6 @@
 """The torture harness: two real chatterd processes on one private PostgreSQL, an Ollama
 double scripted with faults, clients that misbehave, process and database faults, and an
-audit from outside of the turn contract (README, "What is stored: the turn contract").
+audit from outside of the turn contract (docs/turn-contract.md).
 
     report = asyncio.run(Torture(turns=300, apps=30).run())
     assert not report.violations, report.summary()
@@ -14,7 +14,7 @@ client request it came from.  The audit reads three sources of truth afterwards:
   and the lines it answered with;
 * the database: every message and turn row of every appID, and conversation_of().
 
-What each client outcome allows (README's contract): `done` -> its turn is stored complete
+What each client outcome allows (docs/turn-contract.md): `done` -> its turn is stored complete
 with exactly the text the client received; an `event: error` -> stored failed/interrupted, or
 not in the conversation (rejected, abandoned, or lost while the database was away); a 4xx/5xx
 before the stream -> never stored; a connection cut with no `done` (kill, restart) -> resent,
@@ -349,7 +349,7 @@ async def _exchange(a: Attempt, proc: Chatterd, body: dict) -> None:
             if finished:
                 a.outcome = "error"
     if a.saw_done and events and events[-1].event == "message" and a.outcome != "left":
-        # The stream ends when the connection closes after the done line (README): a cut
+        # The stream ends when the connection closes after the done line (docs/api.md): a cut
         # after it loses nothing, and the client knows its turn is stored.
         a.outcome = "done"
     if events and events[-1].event == "error" and a.outcome not in ("left", "done"):

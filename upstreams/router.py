@@ -1,6 +1,6 @@
 """Which upstream serves a request, and failing over to the next before the stream starts.
 
-Rules (README, "Upstreams: routing and failover"):
+Rules (docs/upstreams.md):
 * `--upstreams` lists upstreams in order of preference: Ollama base URLs, or
   OpenAI-compatible ones as `openai+http(s)://[:KEY@]host[:port]/v1`.  The key is sent as
   `Authorization: Bearer` and never logged or shown (names are the URLs without it).
