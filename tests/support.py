@@ -53,12 +53,14 @@ async def fresh_database(prefix: str, ddl: list[str] = ()) -> str:
     return dsn
 
 
-# How a turn can end and belong to the conversation.
+# How a turn can end and belong to the conversation (unless it ended before any answer
+# text: `unanswered`, a record only).
 ENDED = ("complete", "interrupted", "failed")
 
 # An appID's conversation as the model is sent it all (no context budget): every appID
-# that has turns, with the Ollama messages of its ended turns, system prompts first, then
-# turn by turn in order; a reply that ended with neither text nor tool calls left out.
+# that has turns, with the Ollama messages of its ended turns bar the unanswered ones,
+# system prompts first, then turn by turn in order; a reply that ended with neither text
+# nor tool calls left out.
 CONVERSATIONS_AS_SENT = """
     SELECT a.appid, coalesce((
         SELECT jsonb_agg(jsonb_build_object('role', m.role, 'content', m.content)
@@ -66,7 +68,7 @@ CONVERSATIONS_AS_SENT = """
                          ORDER BY m.role <> 'system', m.turn_id, m.seq)
           FROM chatterd.messages m JOIN chatterd.turns t ON t.id = m.turn_id
          WHERE m.appid = a.appid AND t.appid = a.appid
-           AND t.status IN ('complete', 'interrupted', 'failed')
+           AND t.status IN ('complete', 'interrupted', 'failed') AND NOT t.unanswered
            AND (m.status = 'complete' OR m.content <> '' OR m.extra ? 'tool_calls')),
         '[]'::jsonb)::text AS conversation
       FROM (SELECT DISTINCT appid FROM chatterd.turns) a"""
@@ -74,18 +76,20 @@ CONVERSATIONS_AS_SENT = """
 
 async def read_conversation(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
     """The stored conversation of the appID, every row of its ended turns in order
-    (replies with no text included)."""
+    (replies with no text included; the records of turns that ended before any answer
+    text left out: see read_turns)."""
     return await pool.fetch(
         "SELECT m.seq, m.turn_id, m.role, m.content, m.extra, m.status, m.error, m.model,"
         " m.tokens, m.ntokens, m.ntokens_from FROM chatterd.messages m"
         " JOIN chatterd.turns t ON t.id = m.turn_id"
-        " WHERE m.appid = $1 AND t.status = ANY($2::text[])"
+        " WHERE m.appid = $1 AND t.status = ANY($2::text[]) AND NOT t.unanswered"
         " ORDER BY m.role <> 'system', m.turn_id, m.seq", app_id, list(ENDED))
 
 
 async def read_turns(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
-    """Every turn of the appID, ended or not, in order."""
-    return await pool.fetch("SELECT id, status, owner, error FROM chatterd.turns"
+    """Every turn of the appID, ended or not, in order (unanswered: ended before any answer
+    text, a record outside the conversation)."""
+    return await pool.fetch("SELECT id, status, owner, error, unanswered FROM chatterd.turns"
                             " WHERE appid = $1 ORDER BY id", app_id)
 
 

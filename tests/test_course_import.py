@@ -218,7 +218,7 @@ class CourseImportTest(DatabaseTestCase):
         finally:
             await stop(proc)
         [line] = import_lines(proc.log)
-        self.assertIn("3 board post(s), 11 message(s) in 2 appID(s), tool schemas of 1 appID(s);"
+        self.assertIn("3 board post(s), 11 message(s) in 2 appID(s) as 3 turn(s), tool schemas of 1 appID(s);"
                       " skipped 1 row(s) (role 'llama3.2': 1)", line)
         self.assertEqual(await course.snapshot(), before)  # the course table is untouched
         self.assertEqual(jsonfmt.loads(await con.fetchval(
@@ -243,7 +243,7 @@ class CourseImportTest(DatabaseTestCase):
         before = await course.snapshot()
         code, err = await run_chatterd("--database-url", dsn, "--import-course")
         self.assertEqual(code, 0, err)
-        self.assertIn("1 board post(s), 3 message(s) in 2 appID(s), tool schemas of 0 appID(s);"
+        self.assertIn("1 board post(s), 3 message(s) in 2 appID(s) as 2 turn(s), tool schemas of 0 appID(s);"
                       " skipped 0 row(s)", err)
         code, err = await run_chatterd("--database-url", dsn, "--import-course")
         self.assertEqual(code, 0, err)
@@ -299,6 +299,7 @@ class CourseImportTest(DatabaseTestCase):
             body = await curl("-N", "-X", "POST", f"{base}/llmchat", "-d", jsonfmt.dumps(
                 {"appID": app_id, "model": "llama3.2", "stream": True,
                  "options": {"num_ctx": context}, "messages": [new]}))
+            self.assertIn(b"\ndata: ", body)  # (an error object otherwise, which says why)
             sent = (await self.double.wait_for_chats(before + 1))[before].messages
         finally:
             await stop(proc)

@@ -175,9 +175,13 @@ def test_a_database_of_the_ten_migrations_upgrades_with_its_data_kept():
                                          USER % '"still running"')
             before = await table_rows(con, "chatterd")
             applied = await upgrade(dsn)
-            assert applied.versions == [11]
+            assert applied.versions == [11, 15, 16]
             assert applied.functions == [name for name, _ in migrate.function_files()]
-            assert await table_rows(con, "chatterd") == before
+            after = await table_rows(con, "chatterd")
+            # 0016 adds turns.unanswered: none of these turns ended before any answer text.
+            assert after["turns"] == [row + ("False",) for row in before.pop("turns")]
+            del after["turns"]
+            assert after == before
             assert await con.fetchval("SELECT to_regprocedure('chatterd.conversation_of(text)')") is None
         finally:
             await con.close()
@@ -228,20 +232,22 @@ def test_a_database_of_the_first_release_upgrades_with_its_data_kept():
             messages = await con.fetch("SELECT * FROM public.messages ORDER BY seq")
 
             applied = await upgrade(dsn)
-            assert applied.versions == list(range(2, 12))
+            assert applied.versions == list(range(2, 12)) + [15, 16]
             assert await con.fetchval("SELECT to_regclass('public.messages')") is None
             assert await con.fetch("SELECT * FROM chatterd.chatts ORDER BY seq") == chatts
             columns = list(messages[0].keys())
             moved = await con.fetch(f"SELECT {', '.join(columns)} FROM chatterd.messages ORDER BY seq")
             assert moved == messages
-            # Each appID's messages became one ended turn, its counts as the functions count.
+            # Each appID's messages became ended turns, split at each user message that follows
+            # another role's (0015), their counts as the functions count.
             await con.execute("SET search_path = chatterd")  # (turn_size has no SET clause)
             turns = await con.fetch("SELECT t.appid, t.status, t.tokens, t.nmessages,"
                                     " s.tokens AS size_tokens, s.nmessages AS size_n"
-                                    " FROM chatterd.turns t, chatterd.turn_size(t.id) s ORDER BY 1")
-            assert [(t["appid"], t["status"]) for t in turns] == [("a", "complete"), ("b", "complete")]
+                                    " FROM chatterd.turns t, chatterd.turn_size(t.id) s ORDER BY t.appid, t.id")
+            assert [(t["appid"], t["status"]) for t in turns] == [("a", "complete")] * 3 + [("b", "complete")]
             assert all((t["tokens"], t["nmessages"]) == (t["size_tokens"], t["size_n"]) for t in turns)
-            assert [t["nmessages"] for t in turns] == [5, 2]  # a: bar the system and the empty reply
+            # a: hi, hello | look (its empty reply is not sent) | weather?, the call; b: both
+            assert [t["nmessages"] for t in turns] == [2, 1, 2, 2]
             counts = await con.fetch(
                 "SELECT ntokens, ntokens_from, CASE WHEN role = 'assistant' AND tokens IS NOT NULL"
                 " THEN tokens ELSE chatterd.estimate_tokens(content, extra) END AS expected"
@@ -286,7 +292,7 @@ def test_a_database_with_turn_functions_in_public_moves_into_the_schema():
             await con.execute("SELECT end_turn($1, 'complete', NULL, 'hello', NULL, NULL, NULL, true)",
                               turn)
             applied = await upgrade(dsn)
-            assert applied.versions == list(range(3, 12))
+            assert applied.versions == list(range(3, 12)) + [15, 16]
             assert (await upgrade(dsn)) == migrate.Migrated()
             assert await con.fetchval("SELECT to_regclass('public.chatts')") is None
             assert await con.fetchval("SELECT count(*) FROM pg_proc"

@@ -8,6 +8,14 @@
 -- 'already' = an earlier attempt did it, 'lost' = the turn was abandoned meanwhile (its
 -- lease expired and another turn took it).
 --
+-- A turn that ended before any answer text -- failed or interrupted with neither text nor a
+-- tool call in its reply, and no tool round stored -- is kept as a record (`unanswered`:
+-- its status, messages and error stay, for a resend and for the conversations API) but
+-- never enters the conversation: later turns never send its messages, which would leave
+-- its user message without a reply (two user messages in a row, which many chat
+-- templates refuse), and a resend of it is a new turn.  A turn that failed after answer
+-- text enters whole, with what was said.
+--
 -- The reply costs Ollama's eval_count (p_tokens) when complete, else its estimate;
 -- p_prompt_tokens (Ollama's prompt_eval_count for the prompt this turn sent) teaches the
 -- counts of what it sent (learn_tokens).  The turn row is written once.  A released lease
@@ -27,12 +35,21 @@ DECLARE
     v_tokens integer;
     v_n integer;
     v_ended boolean := p_status IN ('complete', 'interrupted', 'failed');
+    v_nincoming integer;
+    v_unanswered boolean := false;
 BEGIN
-    SELECT status, appid INTO v_status, v_appid FROM turns WHERE id = p_turn FOR UPDATE;
+    SELECT status, appid, nincoming INTO v_status, v_appid, v_nincoming
+      FROM turns WHERE id = p_turn FOR UPDATE;
     IF v_status IS NULL THEN
         RETURN 'lost';
     ELSIF v_status <> 'running' THEN
         RETURN CASE WHEN v_status = p_status THEN 'already' ELSE 'lost' END;
+    END IF;
+    IF p_status IN ('failed', 'interrupted')
+       AND NOT (p_reply AND (p_content <> '' OR coalesce(p_extra ? 'tool_calls', false))) THEN
+        -- No tool round either: the turn holds only its incoming messages so far.
+        v_unanswered := coalesce((SELECT count(*) FROM messages m WHERE m.turn_id = p_turn)
+                                 <= v_nincoming, false);
     END IF;
     IF v_ended AND p_prompt_tokens IS NOT NULL THEN
         v_learned := learn_tokens(p_turn, p_prompt_tokens);
@@ -52,7 +69,10 @@ BEGIN
                 CASE WHEN p_tokens IS NOT NULL AND p_status = 'complete' THEN 'ollama'
                      ELSE 'estimate' END);
     END IF;
-    IF v_ended THEN
+    IF v_unanswered THEN
+        v_tokens := 0;  -- nothing of it is sent, and its conversation does not grow
+        v_n := 0;
+    ELSIF v_ended THEN
         -- turn_size(p_turn), written out: a SQL function that is not inlined is planned
         -- again on every call.
         SELECT coalesce(sum(coalesce(m.ntokens, estimate_tokens(m.content, m.extra))), 0)::integer,
@@ -68,7 +88,8 @@ BEGIN
     END IF;
     UPDATE turns SET status = p_status, error = v_error, ended_at = now(),
                      prompt_tokens = p_prompt_tokens,
-                     tokens = coalesce(v_tokens, tokens), nmessages = coalesce(v_n, nmessages)
+                     tokens = coalesce(v_tokens, tokens), nmessages = coalesce(v_n, nmessages),
+                     unanswered = v_unanswered
      WHERE id = p_turn;
     UPDATE leases SET expires_at = '-infinity' WHERE appid = v_appid AND turn_id = p_turn;
     RETURN CASE WHEN v_learned = 'suspect' THEN 'stored-suspect' ELSE 'stored' END;
