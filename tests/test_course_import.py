@@ -397,3 +397,126 @@ class StartupFailureTest(AsyncTestCase):
         dsn = f"postgresql://chatterd@127.0.0.1:{unused_port()}/chatterd"
         code, err = await run_chatterd("--database-url", dsn, "--db-timeout", "3")
         self.assert_one_line_exit_1(code, err, "chatterd: the database is unreachable: ")
+
+
+# What the course import of 84d1182 stored, repaired by migration 0015 -------------------
+
+LONG_ROWS = 2_000  # the long conversation: a system prompt, then requests and their replies
+
+
+def test_conversations_imported_as_one_turn_are_split_without_losing_or_reordering_a_message():
+    """A database that 84d1182 set up and filled (its migrations, its course_import(), its
+    turns): each appID's imported history was one turn.  The upgrade splits it at each user
+    message that follows another role's, renumbers the appID's later turns after the parts,
+    and moves no message out of its place; the budget then sends the newest whole turns."""
+    from db import conversations, pool as db_pool
+    from db.conversations import Reply
+    from tests.test_migrations import TEN_MIGRATIONS, release_database, upgrade
+
+    async def go() -> None:
+        dsn = await release_database(TEN_MIGRATIONS)
+        con = await asyncpg.connect(dsn, server_settings={"search_path": "chatterd"})
+        try:
+            for statement in NEWER:
+                await con.execute(statement.replace("TABLE chatts", "TABLE public.chatts"))
+            course = Course(con)
+            await con.execute("SET search_path = public")
+            await con.execute(
+                "INSERT INTO chatts (name, message, id, time, appid)"
+                " SELECT CASE WHEN i = 0 THEN 'system' WHEN i % 2 = 1 THEN 'user' ELSE 'assistant' END,"
+                "        format('long %s', i), gen_random_uuid(),"
+                "        timestamp '2026-01-05 08:00' + i * interval '1 second', 'edu.long'"
+                "   FROM generate_series(0, $1) AS i", LONG_ROWS)
+            await course.llmprep("edu.tools", "You are terse.")
+            await course.llmchat("edu.tools", [("user", "What's the weather?"), ("user", "Here.")])
+            await course.tool_round("edu.tools", jsonfmt.dumps(TOOL_CALLS), '{"temperature": 21}')
+            await course.llmchat("edu.tools", [], reply="It is 21 degrees.")
+            await course.llmchat("edu.one", [("user", "only")], reply="once")
+            await con.execute("SET search_path = chatterd")
+            first = jsonfmt.loads(await con.fetchval("SELECT course_import('public.chatts')::text"))
+
+            async def turn(app: str, text: str, reply: str, status: str = "complete") -> None:
+                turn_id = await con.fetchval(
+                    "SELECT turn_id FROM begin_turn($1, 'host:1:old', 10, $2::jsonb, false, 120,"
+                    " 6144, 8192, NULL, NULL, NULL)", app, jsonfmt.dumps([{"role": "user", "content": text}]))
+                await con.fetchval("SELECT end_turn($1, $2, NULL, $3, NULL, 'm', NULL, true, NULL)",
+                                   turn_id, status, reply)
+
+            await turn("edu.long", "after the move", "noted")
+            await turn("edu.tools", "and tomorrow?", "", "failed")  # before any text: lone in 84d1182
+            await con.execute("UPDATE turns SET delivered = true")  # its client saw the error
+            await turn("edu.tools", "and tomorrow?", "Cooler.")
+            await con.execute("SET search_path = public")
+            await course.llmchat("edu.long", [("user", "late question")], reply="late answer")
+            await con.execute("SET search_path = chatterd")
+            second = jsonfmt.loads(await con.fetchval("SELECT course_import('public.chatts')::text"))
+            await turn("edu.long", "after the second move", "noted again")
+
+            order = ("SELECT appid, array_agg(seq ORDER BY turn_id, seq) AS seqs,"
+                     " array_agg(row(seq, role, content, extra, status, created_at)::text ORDER BY seq)"
+                     " AS rows FROM messages GROUP BY appid ORDER BY appid")
+            before = [tuple(r) for r in await con.fetch(order)]
+            turns_before = await con.fetchval("SELECT count(*) FROM turns")
+            one_turn = await con.fetchrow(
+                "SELECT count(*) AS turns, count(DISTINCT appid) AS appids, sum((SELECT count(*)"
+                " FROM messages m WHERE m.turn_id = t.id)) AS messages"
+                " FROM turns t WHERE owner LIKE 'course import %'")
+            # 84d1182 stored one turn per appID and import.
+            assert (first["appids"], second["appids"], one_turn["turns"]) == (3, 1, 4)
+
+            applied = await upgrade(dsn)
+            assert applied.versions == [11, 15, 16]
+            assert [tuple(r) for r in await con.fetch(order)] == before  # nothing lost or moved
+            imported = await con.fetch(
+                "SELECT t.id, t.appid, t.owner, t.tokens, t.nmessages, s.tokens AS size_tokens,"
+                " s.nmessages AS size_n, array_agg(m.role ORDER BY m.seq) AS roles"
+                " FROM turns t JOIN messages m ON m.turn_id = t.id, turn_size(t.id) s"
+                " WHERE t.owner LIKE 'course import %' GROUP BY t.id, s.tokens, s.nmessages"
+                " ORDER BY t.id")
+            made = len(imported) - one_turn["turns"]
+            print(f"\nrepair: {one_turn['messages']} imported messages in {one_turn['appids']} appIDs,"
+                  f" {one_turn['turns']} one-turn imports -> {len(imported)} turns ({made} made);"
+                  f" {await con.fetchval('SELECT count(*) FROM turns') - turns_before} turns in all")
+            # edu.long: a turn per request (the system prompt with the first) and the late
+            # one; edu.tools and edu.one: one request each.
+            assert len(imported) == LONG_ROWS // 2 + 1 + 1 + 1, len(imported)
+            for t in imported:  # each starts with its user messages, and has no other
+                roles = [r for r in t["roles"] if r != "system"]
+                users = [i for i, r in enumerate(roles) if r == "user"]
+                assert users and users == list(range(len(users))), t
+                if (t["appid"], t["owner"]) == ("edu.long", "course import 1"):
+                    # Split: each part has its size (the turns left whole are sized by
+                    # begin_turn, as turns stored by other means).
+                    assert (t["tokens"], t["nmessages"]) == (t["size_tokens"], t["size_n"]), t
+            tools = [list(t["roles"]) for t in imported if t["appid"] == "edu.tools"]
+            assert tools == [["system", "user", "user", "assistant", "tool", "assistant"]]
+            assert await con.fetchval("SELECT count(*) FROM turns WHERE unanswered") == 1
+        finally:
+            await con.close()
+
+        pool = await db_pool.create_pool(dsn, max_size=2)
+        try:
+            new = {"role": "user", "content": "now?"}
+            turn_id, history, window, _ = await conversations.begin_turn(
+                pool, "edu.long", "new", 10, [new], budget=600, context=800)
+            sent = history + [new]
+            assert shape_problems(sent) == [], shape_problems(sent)
+            assert sent[0]["content"] == "long 0" and sent[-5:] == [
+                {"role": "user", "content": "late question"},
+                {"role": "assistant", "content": "late answer"},
+                {"role": "user", "content": "after the second move"},
+                {"role": "assistant", "content": "noted again"}, new]
+            assert 20 < window.sent_messages < LONG_ROWS // 2 and window.omitted_messages > 0
+            await conversations.end_turn(pool, turn_id, "complete", None, Reply(content="ok"))
+            _, history, _, _ = await conversations.begin_turn(pool, "edu.tools", "new", 10, [new])
+            # The turn that failed before any text is a record only: its message is sent once,
+            # by the resend that was answered.
+            contents = [m["content"] for m in history]
+            assert contents.count("and tomorrow?") == 1 and contents[-2:] == ["and tomorrow?", "Cooler."]
+            one_request = [("What's the weather?", "Here.")]  # (the course client's own break)
+            assert shape_problems(history + [new], lambda a, b: a is not None and (
+                a["content"], b["content"]) in one_request) == []
+        finally:
+            await pool.close()
+
+    asyncio.run(go())

@@ -97,3 +97,6 @@ UPDATE turns t
          WHERE st.split
          GROUP BY st.new_id) s
  WHERE t.id = s.new_id;
+
+-- The walk of begin_turn plans on the statistics of turns, which this may have grown a lot.
+ANALYZE turns;
