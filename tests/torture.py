@@ -383,6 +383,7 @@ class Report:
     # The shape of every message list sent upstream (tests/message_shape.py): lists checked,
     # and the problems found, by kind (a list counts once per kind it breaks).
     shape_checked: int = 0
+    records: int = 0  # ended turns outside the conversation: they ended before any answer text
     malformed: collections.Counter = field(default_factory=collections.Counter)
     evidence: dict = field(default_factory=lambda: collections.defaultdict(list))
 
@@ -406,7 +407,8 @@ class Report:
                f"  faults injected: {fmt(self.faults)}",
                f"  attempt outcomes: {fmt(self.outcomes)}",
                f"  HTTP statuses: {fmt(self.statuses)}",
-               f"  stored turns by status: {fmt(self.stored)}",
+               f"  stored turns by status: {fmt(self.stored)}; {self.records} of them ended before "
+               "any answer text (records outside the conversation)",
                f"  well-formedness: {self.shape_checked} upstream message lists checked, "
                f"{sum(self.malformed.values())} violations ({fmt(self.malformed)})",
                f"  violations: {sum(self.violations.values())} ({fmt(self.violations)})"]
@@ -717,6 +719,8 @@ class Torture:
                 elif replies:
                     rep.violation("a turn outside the conversation has a reply row", ev)
             views[app] = view
+        rep.records = sum(len(ts) for ts in records_by_tid.values())
+        for app, view in views.items():
             got = [(m.get("role"), m.get("content")) for m in conv_of.get(app, [])]
             if got != view:
                 rep.violation("the conversation as sent differs from the ended turns' rows",
