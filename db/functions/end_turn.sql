@@ -9,12 +9,12 @@
 -- lease expired and another turn took it).
 --
 -- A turn that ended before any answer text -- failed or interrupted with neither text nor a
--- tool call in its reply, and no tool round stored -- is kept as a record (`unanswered`:
--- its status, messages and error stay, for a resend and for the conversations API) but
--- never enters the conversation: later turns never send its messages, which would leave
--- its user message without a reply (two user messages in a row, which many chat
--- templates refuse), and a resend of it is a new turn.  A turn that failed after answer
--- text enters whole, with what was said.
+-- tool call in its reply -- is kept as a record (`unanswered`: its status, messages, tool
+-- rounds and error stay, for a resend and for the conversations API) but never enters the
+-- conversation: later turns never send its messages, which would leave its user message
+-- (or its last tool results) without a reply, and two user messages in a row are what
+-- many chat templates refuse.  A resend of it is a new turn.  A turn that failed after
+-- answer text enters whole, with what was said.
 --
 -- The reply costs Ollama's eval_count (p_tokens) when complete, else its estimate;
 -- p_prompt_tokens (Ollama's prompt_eval_count for the prompt this turn sent) teaches the
@@ -35,21 +35,15 @@ DECLARE
     v_tokens integer;
     v_n integer;
     v_ended boolean := p_status IN ('complete', 'interrupted', 'failed');
-    v_nincoming integer;
-    v_unanswered boolean := false;
+    v_unanswered boolean := p_status IN ('failed', 'interrupted')
+        AND NOT (p_reply AND (coalesce(p_content, '') <> ''
+                              OR coalesce(p_extra ? 'tool_calls', false)));
 BEGIN
-    SELECT status, appid, nincoming INTO v_status, v_appid, v_nincoming
-      FROM turns WHERE id = p_turn FOR UPDATE;
+    SELECT status, appid INTO v_status, v_appid FROM turns WHERE id = p_turn FOR UPDATE;
     IF v_status IS NULL THEN
         RETURN 'lost';
     ELSIF v_status <> 'running' THEN
         RETURN CASE WHEN v_status = p_status THEN 'already' ELSE 'lost' END;
-    END IF;
-    IF p_status IN ('failed', 'interrupted')
-       AND NOT (p_reply AND (p_content <> '' OR coalesce(p_extra ? 'tool_calls', false))) THEN
-        -- No tool round either: the turn holds only its incoming messages so far.
-        v_unanswered := coalesce((SELECT count(*) FROM messages m WHERE m.turn_id = p_turn)
-                                 <= v_nincoming, false);
     END IF;
     IF v_ended AND p_prompt_tokens IS NOT NULL THEN
         v_learned := learn_tokens(p_turn, p_prompt_tokens);
