@@ -102,7 +102,7 @@ class LLMToolsHandler(LLMChatHandler):
     shutting_down = False
 
     def parse_request(self) -> LLMRequest:
-        request = parse_llm_request(self.json_object(), max_messages=self.settings["max_messages"])
+        request = parse_llm_request(self.json_object(), max_messages=self.config.max_messages)
         tools = request.passthrough.pop("tools", None)
         self.client_tools = None if tools is None else parse_tools(tools)
         if not request.stream:
@@ -118,7 +118,7 @@ class LLMToolsHandler(LLMChatHandler):
             return turn
         try:  # the turn holds the appID's lease: no other turn changes the schemas meanwhile
             self.client_tools = await conversations.tool_schemas(
-                self.pool, request.app_id, self.client_tools)
+                self.pool, self.owner_id, request.app_id, self.client_tools)
         except BaseException:
             await turn.reject("its tool schemas could not be read or stored")
             raise
@@ -137,7 +137,7 @@ class LLMToolsHandler(LLMChatHandler):
         ours = [c for c in calls if registry.is_resident(c)]
         if not ours:
             return False  # text, or only the client's tools: the turn ends here
-        limit = self.settings["tool_rounds"]
+        limit = self.config.tool_rounds
         if self.rounds >= limit:
             # These calls are not run, and the turn ends without an answer to them: like a
             # round cut short, they are not stored (_finish_turn).

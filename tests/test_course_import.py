@@ -11,9 +11,13 @@ import asyncpg
 from tornado.testing import AsyncTestCase, gen_test
 
 import jsonfmt
+import settings
+from db import conversations, pool as db_pool
+from db.conversations import ANONYMOUS, Reply
 from tests.message_shape import shape_problems
 from tests.ollama_double import OllamaDouble, default_reply
 from tests.support import fresh_database
+from tests.test_migrations import TEN_MIGRATIONS, release_database, upgrade
 from tests.test_process import ROOT, curl, start_chatterd, stop, unused_port
 
 # The course's SQL.  Its chatter page creates chatts (the exact DDL is not published; this
@@ -409,10 +413,6 @@ def test_conversations_imported_as_one_turn_are_split_without_losing_or_reorderi
     turns): each appID's imported history was one turn.  The upgrade splits it at each user
     message that follows another role's, renumbers the appID's later turns after the parts,
     and moves no message out of its place; the budget then sends the newest whole turns."""
-    from db import conversations, pool as db_pool
-    from db.conversations import Reply
-    from tests.test_migrations import TEN_MIGRATIONS, release_database, upgrade
-
     async def go() -> None:
         dsn = await release_database(TEN_MIGRATIONS)
         con = await asyncpg.connect(dsn, server_settings={"search_path": "chatterd"})
@@ -465,13 +465,13 @@ def test_conversations_imported_as_one_turn_are_split_without_losing_or_reorderi
             assert (first["appids"], second["appids"], one_turn["turns"]) == (3, 1, 4)
 
             applied = await upgrade(dsn)
-            assert applied.versions == [11, 15, 16]
+            assert applied.versions == [11, 15, 16, 21]
             assert [tuple(r) for r in await con.fetch(order)] == before  # nothing lost or moved
             imported = await con.fetch(
                 "SELECT t.id, t.appid, t.owner, t.tokens, t.nmessages, s.tokens AS size_tokens,"
                 " s.nmessages AS size_n, array_agg(m.role ORDER BY m.seq) AS roles"
-                " FROM turns t JOIN messages m ON m.turn_id = t.id, turn_size(t.id) s"
-                " WHERE t.owner LIKE 'course import %' GROUP BY t.id, s.tokens, s.nmessages"
+                " FROM turns t JOIN messages m ON m.turn_id = t.id, turn_size(t.owner_id, t.id) s"
+                " WHERE t.owner LIKE 'course import %' GROUP BY t.owner_id, t.id, s.tokens, s.nmessages"
                 " ORDER BY t.id")
             made = len(imported) - one_turn["turns"]
             print(f"\nrepair: {one_turn['messages']} imported messages in {one_turn['appids']} appIDs,"
@@ -494,11 +494,11 @@ def test_conversations_imported_as_one_turn_are_split_without_losing_or_reorderi
         finally:
             await con.close()
 
-        pool = await db_pool.create_pool(dsn, max_size=2)
+        pool = await db_pool.create_pool(dsn, settings.defaults(db_pool_size=2))
         try:
             new = {"role": "user", "content": "now?"}
             turn_id, history, window, _ = await conversations.begin_turn(
-                pool, "edu.long", "new", 10, [new], budget=600, context=800)
+                pool, ANONYMOUS, "edu.long", "new", 10, [new], budget=600, context=800)
             sent = history + [new]
             assert shape_problems(sent) == [], shape_problems(sent)
             assert sent[0]["content"] == "long 0" and sent[-5:] == [
@@ -507,8 +507,9 @@ def test_conversations_imported_as_one_turn_are_split_without_losing_or_reorderi
                 {"role": "user", "content": "after the second move"},
                 {"role": "assistant", "content": "noted again"}, new]
             assert 20 < window.sent_messages < LONG_ROWS // 2 and window.omitted_messages > 0
-            await conversations.end_turn(pool, turn_id, "complete", None, Reply(content="ok"))
-            _, history, _, _ = await conversations.begin_turn(pool, "edu.tools", "new", 10, [new])
+            await conversations.end_turn(pool, ANONYMOUS, turn_id, "complete", None, Reply(content="ok"))
+            _, history, _, _ = await conversations.begin_turn(pool, ANONYMOUS, "edu.tools", "new", 10,
+                                                              [new])
             # The turn that failed before any text is a record only: its message is sent once,
             # by the resend that was answered.
             contents = [m["content"] for m in history]

@@ -11,17 +11,19 @@
 -- ties in when it read through an index on time (btree ties are kept in heap order).
 --
 -- Rows with a NULL appID are board posts (chatts, same id and time).  Rows with an appID
--- are that appID's conversation, appended after any turns it already has, as ended
--- ('complete') turns split the way chatterd stores them: a new turn at each user message
--- that follows a message of another role (the user messages of one request stay together),
--- so an assistant's tool calls stay in the turn with their results, and the context budget,
--- which sends whole turns only, can send the newest turns of a long history.  Skipped,
--- counted by reason: rows without an id or
+-- are that appID's conversation, under owner p_owner_id (db/course_import.py: the anonymous
+-- namespace, where the course's clients, which send no credentials, find them), appended
+-- after any turns it already has, as ended ('complete') turns split the way chatterd
+-- stores them: a new turn at each user message that follows a message of another role (the
+-- user messages of one request stay together), so an assistant's tool calls stay in the
+-- turn with their results, and the context budget, which sends whole turns only, can send
+-- the newest turns of a long history.  Skipped, counted by reason: rows without an id or
 -- repeating an earlier row's id; an empty or over-long appID; a role that is not one of
 -- Ollama's (system, user, assistant, tool), e.g. a model or user name on an appID row.
 -- toolcalls (JSON text) becomes the message's tool_calls; the last toolschemas of an
 -- appID becomes its tool_schemas row.  The course table is only read.
-CREATE OR REPLACE FUNCTION course_import(p_table regclass) RETURNS jsonb
+DROP FUNCTION IF EXISTS course_import(regclass);
+CREATE OR REPLACE FUNCTION course_import(p_table regclass, p_owner_id bigint) RETURNS jsonb
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     v_layout jsonb := course_layout(p_table);
@@ -89,17 +91,17 @@ BEGIN
     DROP TABLE IF EXISTS pg_temp.course_turns;
     CREATE TEMP TABLE course_turns (id bigint, appid text, part bigint) ON COMMIT DROP;
     WITH t AS (
-        INSERT INTO turns (appid, status, owner, started_at, ended_at)
-        SELECT appid, 'complete', 'course import ' || v_import, min(coalesce(time, now())), now()
+        INSERT INTO turns (owner_id, appid, status, owner, started_at, ended_at)
+        SELECT p_owner_id, appid, 'complete', 'course import ' || v_import, min(coalesce(time, now())), now()
           FROM pg_temp.course_batch WHERE reason IS NULL AND appid IS NOT NULL
          GROUP BY appid, part ORDER BY min(ord)
         RETURNING id, appid)
     INSERT INTO pg_temp.course_turns (id, appid, part)
     SELECT id, appid, row_number() OVER (PARTITION BY appid ORDER BY id) FROM t;
     GET DIAGNOSTICS v_turns = ROW_COUNT;
-    INSERT INTO messages (appid, turn_id, role, content, extra, created_at, ntokens)
-    SELECT b.appid, t.id, b.role, coalesce(b.message, ''), e.extra, coalesce(b.time, now()),
-           estimate_tokens(coalesce(b.message, ''), e.extra)
+    INSERT INTO messages (owner_id, appid, turn_id, role, content, extra, created_at, ntokens)
+    SELECT p_owner_id, b.appid, t.id, b.role, coalesce(b.message, ''), e.extra,
+           coalesce(b.time, now()), estimate_tokens(coalesce(b.message, ''), e.extra)
       FROM pg_temp.course_batch b JOIN pg_temp.course_turns t ON t.appid = b.appid AND t.part = b.part
      CROSS JOIN LATERAL (SELECT CASE WHEN jsonb_typeof(b.tool_calls) = 'array'
                                           AND jsonb_array_length(b.tool_calls) > 0
@@ -113,28 +115,31 @@ BEGIN
     -- is left to that count.
     UPDATE turns t SET tokens = s.tokens, nmessages = s.nmessages,
                        continues = coalesce((SELECT m.role = 'tool' FROM messages m
-                                              WHERE m.turn_id = t.id AND m.role <> 'system'
+                                              WHERE m.owner_id = p_owner_id AND m.turn_id = t.id
+                                                AND m.role <> 'system'
                                               ORDER BY m.seq LIMIT 1), false)
-      FROM pg_temp.course_turns c CROSS JOIN LATERAL turn_size(c.id) s
-     WHERE t.id = c.id;
-    INSERT INTO conversation_sizes AS cs (appid, messages, tokens)
-    SELECT m.appid, count(*), sum(m.ntokens)
-      FROM pg_temp.course_turns c JOIN messages m ON m.turn_id = c.id
+      FROM pg_temp.course_turns c CROSS JOIN LATERAL turn_size(p_owner_id, c.id) s
+     WHERE t.owner_id = p_owner_id AND t.id = c.id;
+    INSERT INTO conversation_sizes AS cs (owner_id, appid, messages, tokens)
+    SELECT p_owner_id, m.appid, count(*), sum(m.ntokens)
+      FROM pg_temp.course_turns c JOIN messages m ON m.owner_id = p_owner_id AND m.turn_id = c.id
      WHERE is_sent(m.status, m.content, m.extra)
      GROUP BY m.appid
-    HAVING EXISTS (SELECT 1 FROM conversation_sizes s WHERE s.appid = m.appid)
-        OR NOT EXISTS (SELECT 1 FROM turns t WHERE t.appid = m.appid AND t.id < min(c.id))
-    ON CONFLICT (appid) DO UPDATE
+    HAVING EXISTS (SELECT 1 FROM conversation_sizes s
+                    WHERE s.owner_id = p_owner_id AND s.appid = m.appid)
+        OR NOT EXISTS (SELECT 1 FROM turns t
+                        WHERE t.owner_id = p_owner_id AND t.appid = m.appid AND t.id < min(c.id))
+    ON CONFLICT (owner_id, appid) DO UPDATE
         SET messages = cs.messages + EXCLUDED.messages, tokens = cs.tokens + EXCLUDED.tokens;
     SELECT count(DISTINCT appid) INTO v_appids
       FROM pg_temp.course_batch WHERE reason IS NULL AND appid IS NOT NULL;
 
-    INSERT INTO tool_schemas AS s (appid, schemas)
-    SELECT DISTINCT ON (appid) appid, course_json(toolschemas)
+    INSERT INTO tool_schemas AS s (owner_id, appid, schemas)
+    SELECT DISTINCT ON (appid) p_owner_id, appid, course_json(toolschemas)
       FROM pg_temp.course_batch
      WHERE reason IS NULL AND appid IS NOT NULL AND course_json(toolschemas) IS NOT NULL
      ORDER BY appid, ord DESC
-    ON CONFLICT (appid) DO UPDATE SET schemas = EXCLUDED.schemas, updated_at = now();
+    ON CONFLICT (owner_id, appid) DO UPDATE SET schemas = EXCLUDED.schemas, updated_at = now();
     GET DIAGNOSTICS v_schemas = ROW_COUNT;
 
     INSERT INTO course_rows (course_id, import_id, outcome)

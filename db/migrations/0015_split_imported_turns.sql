@@ -10,6 +10,8 @@
 -- parts and every later turn of its appID get new ids from turn_ids, in the same order.
 -- Each message keeps its row (seq, content, everything); only its turn_id changes.  The
 -- history cache of a running process never holds a moved turn's old id again (it is gone).
+-- A conversation is an appID here (owners come with 0021); after 0021, the later turns of
+-- another owner's conversation of the same appID would move too, their order kept.
 
 -- Every message of a candidate turn, with the part it falls in: 1, 2, ... (messages before
 -- the first user message are in part 1 with it).

@@ -10,20 +10,23 @@ ALTER TABLE turns ADD COLUMN unanswered boolean NOT NULL DEFAULT false;
 -- out of their conversation's size (conversation_sizes counts what end_turn added: every
 -- sent message, system prompts included; a message is sent unless it is a reply that ended
 -- with neither text nor tool calls).  The reply row carries its turn's status; incoming
--- messages and tool rounds are 'complete'.
+-- messages and tool rounds are 'complete'.  A conversation is its appID here, and also its
+-- owner_id once 0021 has added that column (compared through to_jsonb, so this reads the
+-- same either way).
 WITH marked AS (
     UPDATE turns t SET unanswered = true, tokens = 0, nmessages = 0
      WHERE t.status IN ('failed', 'interrupted')
        AND NOT EXISTS (SELECT 1 FROM messages m
                         WHERE m.turn_id = t.id AND m.status = t.status
                           AND (m.content <> '' OR coalesce(m.extra ? 'tool_calls', false)))
-    RETURNING t.id, t.appid),
+    RETURNING t.id, t.appid, to_jsonb(t) -> 'owner_id' AS owner_key),
 unsent AS (
-    SELECT m.appid, count(*) AS messages, coalesce(sum(m.ntokens), 0) AS tokens
+    SELECT marked.appid, marked.owner_key, count(*) AS messages,
+           coalesce(sum(m.ntokens), 0) AS tokens
       FROM marked JOIN messages m ON m.turn_id = marked.id
      WHERE m.status = 'complete' OR m.content <> '' OR coalesce(m.extra ? 'tool_calls', false)
-     GROUP BY m.appid)
+     GROUP BY marked.appid, marked.owner_key)
 UPDATE conversation_sizes c
    SET messages = greatest(c.messages - u.messages, 0), tokens = greatest(c.tokens - u.tokens, 0)
   FROM unsent u
- WHERE c.appid = u.appid;
+ WHERE c.appid = u.appid AND to_jsonb(c) -> 'owner_id' IS NOT DISTINCT FROM u.owner_key;
