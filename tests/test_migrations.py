@@ -38,6 +38,11 @@ RELEASES = Path(__file__).resolve().parent / "releases"
 _checkouts: dict[str, ModuleType] = {}
 
 
+def versions_after(version: int) -> list[int]:
+    """The versioned migrations a database at *version* has still to apply."""
+    return [v for v, _, _ in migrate.available() if v > version]
+
+
 def release_migrate(commit: str) -> ModuleType:
     """db/migrate.py as it was at *commit*, running that commit's db/migrations/.
 
@@ -188,7 +193,7 @@ def test_a_database_of_the_ten_migrations_upgrades_with_its_data_kept():
             before = await table_rows(con, "chatterd")
             columns = await table_columns(con, "chatterd")
             applied = await upgrade(dsn)
-            assert applied.versions == [11, 15, 16, 21]
+            assert applied.versions == versions_after(10)
             assert applied.functions == [name for name, _ in migrate.function_files()]
             assert await table_rows(con, "chatterd", columns) == before
             # None of these turns ended before any answer text (0016).
@@ -243,13 +248,14 @@ def test_a_database_of_the_first_release_upgrades_with_its_data_kept():
                 await con.execute("INSERT INTO messages (appid, role, content, extra, status, tokens)"
                                   " VALUES ($1, $2, $3, $4::jsonb, $5, $6)", app, role, content,
                                   None if extra is None else jsonfmt.dumps(extra), status, tokens)
-            chatts = await con.fetch("SELECT * FROM public.chatts ORDER BY seq")
+            chatts = await con.fetch("SELECT seq, id, name, message, time FROM public.chatts ORDER BY seq")
             messages = await con.fetch("SELECT * FROM public.messages ORDER BY seq")
 
             applied = await upgrade(dsn)
-            assert applied.versions == list(range(2, 12)) + [15, 16, 21]
+            assert applied.versions == versions_after(1)
             assert await con.fetchval("SELECT to_regclass('public.messages')") is None
-            assert await con.fetch("SELECT * FROM chatterd.chatts ORDER BY seq") == chatts
+            assert await con.fetch("SELECT seq, id, name, message, time FROM chatterd.chatts"
+                                   " ORDER BY seq") == chatts
             columns = list(messages[0].keys())
             moved = await con.fetch(f"SELECT {', '.join(columns)} FROM chatterd.messages ORDER BY seq")
             assert moved == messages
@@ -309,7 +315,7 @@ def test_a_database_with_turn_functions_in_public_moves_into_the_schema():
             await con.execute("SELECT end_turn($1, 'complete', NULL, 'hello', NULL, NULL, NULL, true)",
                               turn)
             applied = await upgrade(dsn)
-            assert applied.versions == list(range(3, 12)) + [15, 16, 21]
+            assert applied.versions == versions_after(2)
             assert (await upgrade(dsn)) == migrate.Migrated()
             assert await con.fetchval("SELECT to_regclass('public.chatts')") is None
             assert await con.fetchval("SELECT count(*) FROM pg_proc"
