@@ -63,6 +63,10 @@ A fine link: [example](https://example.invalid/page).
 BEHAVIORS = {
     "llama3.2": {"token_delay": 0.03},
     "quick": {"token_delay": 0.0},
+    # Silent for longer than chatterd's --status-grace (2 s), so the stream has started
+    # (200, keepalives), then the connection is reset before any token: a failed turn with
+    # no answer text, kept as a record outside the conversation.
+    "late": {"header_delay": 3.0, "reset_after": 0},
     "slow": {"token_delay": 0.2, "reply": SLOW_REPLY},
     "steady": {"token_delay": 0.08, "reply": SLOW_REPLY},
     "hostile": {"token_delay": 0.005, "reply": HOSTILE_REPLY},
@@ -202,6 +206,25 @@ def test_stop_keeps_the_partial_reply_marked_and_the_next_message_works(page, st
     assert "nterrupted" in first.find_element(By.CSS_SELECTOR, ".mark").text
 
 
+def test_a_reply_that_failed_before_its_first_token(page, stack):
+    sign_up(page, "late")
+    choose_model(page, "late")
+    type_message(page, "Are you there?")
+    state = wait_reply_ended(page, 1)
+    assert state["status"] == "failed" and state["text"] == "", state
+    live_mark = assistants(page)[0].find_element(By.CSS_SELECTOR, ".mark").text
+    assert live_mark.startswith("Failed: "), live_mark
+    stored = stored_messages(page, current_app_id(page))
+    assert [(m["role"], m["content"], m["status"]) for m in stored] == [
+        ("user", "Are you there?", "failed"), ("assistant", "", "failed")], stored
+    assert stored[1]["error"]
+    page.refresh()  # the record, shown as it was live
+    wait(page, lambda d: assistants(d) and assistants(d)[0].get_attribute("data-status") == "failed",
+         "the stored record after a reload")
+    assert assistants(page)[0].find_element(By.CSS_SELECTOR, ".mark").text == \
+        f"Failed: {stored[1]['error']}"
+
+
 def test_reload_in_the_middle_of_a_stream_and_after_it(page, stack):
     sign_up(page, "reload")
     choose_model(page, "slow")
@@ -300,6 +323,7 @@ def test_too_many_streams_is_a_429_with_its_wait(page, stack):
     # The user's two streams allowed, taken by this same session (as another tab would).
     page.execute_script("""
         window.__held = [];
+        window.__heldStatus = [];
         for (let i = 0; i < arguments[0]; i++) {
             const control = new AbortController();
             window.__held.push(control);
@@ -307,7 +331,8 @@ def test_too_many_streams_is_a_429_with_its_wait(page, stack):
                 headers: {'Content-Type': 'application/json'},
                 body: JSON.stringify({appID: 'web-held-' + i + '-' + Math.random(), model: 'slow',
                                       stream: true, messages: [{role: 'user', content: 'hold'}]})})
-              .then(r => drain(r.body.getReader())).catch(() => {});
+              .then(r => { window.__heldStatus.push(r.status); return drain(r.body.getReader()); })
+              .catch(() => {});
         }
         // Read each stream to its end, holding the reader: a stream nobody holds may be
         // collected, and cancelled, which would free its slot.
@@ -316,9 +341,9 @@ def test_too_many_streams_is_a_429_with_its_wait(page, stack):
             while (!(await reader.read()).done) {}
         }""", USER_STREAMS)
     try:
-        wait(page, lambda d: api(d, "POST", "/llmchat", {
-            "appID": "web-probe", "model": "quick", "stream": True,
-            "messages": [{"role": "user", "content": "probe"}]})[0] == 429, "both streams held")
+        held = wait(page, lambda d: len(s := d.execute_script("return window.__heldStatus")) ==
+                    USER_STREAMS and s, "both streams answered")
+        assert held == [200] * USER_STREAMS, held
         choose_model(page, "quick")
         type_message(page, "One more")
         error = wait(page, lambda d: (e := d.find_elements(By.CSS_SELECTOR, "#messages .error-item"))
