@@ -111,6 +111,9 @@
   function sessionEnded() {
     if (state.stream) stopStream();
     clearConversation();
+    state.appID = null;
+    state.conversations = [];
+    state.nextPage = null;
     els.list.replaceChildren();
     showAuth("Your session has ended; log in again.");
   }
