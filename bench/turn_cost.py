@@ -59,6 +59,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # As the shared harness (../shared/bench) runs its PostgreSQL, and autovacuum off.
 SERVER_SETTINGS = ("fsync = off", "synchronous_commit = off", "full_page_writes = off",
                    "autovacuum = off")
+# --statements: every statement, nested ones too, with its planning.
+STATEMENTS = ("pg_stat_statements.track = 'all'", "pg_stat_statements.track_planning = on")
 AUTO_EXPLAIN = ("auto_explain.log_min_duration = 0", "auto_explain.log_nested_statements = on",
                 "auto_explain.log_analyze = on", "auto_explain.log_buffers = on",
                 "auto_explain.log_timing = on", "auto_explain.log_level = notice")
@@ -127,6 +129,7 @@ async def worker(code: str, dsn: str, args) -> None:
     await migrate.migrate(pool)
     calls = Calls(conversations, history_cache.HistoryCache(1000), args.prompt_tokens == "exact")
     pid = await pool.fetchval("SELECT pg_backend_pid()")
+    print(f"{code}: PostgreSQL backend {pid} (for perf -p)", file=sys.stderr, flush=True)
     history = [f"history-{k}" for k in range(args.conversations)]
     counter = {"fresh": 0, "history": 0}
 
@@ -138,17 +141,21 @@ async def worker(code: str, dsn: str, args) -> None:
 
     async def turns(names: list[str], label: str) -> dict:
         outcomes: dict = {}
+        wal = await pool.fetchval("SELECT pg_current_wal_insert_lsn()")  # asyncpg: an int
         cpu, wall = backend_cpu_ns(pid), time.perf_counter()
         for i, app_id in enumerate(names):
             status = await calls.turn(pool, app_id, f"{label} {i}: tell me more. ")
             outcomes[status] = outcomes.get(status, 0) + 1
-        return {"cpu_ns": backend_cpu_ns(pid) - cpu, "wall_s": time.perf_counter() - wall,
-                "turns": len(names), "outcomes": outcomes}
+        cpu, wall = backend_cpu_ns(pid) - cpu, time.perf_counter() - wall
+        wal = await pool.fetchval("SELECT pg_current_wal_insert_lsn()") - wal
+        return {"cpu_ns": cpu, "wall_s": wall, "wal_bytes": int(wal), "turns": len(names),
+                "outcomes": outcomes}
 
     await turns([f"filler-{i}" for i in range(args.filler)], "filler")
     for t in range(args.history):
         await turns(history, f"history turn {t}")
-    await pool.execute("ANALYZE")
+    if args.analyze:
+        await pool.execute("ANALYZE")
     await turns(app_ids("fresh", args.warmup), "warm-up")
     await turns(app_ids("history", args.warmup), "warm-up")
     if args.explain:
@@ -173,7 +180,7 @@ async def worker(code: str, dsn: str, args) -> None:
     await pool.close()
 
 
-def start_system_postgres(bin_dir: str, root: str):
+def start_system_postgres(bin_dir: str, root: str, statements: bool = False):
     """initdb and start the PostgreSQL in *bin_dir* under *root* (as user postgres when
     run as root, as the harness does); return (admin DSN, a function that stops it)."""
     def as_pg(argv: list[str]) -> list[str]:
@@ -194,7 +201,9 @@ def start_system_postgres(bin_dir: str, root: str):
                    check=True, stdout=subprocess.DEVNULL)
     subprocess.run(as_pg([pg_ctl, "-D", data, "-l", os.path.join(root, "postgres.log"), "-o",
                           f"-p {port} -k {sock} -c listen_addresses=127.0.0.1"
-                          " -c shared_buffers=256MB", "-w", "start"]),
+                          " -c shared_buffers=256MB"
+                          + (" -c shared_preload_libraries=pg_stat_statements"
+                             if statements else ""), "-w", "start"]),
                    check=True, stdout=subprocess.DEVNULL)
 
     def stop() -> None:
@@ -215,7 +224,7 @@ def main(args) -> None:
     root = tempfile.mkdtemp(prefix="chatterd-turn-cost-")
     stop = None
     if args.pg_bin:
-        admin, stop = start_system_postgres(args.pg_bin, root)
+        admin, stop = start_system_postgres(args.pg_bin, root, args.statements)
     else:
         admin = embedded.start(root)
 
@@ -227,11 +236,13 @@ def main(args) -> None:
         finally:
             await con.close()
 
-    asyncio.run(admin_sql(*(f"ALTER SYSTEM SET {setting}" for setting in SERVER_SETTINGS),
+    settings = SERVER_SETTINGS + (STATEMENTS if args.statements else ())
+    asyncio.run(admin_sql(*(f"ALTER SYSTEM SET {setting}" for setting in settings),
                           "SELECT pg_reload_conf()"))
     passthrough = ["--history", str(args.history), "--conversations", str(args.conversations),
                    "--warmup", str(args.warmup), "--filler", str(args.filler),
                    "--prompt-tokens", args.prompt_tokens] + (["--explain"] if args.explain else [])
+    passthrough += [] if args.analyze else ["--no-analyze"]
     workers = []
     try:
         for k, code in enumerate(codes):
@@ -246,13 +257,38 @@ def main(args) -> None:
                 return
             assert w.stdout.readline() == "ready\n", f"the worker for {code} failed"
             workers.append(w)
+        if args.statements:
+            asyncio.run(admin_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+                                  "SELECT pg_stat_statements_reset()"))
         measure(args, codes, workers)
+        if args.statements:
+            asyncio.run(print_statements(admin, codes))
     finally:
         for w in workers:
             w.stdin.close()
             w.wait()
         if stop is not None:
             stop()
+
+
+async def print_statements(admin: str, codes: list[str]) -> None:
+    """pg_stat_statements per checkout's database: every statement the measured turns ran."""
+    import asyncpg
+    con = await asyncpg.connect(admin)
+    try:
+        for k, code in enumerate(codes):
+            print(f"---- statements of {code} (per call: plans, plan ms, exec ms, blocks hit)")
+            for r in await con.fetch(
+                    "SELECT s.calls, s.plans, s.total_plan_time, s.total_exec_time,"
+                    " s.shared_blks_hit, s.query FROM pg_stat_statements s"
+                    " JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1"
+                    " ORDER BY s.total_exec_time DESC", f"turn_cost_{k}"):
+                calls = r["calls"] or 1
+                print(f"{r['calls']:6d} {r['plans'] / calls:5.2f} {r['total_plan_time'] / calls:7.4f}"
+                      f" {r['total_exec_time'] / calls:7.4f} {r['shared_blks_hit'] / calls:6.1f}  "
+                      + " ".join(r["query"].split())[:150])
+    finally:
+        await con.close()
 
 
 def measure(args, codes: list[str], workers: list) -> None:
@@ -279,7 +315,8 @@ def measure(args, codes: list[str], workers: list) -> None:
             parts.append(
                 f"{kind} {statistics.median(per_turn):.3f} ms (median of {len(runs)} blocks;"
                 f" all {sum(b['cpu_ns'] for b in runs) / 1e6 / turns:.3f} ms; wall"
-                f" {sum(b['wall_s'] for b in runs) * 1e3 / turns:.2f} ms; {outcomes})")
+                f" {sum(b['wall_s'] for b in runs) * 1e3 / turns:.2f} ms;"
+                f" WAL {sum(b['wal_bytes'] for b in runs) / turns:.0f} bytes; {outcomes})")
         print(f"{code}: PostgreSQL CPU per turn: " + "; ".join(parts), flush=True)
     for code in codes[1:]:  # each block against the first checkout's of the same round
         ratios = [statistics.median(b["cpu_ns"] / b["turns"] / (a["cpu_ns"] / a["turns"])
@@ -307,9 +344,15 @@ if __name__ == "__main__":
     parser.add_argument("--prompt-tokens", choices=("harness", "exact"), default="harness",
                         help="Ollama's prompt_eval_count: 1 (the shared harness's fake"
                              " upstream) or the turn's estimated prompt")
+    parser.add_argument("--no-analyze", dest="analyze", action="store_false",
+                        help="no ANALYZE after the preparation: the tables without statistics,"
+                             " as a new database's are until autovacuum analyzes them")
     parser.add_argument("--pg-bin", help="the directory of a PostgreSQL's initdb and pg_ctl to"
                                          " run instead of the embedded one (the shared harness"
                                          " runs /usr/lib/postgresql/15/bin)")
+    parser.add_argument("--statements", action="store_true",
+                        help="with --pg-bin: print pg_stat_statements (nested statements too,"
+                             " with their planning) of the measured turns, per checkout")
     parser.add_argument("--explain", action="store_true",
                         help="print the plans inside one fresh and one history turn")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # a worker: the checkout to run

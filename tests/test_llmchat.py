@@ -76,7 +76,7 @@ class LLMChatTest(ChatterdTestCase):
             finally:
                 if text == "three":
                     self.io_loop.run_sync(lambda: self.pool.execute(
-                        "CREATE INDEX messages_appid_seq ON messages (appid, seq)"))
+                        "CREATE INDEX messages_appid_seq ON messages (appid, owner_id, seq)"))
             self.assertEqual(response.code, 200)
             replies.append("".join(jsonfmt.loads(e.data)["message"]["content"] for e in events))
         sent = self.double.chat_requests()[2].body
