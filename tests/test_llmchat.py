@@ -66,7 +66,7 @@ class LLMChatTest(ChatterdTestCase):
         for text in ("one", "two\n\n  two", "three"):
             if text == "three":
                 # Move the first turn's row to the end of the table's physical order and
-                # make PostgreSQL read the heap, not the (appid, seq) index: now only an
+                # make PostgreSQL read the heap, not the (appid, owner_id, seq) index: now only an
                 # explicit ORDER BY seq still puts it first.
                 self.io_loop.run_sync(lambda: self.pool.execute(
                     "UPDATE messages SET content = content WHERE content = 'one';"
