@@ -16,7 +16,9 @@ functions, and then, on ONE pooled connection, calls db/conversations.py's begin
 end_turn as turns.py does (the history cache, the delivered turns handed to the next
 begin_turn, context 8192 with a 6144-token budget, the resend window).  Before measuring, each
 worker stores --filler one-turn conversations (the tables' other rows), gives --conversations
-conversations --history turns each, runs ANALYZE (as autovacuum would) and --warmup turns of
+conversations --history turns each, runs ANALYZE (as autovacuum would; --no-analyze: not, so
+the tables have no statistics, as a new database's until autovacuum first analyzes them, and
+the connection keeps the plans PL/pgSQL cached while they were small) and --warmup turns of
 each kind (the backend compiles and plans what a turn runs).
 
 Then, for --rounds rounds, every worker runs --block fresh turns (a new appID each), then
@@ -24,8 +26,9 @@ every worker runs --block turns spread over its conversations with history; the 
 turns in alternating order (A B, then B A), so that the machine's drift and other processes'
 load fall on every checkout alike.  Measured per block: the backend's CPU time
 (/proc/<pg_backend_pid()>/schedstat: nanoseconds on a CPU), divided by the block's turns;
-printed per checkout, the median over rounds and the total, with the client's wall time per
-turn.  Replies are 5 tokens and Ollama's prompt_eval_count is 1, as the shared harness's fake
+printed per checkout, the median over rounds and the total, with the client's wall time and
+the WAL written per turn, then each checkout's median per-round ratio to the first one.  The
+backend's pid goes to stderr, for `perf record -p`.  Replies are 5 tokens and Ollama's prompt_eval_count is 1, as the shared harness's fake
 upstream answers (--prompt-tokens exact: the turn's estimated prompt, so that the new
 message's count is learned).
 
@@ -34,7 +37,8 @@ end_turn(pool, turn_id, ...)) is called through its own signatures.
 
 --explain: one worker (the first --code) runs the same preparation, then one fresh turn and
 one turn with history with auto_explain (nested statements, ANALYZE, BUFFERS) and prints the
-plan of every statement inside them.
+plan of every statement inside them.  --statements (with --pg-bin, which loads
+pg_stat_statements): every statement the measured turns ran, nested ones too, per checkout.
 """
 
 import argparse
@@ -129,7 +133,7 @@ async def worker(code: str, dsn: str, args) -> None:
     await migrate.migrate(pool)
     calls = Calls(conversations, history_cache.HistoryCache(1000), args.prompt_tokens == "exact")
     pid = await pool.fetchval("SELECT pg_backend_pid()")
-    print(f"{code}: PostgreSQL backend {pid} (for perf -p)", file=sys.stderr, flush=True)
+    print(f"{code}: PostgreSQL backend {pid}", file=sys.stderr, flush=True)
     history = [f"history-{k}" for k in range(args.conversations)]
     counter = {"fresh": 0, "history": 0}
 
