@@ -66,7 +66,7 @@ class LLMChatTest(ChatterdTestCase):
         for text in ("one", "two\n\n  two", "three"):
             if text == "three":
                 # Move the first turn's row to the end of the table's physical order and
-                # make PostgreSQL read the heap, not the (appid, seq) index: now only an
+                # make PostgreSQL read the heap, not the (appid, owner_id, seq) index: now only an
                 # explicit ORDER BY seq still puts it first.
                 self.io_loop.run_sync(lambda: self.pool.execute(
                     "UPDATE messages SET content = content WHERE content = 'one';"
@@ -76,7 +76,7 @@ class LLMChatTest(ChatterdTestCase):
             finally:
                 if text == "three":
                     self.io_loop.run_sync(lambda: self.pool.execute(
-                        "CREATE INDEX messages_appid_seq ON messages (appid, seq)"))
+                        "CREATE INDEX messages_appid_seq ON messages (appid, owner_id, seq)"))
             self.assertEqual(response.code, 200)
             replies.append("".join(jsonfmt.loads(e.data)["message"]["content"] for e in events))
         sent = self.double.chat_requests()[2].body

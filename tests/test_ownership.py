@@ -589,3 +589,68 @@ if PeopleTestCase is not None:
                              bob_before)
             self.assertEqual(self.io_loop.run_sync(lambda: stored_rows(self.pool, ANONYMOUS)),
                              anonymous_before)
+
+
+def test_a_turn_reads_its_own_rows_before_any_statistics():
+    """A new database: PL/pgSQL caches a connection's plans while the tables are small and
+    unanalyzed, and keeps them as the tables grow.  Every key holds the owner, and no index may
+    match a statement by its owner alone: such a plan reads every row of the owner, for the
+    anonymous owner every row stored (db/migrations/0022_owner_second.sql).  Counted: the
+    messages and turns end_turn reads, with many other conversations stored."""
+    from db import migrate
+    from db.pool import _init_connection
+    from tests.support import database_url, fresh_database
+
+    async def run() -> dict[str, int]:
+        dsn = await fresh_database("owner_plans")
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1, init=_init_connection,
+                                         server_settings={"search_path": "chatterd"})
+        try:
+            await migrate.migrate(pool)
+            await pool.execute("ALTER TABLE messages SET (autovacuum_enabled = off);"
+                               " ALTER TABLE turns SET (autovacuum_enabled = off)")
+
+            async def turn(app_id: str, n: int) -> int:
+                turn_id, _, window, _ = await conversations.begin_turn(
+                    pool, ANONYMOUS, app_id, "test", 10.0,
+                    [{"role": "user", "content": f"question {n}"}], resend_seconds=120.0,
+                    budget=6144, context=8192)
+                reply = Reply(content=f"answer {n}", model="m", tokens=3,
+                              prompt_tokens=window.sent_tokens)
+                assert await conversations.end_turn(pool, ANONYMOUS, turn_id, "complete",
+                                                    None, reply) in ("stored", "stored-suspect")
+                return turn_id
+
+            for n in range(8):  # past PL/pgSQL's five custom plans, on small tables
+                await turn("small", n)
+            await pool.execute("""
+                WITH t AS (INSERT INTO turns (owner_id, appid, status, ended_at, tokens, nmessages)
+                           SELECT 0, 'other-' || k, 'complete', now(), 10, 2
+                             FROM generate_series(1, 3000) AS k RETURNING id, appid)
+                INSERT INTO messages (owner_id, appid, turn_id, role, content, ntokens)
+                SELECT 0, t.appid, t.id, r.role, 'stored elsewhere', 5
+                  FROM t, (VALUES ('user'), ('assistant')) AS r(role)""")
+            turn_id, _, window, _ = await conversations.begin_turn(
+                pool, ANONYMOUS, "small", "test", 10.0,
+                [{"role": "user", "content": "question 8"}], resend_seconds=120.0,
+                budget=6144, context=8192)
+            async with pool.acquire() as con:
+                async def rows_read() -> dict[str, int]:
+                    # The backend's reads not yet reported (earlier transactions' too).
+                    return {r["relname"]: r["read"] for r in await con.fetch(
+                        "SELECT relname, coalesce(seq_tup_read, 0)"
+                        " + coalesce(idx_tup_fetch, 0) AS read"
+                        " FROM pg_stat_xact_user_tables WHERE relname IN ('messages', 'turns')")}
+
+                async with con.transaction():
+                    before = await rows_read()
+                    await con.fetchval(conversations.END_TURN, ANONYMOUS, turn_id, "complete",
+                                       None, "answer 8", None, "m", 3, window.sent_tokens)
+                    after = await rows_read()
+            return {table: after[table] - before[table] for table in after}
+        finally:
+            await pool.close()
+
+    database_url()  # started outside the test's event loop
+    read = asyncio.run(run())
+    assert read["messages"] < 100 and read["turns"] < 100, read  # not the 6,000 stored
