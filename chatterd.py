@@ -30,6 +30,8 @@ from handlers.llm import LLMPrepHandler, LLMPromptHandler
 from handlers.llmtools import LLMToolsHandler
 from handlers.openai_api import ChatCompletionsHandler, ModelsHandler
 from handlers.ops import HealthHandler, MetricsHandler, ReadyHandler
+from handlers.resume import TurnEventsHandler, TurnStopHandler
+from resume import Resumption
 from runtime.accept_guard import GuardedHTTPServer
 from runtime.gc_schedule import FullCollections
 from turns import TurnKeeper
@@ -48,6 +50,8 @@ ROUTES = [
     (r"/llmtools/?", LLMToolsHandler),
     (r"/v1/chat/completions/?", ChatCompletionsHandler),
     (r"/v1/models/?", ModelsHandler),
+    (r"/turns/([0-9]+)/events/?", TurnEventsHandler),
+    (r"/turns/([0-9]+)/stop/?", TurnStopHandler),
     (r"/healthz/?", HealthHandler),
     (r"/readyz/?", ReadyHandler),
     (r"/metrics/?", MetricsHandler),
@@ -88,11 +92,17 @@ class Application(tornado.web.Application):
                  turn_lease: float = 10.0, store_retry: float = 15.0,
                  resend_window: float = 120.0, context_tokens: int = 8192,
                  max_messages: int = 1000, weather_url: str = "", tool_rounds: int = 4,
-                 tool_timeout: float = 10.0, history_cache: int = 1000) -> None:
+                 tool_timeout: float = 10.0, history_cache: int = 1000,
+                 resume_window: float = 120.0, resume_retention: float = 300.0,
+                 resume_checkpoint: float = 0.2) -> None:
         self.pool = pool
         self.upstreams = upstreams
         self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry,
                                 resend_window=resend_window, history_cache=history_cache)
+        # Resumable streams (resume/): ids, checkpoints, LISTEN/NOTIFY, stop.
+        self.resume = Resumption(pool, window=resume_window, retention=resume_retention,
+                                 checkpoint=resume_checkpoint)
+        self.turns.on_busy = self.resume.stop_if_detached
         # The resident tools of /llmtools (tools/): none when --tool-rounds is 0.
         self.tools = tools.resident(weather_url=weather_url if tool_rounds > 0 else "",
                                              timeout=tool_timeout)
@@ -221,7 +231,9 @@ async def main(opts: Any) -> None:
                       store_retry=opts.store_retry, resend_window=opts.resend_window,
                       context_tokens=opts.context_tokens, weather_url=opts.weather_url,
                       tool_rounds=opts.tool_rounds, tool_timeout=opts.tool_timeout,
-                      history_cache=opts.history_cache)
+                      history_cache=opts.history_cache, resume_window=opts.resume_window,
+                      resume_retention=opts.resume_retention,
+                      resume_checkpoint=opts.resume_checkpoint)
     server = make_server(app, opts)
     try:
         server.listen(opts.port, opts.address)
@@ -244,6 +256,7 @@ async def main(opts: Any) -> None:
     upstreams.close()
     await app.turns.flush_delivered()
     app.turns.close()
+    await app.resume.close()
     await asyncio.wait_for(pool.close(), 10)
     full_collections.stop()
     log.info("stopped")

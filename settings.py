@@ -98,6 +98,17 @@ SETTINGS = (
     Setting("tool-timeout", 10.0, float,
             "Seconds a resident tool may take (the weather request included); then its result "
             "is an error text for the model"),
+    Setting("resume-window", 120.0, float,
+            "Most seconds a streamed turn keeps generating after its client left, when the "
+            "request asks for it (X-Chatterd-Keep-Generating); a reader resuming it extends "
+            "that (0: the header is ignored and a client that leaves stops its turn)"),
+    Setting("resume-retention", 300.0, float,
+            "Seconds a finished turn's stream events stay resumable (GET /turns/<id>/events); "
+            "then 410"),
+    Setting("resume-checkpoint", 0.2, float,
+            "Seconds between checkpoints of the running streams' events to PostgreSQL (one "
+            "statement per process for all of them); a resume on another process lags the "
+            "live stream by about this much"),
     Setting("shutdown-grace", 30.0, float,
             "On SIGTERM, seconds in-flight streams may run before they are ended"),
 )

@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import uuid
-from typing import Any, Optional, Protocol
+from typing import Any, Awaitable, Callable, Optional, Protocol
 
 import asyncpg
 
@@ -84,6 +84,9 @@ class TurnKeeper:
         self.delivery_flush = DELIVERY_FLUSH
         self._cut_warned_at: Optional[float] = None  # see warn_cut
         self._cut_unlogged = 0
+        # Called with (appID, the running turn's id) when a turn first finds its appID busy
+        # (resume/: a turn whose client left is stopped, so the new one need not wait).
+        self.on_busy: Optional[Callable[[str, int], Awaitable[None]]] = None
 
     def _start_renewing(self) -> None:
         if self._renewer is None:
@@ -144,6 +147,8 @@ class TurnKeeper:
             waited = True
             if waited_for is None:  # the turn this request arrived behind
                 waited_for = (replay or {}).get("waiting_for")
+                if waited_for is not None and self.on_busy is not None:
+                    await self.on_busy(app_id, waited_for)
             if loop.time() >= deadline:
                 metrics.TURN_WAITS.labels(outcome="busy").inc()
                 raise TurnBusy()

@@ -143,14 +143,16 @@ class LLMToolsHandler(LLMChatHandler):
         else:
             self.rounds += 1
             results = [tool_result(c, await registry.call(c)) for c in ours]
-        if over or len(ours) < len(calls) or self.client_gone or self.shutting_down:
+        gone = self.client_gone and not (self.record is not None and self.record.detached)
+        if over or len(ours) < len(calls) or gone or self.stopped or self.shutting_down:
             # The turn ends with this reply; its calls keep their results (stored after it).
             reply.after = [round_message(m) for m in results]
             if over:
                 self._end("failed", f"the model called tools in {limit + 1} rounds in a row; "
                                     f"the limit is {limit} (--tool-rounds)")
-            elif self.client_gone:
-                self._end("interrupted", "the client left while tools ran")
+            elif gone or self.stopped:
+                self._end("interrupted", "the client left while tools ran" if gone else
+                          "the turn was stopped while tools ran")
             elif self.shutting_down:
                 self._end("failed", "chatterd is shutting down; the reply was cut short")
             return False

@@ -1,0 +1,144 @@
+"""SQL for resumable streams: a turn's SSE events, checkpointed and read back in pages.
+
+The tables are db/migrations/0030_turn_events.sql.  A process writes all of its running
+turns' new events in one statement per checkpoint (write_checkpoint), which also wakes,
+through NOTIFY, every process with a reader of those turns (resume/hub.py).  Readers
+fetch chunks a page at a time (chunks_after), never a whole reply.
+"""
+
+from typing import Any, Optional
+
+import asyncpg
+
+from db.pool import connection
+
+EVENTS_CHANNEL = "chatterd_turn_events"  # payload: turn ids with new events, comma-separated
+STOP_CHANNEL = "chatterd_turn_stop"  # payload: the id of a turn to stop
+NOTIFY_MAX = 7000  # bytes per NOTIFY payload (PostgreSQL's limit is 8000)
+
+# One statement per checkpoint: the streams' rows (created by their first checkpoint),
+# their new chunks, and one NOTIFY per few hundred turns.  Its commit does not wait for the
+# WAL flush: a checkpoint lost with a crash of PostgreSQL itself loses the turn's resume,
+# never its stored reply.
+WRITE_CHECKPOINT = """
+WITH s AS (
+    INSERT INTO turn_streams AS s (turn_id, appid, owner, last_n, finished_at, keep_until,
+                                   detached)
+    SELECT u.t, u.a, u.o, u.n, CASE WHEN u.f THEN clock_timestamp() END,
+           clock_timestamp() + make_interval(secs => u.k), coalesce(u.d, false)
+      FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::integer[], $5::boolean[],
+                  $6::double precision[], $7::boolean[]) AS u(t, a, o, n, f, k, d)
+    ON CONFLICT (turn_id) DO UPDATE
+       SET last_n = greatest(s.last_n, EXCLUDED.last_n),
+           finished_at = coalesce(s.finished_at, EXCLUDED.finished_at),
+           keep_until = greatest(s.keep_until, EXCLUDED.keep_until),
+           detached = s.detached OR EXCLUDED.detached
+), c AS (
+    INSERT INTO turn_event_chunks (turn_id, first_n, last_n, final, body)
+    SELECT * FROM unnest($8::bigint[], $9::integer[], $10::integer[], $11::boolean[],
+                         $12::bytea[])
+)
+SELECT set_config('synchronous_commit', 'off', true),
+       (SELECT count(pg_notify('""" + EVENTS_CHANNEL + """', p)) FROM unnest($13::text[]) p)
+"""
+
+
+def notify_payloads(turn_ids: list[int]) -> list[str]:
+    """*turn_ids* as comma-separated payloads, each within NOTIFY_MAX bytes."""
+    payloads, part, size = [], [], 0
+    for t in turn_ids:
+        text = str(t)
+        if part and size + len(text) + 1 > NOTIFY_MAX:
+            payloads.append(",".join(part))
+            part, size = [], 0
+        part.append(text)
+        size += len(text) + 1
+    if part:
+        payloads.append(",".join(part))
+    return payloads
+
+
+async def write_checkpoint(pool: asyncpg.Pool, streams: list[tuple], chunks: list[tuple]) -> None:
+    """Store *chunks* (turn_id, first_n, last_n, final, body) and upsert *streams*
+    (turn_id, appid, owner, last_n, finished, keep_seconds or None, detached), then notify
+    readers of those turns; one round trip."""
+    s = list(zip(*streams)) if streams else [()] * 7
+    c = list(zip(*chunks)) if chunks else [()] * 5
+    async with connection(pool, "checkpoint") as con:
+        await con.execute(WRITE_CHECKPOINT, *[list(col) for col in s], *[list(col) for col in c],
+                          notify_payloads(sorted({row[0] for row in streams})))
+
+
+async def stream_of(pool: asyncpg.Pool, turn_id: int, retention: float) -> Optional[asyncpg.Record]:
+    """The turn's stream row: appid, owner, last_n, finished, expired (finished more than
+    *retention* seconds ago), detached, keep_left (seconds, or None); None if none."""
+    async with connection(pool, "turn_stream") as con:
+        return await con.fetchrow(
+            "SELECT appid, owner, last_n, finished_at IS NOT NULL AS finished,"
+            " coalesce(finished_at < clock_timestamp() - make_interval(secs => $2), false) AS expired,"
+            " detached, extract(epoch FROM keep_until - clock_timestamp())::float8 AS keep_left"
+            " FROM turn_streams WHERE turn_id = $1", turn_id, retention)
+
+
+async def turn_state(pool: asyncpg.Pool, turn_id: int) -> Optional[asyncpg.Record]:
+    """The turn's appid and status, and whether a process holds its lease now; None if no
+    such turn."""
+    async with connection(pool, "turn_state") as con:
+        return await con.fetchrow(
+            "SELECT t.appid, t.status, EXISTS (SELECT 1 FROM leases l WHERE l.appid = t.appid"
+            " AND l.turn_id = t.id AND l.expires_at > clock_timestamp()) AS leased"
+            " FROM turns t WHERE t.id = $1", turn_id)
+
+
+async def chunks_after(pool: asyncpg.Pool, turn_id: int, after: int, limit: int) -> list[asyncpg.Record]:
+    """Up to *limit* chunks holding events after number *after*, in order."""
+    async with connection(pool, "turn_events") as con:
+        return await con.fetch(
+            "SELECT first_n, last_n, final, body FROM turn_event_chunks"
+            " WHERE turn_id = $1 AND last_n > $2 ORDER BY first_n LIMIT $3", turn_id, after, limit)
+
+
+async def extend_keep(pool: asyncpg.Pool, turn_id: int, seconds: float) -> None:
+    """A reader is attached: a detached turn keeps generating at least *seconds* more."""
+    async with connection(pool, "turn_keep") as con:
+        await con.execute(
+            "UPDATE turn_streams SET keep_until = clock_timestamp() + make_interval(secs => $2)"
+            " WHERE turn_id = $1 AND keep_until < clock_timestamp() + make_interval(secs => $2)",
+            turn_id, seconds)
+
+
+async def detached_turn(pool: asyncpg.Pool, turn_id: int, app_id: str) -> bool:
+    """Whether the running turn *turn_id* of *app_id* has lost the client that started it."""
+    async with connection(pool, "turn_detached") as con:
+        return bool(await con.fetchval(
+            "SELECT detached AND finished_at IS NULL FROM turn_streams"
+            " WHERE turn_id = $1 AND appid = $2", turn_id, app_id))
+
+
+async def notify_stop(pool: asyncpg.Pool, turn_id: int) -> None:
+    async with connection(pool, "turn_stop") as con:
+        await con.execute(f"SELECT pg_notify('{STOP_CHANNEL}', $1::text)", str(turn_id))
+
+
+async def purge(pool: asyncpg.Pool, retention: float, forget_after: float) -> int:
+    """Delete the events of streams finished more than *retention* seconds ago, and of
+    streams never finished (their process died) started more than *forget_after* seconds
+    ago; stream rows go after *forget_after* (until then a resume gets 410, not 404)."""
+    async with connection(pool, "turn_events_purge") as con:
+        async with con.transaction():
+            deleted = await con.execute(
+                "DELETE FROM turn_event_chunks c USING turn_streams s WHERE c.turn_id = s.turn_id"
+                " AND (s.finished_at < clock_timestamp() - make_interval(secs => $1)"
+                "      OR (s.finished_at IS NULL"
+                "          AND s.started_at < clock_timestamp() - make_interval(secs => $2)))",
+                retention, forget_after)
+            await con.execute(
+                "DELETE FROM turn_streams WHERE coalesce(finished_at, started_at)"
+                " < clock_timestamp() - make_interval(secs => $1)", retention + forget_after)
+    return int(deleted.split()[-1])
+
+
+async def listen_connection(pool: asyncpg.Pool) -> Any:
+    """A connection of its own (not the pool's: it stays open, LISTENing), made with the
+    pool's settings."""
+    return await asyncpg.connect(*pool._connect_args, **pool._connect_kwargs)

@@ -1,0 +1,33 @@
+-- Resumable streams (docs/api.md, "Resuming a stream"): the events of a turn's SSE stream,
+-- kept so a client that lost its connection can fetch the rest from any chatterd process.
+--
+-- turn_streams: one row per streamed turn, written with its first checkpoint.  appid and
+-- owner say who may resume or stop it; last_n is the newest event stored; finished_at is
+-- set with the stream's terminal event (the final line or an error), and retention counts
+-- from it.  keep_until: how long a turn whose client left keeps generating (a resumer
+-- extends it while attached); detached: the client that started it has left.
+CREATE TABLE turn_streams (
+    turn_id     bigint PRIMARY KEY,
+    appid       text NOT NULL,
+    owner       bigint NOT NULL DEFAULT 0,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    last_n      integer NOT NULL DEFAULT 0,
+    finished_at timestamptz,
+    keep_until  timestamptz,
+    detached    boolean NOT NULL DEFAULT false
+);
+CREATE INDEX turn_streams_finished ON turn_streams (finished_at);
+CREATE INDEX turn_streams_started ON turn_streams (started_at) WHERE finished_at IS NULL;
+
+-- turn_event_chunks: the events first_n..last_n of a turn, as sent (each with its `id:`
+-- line), one row per checkpoint: a process writes every running turn's new events in one
+-- statement every --resume-checkpoint seconds, never a row per token.  final: the chunk
+-- ends with the stream's terminal event.
+CREATE TABLE turn_event_chunks (
+    turn_id bigint NOT NULL,
+    first_n integer NOT NULL,
+    last_n  integer NOT NULL,
+    final   boolean NOT NULL DEFAULT false,
+    body    bytea NOT NULL,
+    PRIMARY KEY (turn_id, first_n)
+);

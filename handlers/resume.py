@@ -1,0 +1,143 @@
+"""GET /turns/<turn id>/events and POST /turns/<turn id>/stop: resuming and stopping a
+streamed turn (docs/api.md, "Resuming a stream"), from any chatterd process.
+
+Only the conversation's owner may: the same appID (and, for a signed-in user, the same
+user).  Anything else is 404, as for a turn that does not exist, so turn ids reveal
+nothing.  A finished turn's events are kept --resume-retention seconds, then 410.
+"""
+
+import asyncio
+from typing import Any, Optional
+
+from tornado.iostream import StreamClosedError
+
+import sse
+from db import events
+from handlers.base import BaseHandler, ClientError
+from resume import reader
+from resume.reader import BadEventId, parse_last_event_id
+
+APPEAR_WAIT = 2.0  # seconds a just-started turn's first checkpoint may take to arrive
+BEYOND_WAIT = 2.0  # seconds a Last-Event-ID ahead of what is stored may wait for it
+
+
+class TurnHandler(BaseHandler):
+    """What both endpoints share: the turn, found for its owner only."""
+
+    turn_id = 0
+
+    def owner(self) -> int:
+        return int(getattr(self, "owner_id", 0) or 0)
+
+    async def find(self, turn_id: str) -> Any:
+        """The turn's stream row, or ClientError 404/410.  A turn running for a moment whose
+        first checkpoint is not in yet is waited for (briefly)."""
+        self.turn_id = int(turn_id) if len(turn_id) <= 18 else -1
+        app_id = self.get_query_argument("appID", None)
+        if not app_id:
+            raise ClientError(400, "appID (the conversation the turn belongs to) is required")
+        self.app_id = app_id
+        resume = self.application.resume
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + APPEAR_WAIT
+        while True:
+            stream = await events.stream_of(self.pool, self.turn_id, resume.retention)
+            if stream is not None:
+                break
+            state = await events.turn_state(self.pool, self.turn_id)
+            if state is None or state["appid"] != app_id or state["status"] != "running" \
+                    or loop.time() >= deadline:
+                raise self.not_found()
+            await resume.hub.wait(self.turn_id, 0.05)
+        if stream["appid"] != app_id or stream["owner"] != self.owner():
+            raise self.not_found()
+        if stream["expired"]:
+            raise ClientError(410, f"turn {self.turn_id}'s events were kept "
+                                   f"{resume.retention:g} s after it ended, and are gone")
+        return stream
+
+    def not_found(self) -> ClientError:
+        return ClientError(404, f"no streamed turn {self.turn_id} in this conversation")
+
+
+class TurnEventsHandler(TurnHandler):
+    _left: Optional[asyncio.Future] = None
+    events: Any = None
+
+    async def get(self, turn_id: str) -> None:
+        last = self.request.headers.get("Last-Event-ID")
+        if last is None:
+            last = self.get_query_argument("lastEventId", None)
+        try:
+            after = parse_last_event_id(last, int(turn_id) if len(turn_id) <= 18 else -1)
+        except BadEventId as e:
+            raise ClientError(400, str(e)) from None
+        stream = await self.find(turn_id)
+        await self.check_position(stream, after)
+        self.set_header("X-Chatterd-Turn", str(self.turn_id))
+        self._left = asyncio.get_running_loop().create_future()
+        self.events = sse.EventStream(self, self.settings["heartbeat"])
+        self.events.set_headers()
+        self.outcome = "resumed"
+        try:
+            await self.events.open()
+            async for data in reader.read(self.application.resume, self.turn_id, after,
+                                          self._left):
+                await self.events.send(data)
+        except StreamClosedError:
+            self.outcome = "client_left"
+        finally:
+            self.events.close()
+
+    async def check_position(self, stream: Any, after: int) -> None:
+        """416 for an event the turn has not produced: once it finished, at once; while it
+        runs, after waiting a moment for a checkpoint that may hold it."""
+        if after <= stream["last_n"]:
+            return
+        resume = self.application.resume
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BEYOND_WAIT
+        while not stream["finished"] and loop.time() < deadline:
+            await resume.hub.wait(self.turn_id, max(0.01, min(0.2, deadline - loop.time())))
+            stream = await events.stream_of(self.pool, self.turn_id, resume.retention)
+            if after <= stream["last_n"]:
+                return
+        raise ClientError(416, f"Last-Event-ID names event {after} of turn {self.turn_id}, "
+                               f"which has {stream['last_n']} events")
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        if self._left is not None and not self._left.done():
+            self._left.set_result(True)
+
+    def on_finish(self) -> None:
+        super().on_finish()
+        if self.events is not None:
+            self.events.close()
+            self.events.handler = None
+
+
+class TurnStopHandler(TurnHandler):
+    STOP_WAIT = 5.0  # seconds to wait for the stopped turn's end to be stored
+
+    async def post(self, turn_id: str) -> None:
+        stream = await self.find(turn_id)
+        self.outcome = "stopped"
+        if not stream["finished"]:
+            resume = self.application.resume
+            await resume.stop(self.turn_id)
+            # 204 once its end (stored interrupted) is checkpointed, so a turn typed right
+            # after sees the interrupted reply; a process that does not answer is waited
+            # for only so long (its lease expires, and the next turn abandons it).
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.STOP_WAIT
+            while loop.time() < deadline:
+                stream = await events.stream_of(self.pool, self.turn_id, resume.retention)
+                if stream is None or stream["finished"]:
+                    break
+                state = await events.turn_state(self.pool, self.turn_id)
+                if state is None or state["status"] != "running" or not state["leased"]:
+                    break
+                await resume.hub.wait(self.turn_id, min(0.25, max(deadline - loop.time(), 0.01)))
+        self.set_status(204)
+        self.finish()

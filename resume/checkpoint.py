@@ -1,0 +1,106 @@
+"""Writes this process's running turns' new events to PostgreSQL, all in one statement,
+every `interval` seconds (and at once for a stream's first and last event).
+
+The relay only appends bytes to its TurnRecord (resume/record.py) and marks it: no
+statement per token, nothing awaited on the hot path.  A checkpoint that fails (the
+database is away) is put back and tried again at the next interval.
+"""
+
+import asyncio
+import logging
+from typing import Optional
+
+import asyncpg
+
+from db import events
+from db.pool import DatabaseUnavailable
+from resume.record import TurnRecord
+
+log = logging.getLogger("chatterd")
+
+MAX_BYTES = 64 * 1024  # unsaved bytes of one turn that bring its checkpoint forward
+
+
+class Checkpointer:
+    def __init__(self, pool: asyncpg.Pool, interval: float = 0.2) -> None:
+        self.pool = pool
+        self.interval = interval
+        self.max_bytes = MAX_BYTES
+        self._dirty: dict[int, TurnRecord] = {}
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._flight: Optional[asyncio.Task] = None
+        self._soon = False  # a checkpoint is wanted as soon as the one in flight is done
+        self._failing = False
+        self.written = 0  # checkpoints written (for tests and the bench)
+
+    def mark(self, record: TurnRecord, at_once: bool = False) -> None:
+        self._dirty[record.turn_id] = record
+        if at_once:
+            self._start()
+        elif self._timer is None and self._flight is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._start)
+
+    async def sync(self, record: TurnRecord) -> bool:
+        """Wait until everything *record* has numbered is checkpointed (or one checkpoint
+        failed); True if it is."""
+        while record.dirty or (self._flight is not None and record.turn_id in self._in_flight):
+            if record.dirty and record.turn_id not in self._dirty:
+                self._dirty[record.turn_id] = record
+            self._start()
+            flight = self._flight
+            if flight is None:
+                return not record.dirty
+            ok = await asyncio.shield(flight)
+            if not ok:
+                return False
+        return True
+
+    _in_flight: frozenset = frozenset()
+
+    def _start(self) -> None:
+        if self._flight is not None:
+            self._soon = True
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._dirty:
+            self._flight = asyncio.ensure_future(self._write())
+
+    async def _write(self) -> bool:
+        batch, self._dirty = list(self._dirty.values()), {}
+        self._in_flight = frozenset(r.turn_id for r in batch)
+        taken = [r.take() for r in batch]
+        ok = True
+        try:
+            await events.write_checkpoint(self.pool, [t[0] for t in taken],
+                                          [t[1] for t in taken if t[1] is not None])
+            self.written += 1
+            for record, t in zip(batch, taken):
+                record.saved(t)
+            if self._failing:
+                log.info("stream checkpoints written again")
+                self._failing = False
+        except (DatabaseUnavailable, asyncpg.PostgresError, OSError) as e:
+            ok = False
+            for record, t in zip(batch, taken):
+                record.untake(t)
+                self._dirty.setdefault(record.turn_id, record)
+            if not self._failing:
+                log.warning("cannot checkpoint %d stream(s): %s", len(batch), e)
+                self._failing = True
+        finally:
+            self._in_flight = frozenset()
+            self._flight = None
+        soon, self._soon = self._soon, False
+        if self._dirty:
+            if soon and ok:
+                self._start()
+            elif self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(self.interval, self._start)
+        return ok
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
