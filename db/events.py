@@ -91,11 +91,13 @@ async def turn_state(pool: asyncpg.Pool, turn_id: int) -> Optional[asyncpg.Recor
 
 
 async def chunks_after(pool: asyncpg.Pool, turn_id: int, after: int, limit: int) -> list[asyncpg.Record]:
-    """Up to *limit* chunks holding events after number *after*, in order."""
+    """Up to *limit* chunks holding events after number *after*, in order; and the final
+    chunk when *after* is the terminal event (nothing follows it: the reader is done)."""
     async with connection(pool, "turn_events") as con:
         return await con.fetch(
             "SELECT first_n, last_n, final, body FROM turn_event_chunks"
-            " WHERE turn_id = $1 AND last_n > $2 ORDER BY first_n LIMIT $3", turn_id, after, limit)
+            " WHERE turn_id = $1 AND (last_n > $2 OR (last_n = $2 AND final))"
+            " ORDER BY first_n LIMIT $3", turn_id, after, limit)
 
 
 async def extend_keep(pool: asyncpg.Pool, turn_id: int, seconds: float) -> None:
