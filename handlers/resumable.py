@@ -10,7 +10,9 @@ interrupted.
 
 import asyncio
 import logging
-from typing import Any, Optional
+from typing import Any
+
+from tornado.iostream import StreamClosedError
 
 from db import events
 from db.pool import DatabaseUnavailable
@@ -120,5 +122,13 @@ class ResumableTurn:
             return
         if not record.final:
             record.number(self.frame_error(reason), last=True)
+        events = getattr(self, "events", None)
+        if events is not None and events.opened and not self._finished:
+            # The client's response ends now, not after the checkpoint below (which only
+            # keeps the request in flight, so a graceful shutdown waits for it).
+            try:
+                self.finish()
+            except StreamClosedError:
+                pass
         if not await self.application.resume.checkpointer.sync(record):
             log.warning("turn %d: the end of its stream could not be checkpointed", record.turn_id)

@@ -91,5 +91,6 @@ class Resumption:
         if self._purger is not None:
             self._purger.cancel()
             self._purger = None
+        await self.checkpointer.drain()
         self.checkpointer.close()
         await self.hub.close()

@@ -100,6 +100,17 @@ class Checkpointer:
                 self._timer = asyncio.get_running_loop().call_later(self.interval, self._start)
         return ok
 
+    async def drain(self) -> None:
+        """Write what is left (at shutdown): one more try for a failed checkpoint."""
+        for _ in range(2):
+            if self._flight is not None:
+                await asyncio.shield(self._flight)
+            if not self._dirty:
+                return
+            self._start()
+            if self._flight is not None and not await asyncio.shield(self._flight):
+                continue
+
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
