@@ -1,7 +1,8 @@
 """Everything that touches PostgreSQL: the pool, the schema and every SQL statement.
 
-Modules: `pool` (connect, DatabaseUnavailable), `migrate` (versioned schema),
-`embedded` (a private PostgreSQL when no DSN is given), `chatts` (the public
-board), `conversations` (per-appID LLM history) and `course_import` (adopting a
-course server's `public.chatts`).  chatterd's tables live in the schema `chatterd`.
+Modules: `pool` (connect, DatabaseUnavailable), `migrate` (the schema: versioned
+migrations in `migrations/`, one file per SQL function in `functions/`), `embedded` (a
+private PostgreSQL when no DSN is given), `chatts` (the public board), `conversations`
+(per-appID LLM history) and `course_import` (adopting a course server's `public.chatts`).
+chatterd's tables and functions live in the schema `chatterd`.
 """

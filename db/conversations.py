@@ -1,8 +1,8 @@
 """SQL for LLM conversations: turns, their messages, and the per-appID lease.
 
 A turn's incoming messages are stored when it begins, as pending; the turn enters the
-conversation when it ends, with its reply, in one transaction (see
-db/migrations/0002_turns.sql for the functions that do it).  Every function here takes
+conversation when it ends, with its reply, in one transaction (the SQL functions that do
+it: db/functions/begin_turn.sql and end_turn.sql).  Every function here takes
 the pool and holds a connection only for its own statement: never across an LLM stream.
 Call as `await begin_turn(pool, ...)`.
 """
@@ -19,10 +19,6 @@ from db.pool import connection
 # Ollama message fields stored verbatim in `extra` and sent back upstream.
 EXTRA_FIELDS = ("images", "tool_calls", "tool_name", "tool_call_id", "thinking")
 
-# How a turn can end, and whether it then belongs to the conversation.
-ENDED = ("complete", "interrupted", "failed")
-NOT_IN_CONVERSATION = ("rejected", "abandoned")
-
 
 @dataclass
 class Reply:
@@ -37,7 +33,7 @@ class Reply:
     prompt_tokens: Optional[int] = None  # Ollama's prompt_eval_count for the prompt sent
     # Tool rounds (/llmtools), as stored messages {role, content, extra, model, tokens}:
     # the earlier rounds' calls and results, stored before the reply, and the results of
-    # tools the reply itself called, stored after it (db/migrations/0007_tool_rounds.sql).
+    # tools the reply itself called, stored after it (db/functions/end_turn.sql).
     before: list[dict] = field(default_factory=list)
     after: list[dict] = field(default_factory=list)
 
@@ -175,7 +171,7 @@ async def end_turn(pool: asyncpg.Pool, turn_id: int, status: str, error: Optiona
     prompt tokens than are known to have been sent: it must have cut the prompt),
     'already' (an earlier call did it) or 'lost' (the turn was abandoned because its
     lease was taken over).  The reply's prompt_tokens teaches the token counts of what
-    the turn sent (db/migrations/0003_context.sql, learn_tokens).
+    the turn sent (db/functions/learn_tokens.sql).
     """
     async with connection(pool, "end_turn") as con:
         if reply is None:
@@ -220,20 +216,3 @@ async def renew_leases(pool: asyncpg.Pool, owner: str, lease_seconds: float,
             owner, lease_seconds, turn_ids)
     return int(result.split()[-1])
 
-
-async def conversation(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
-    """The stored conversation of the appID, every row of its ended turns in order
-    (replies with no text included; for inspection and tests)."""
-    async with connection(pool, "conversation") as con:
-        return await con.fetch(
-            "SELECT m.seq, m.turn_id, m.role, m.content, m.extra, m.status, m.error, m.model,"
-            " m.tokens, m.ntokens, m.ntokens_from FROM messages m JOIN turns t ON t.id = m.turn_id"
-            " WHERE m.appid = $1 AND t.status = ANY($2::text[])"
-            " ORDER BY m.role <> 'system', m.turn_id, m.seq", app_id, list(ENDED))
-
-
-async def turns(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
-    """Every turn of the appID, ended or not, in order (for inspection and tests)."""
-    async with connection(pool, "turns") as con:
-        return await con.fetch("SELECT id, status, owner, error FROM turns"
-                               " WHERE appid = $1 ORDER BY id", app_id)

@@ -3,7 +3,7 @@
 The course's back end keeps the public board and every app's LLM conversation in one
 table, `chatts(name | username, message, id uuid, time timestamp, appID[, toolcalls,
 toolschemas])`.  chatterd imports it into its own tables (the SQL is the function
-course_import() in db/migrations/0003_course_import.sql):
+course_import() in db/functions/course_import.sql):
 
 * on its first start against such a database, once (`import_on_first_start`);
 * on request, `python chatterd.py --import-course` (`import_now`), for rows the course

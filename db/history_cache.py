@@ -1,5 +1,5 @@
 """The messages of conversations this process has read, so begin_turn need not read them
-again (db/migrations/0009_history_cache.sql).
+again (begin_turn's p_cached, db/functions/begin_turn.sql).
 
 An ended turn's sent messages never change (only their token counts are learned later,
 and the history sent upstream carries none), and a turn id is never reused, so a cached
@@ -14,7 +14,6 @@ read them, never change them.
 """
 
 from collections import OrderedDict
-from typing import Optional
 
 
 class HistoryCache:
@@ -27,10 +26,6 @@ class HistoryCache:
         this same mapping: the appID may be evicted or forgotten meanwhile (never changed in
         place), and a turn the database was told not to send must still be found."""
         return self._apps.get(app_id) or {}
-
-    def turn_ids(self, app_id: str) -> Optional[list[int]]:
-        turns = self._apps.get(app_id)
-        return list(turns) if turns else None
 
     def forget(self, app_id: str) -> None:
         self._apps.pop(app_id, None)

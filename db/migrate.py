@@ -1,23 +1,41 @@
-"""Versioned schema migrations: db/migrations/NNNN_name.sql, applied in order, once.
+"""chatterd's schema: versioned migrations for its tables, one file per SQL function.
+
+* db/migrations/NNNN_name.sql: table changes and data moves, applied in order, once each
+  (the versions applied are kept in `schema_migrations`).
+* db/functions/<name>.sql: the current definition of SQL function <name>, every overload of
+  it.  A file is applied again whenever its text differs from the text last applied (kept
+  as a sha256 in `schema_functions`), as Flyway applies its repeatable migrations: to read
+  or change a function, open its file.
 
 Everything chatterd owns lives in its own PostgreSQL schema, `chatterd`, so it never
 clashes with other tables in the database (the course's `public.chatts`, for one).
-Every pooled connection has `search_path` set to it (db/pool.py) and the migrations run
-with it, so the SQL here and in db/migrations/ uses unqualified names.
+Every pooled connection has `search_path` set to it (db/pool.py) and the migrations and
+function files run with it, so their SQL uses unqualified names; a function's
+`SET search_path FROM CURRENT` keeps that schema whoever calls it.
 
-Several chatterd processes may start together against one database; an advisory
-lock makes exactly one of them apply what is missing.  Under the same lock, a database
-that an older chatterd set up in `public` is moved into the schema, once.
+Several chatterd processes may start together against one database: in one transaction,
+under an advisory lock, exactly one of them moves a database that an older chatterd set up
+in `public` into the schema (once), applies the missing versioned migrations, then applies
+the function files whose text changed.  So a versioned migration cannot call a function of
+db/functions/ (on a new database it does not exist yet): a backfill writes its SQL out.
+
+A function file holds `CREATE OR REPLACE FUNCTION` statements.  CREATE OR REPLACE cannot
+change a function's arguments or result type: a file that changes them drops the old form
+first, at its top (`DROP FUNCTION IF EXISTS name(old argument types);`).  A function that
+nothing calls any more is dropped by a versioned migration, and its file deleted.
 """
 
+import hashlib
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 
 SCHEMA = "chatterd"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+FUNCTIONS_DIR = Path(__file__).with_name("functions")
 LOCK_KEY = 0x63686174  # "chat"
 
 # What chatterd created in `public` before it had its own schema (migrations 0001, 0002).
@@ -26,6 +44,14 @@ LEGACY_TABLES = ("schema_migrations", "chatts", "messages", "turns", "leases")
 LEGACY_FUNCTIONS = ("conversation_of", "begin_turn", "end_turn")
 
 log = logging.getLogger("chatterd.db")
+
+
+@dataclass
+class Migrated:
+    """What one migrate() applied: versioned migrations, and function files by name."""
+
+    versions: list[int] = field(default_factory=list)
+    functions: list[str] = field(default_factory=list)
 
 
 def available() -> list[tuple[int, str, str]]:
@@ -38,10 +64,15 @@ def available() -> list[tuple[int, str, str]]:
     return found
 
 
-async def migrate(pool: asyncpg.Pool) -> list[int]:
+def function_files() -> list[tuple[str, str]]:
+    """(function name, sql) for every function file, in name order."""
+    return [(path.stem, path.read_text()) for path in sorted(FUNCTIONS_DIR.glob("*.sql"))]
+
+
+async def migrate(pool: asyncpg.Pool) -> Migrated:
     """Create the schema, adopt an older layout from `public`, apply the missing
-    migrations; return the versions applied now."""
-    applied_now = []
+    migrations and the changed function files; return what was applied now."""
+    migrated = Migrated()
     async with pool.acquire() as con:
         async with con.transaction():
             await con.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
@@ -52,16 +83,68 @@ async def migrate(pool: asyncpg.Pool) -> list[int]:
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version integer PRIMARY KEY, name text NOT NULL,"
                 " applied_at timestamptz NOT NULL DEFAULT now())")
+            await con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_functions ("
+                " name text PRIMARY KEY, sha256 text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())")
             done = {r["version"] for r in await con.fetch("SELECT version FROM schema_migrations")}
+            known = set()
             for version, name, sql in available():
+                known.add(version)
                 if version in done:
                     continue
-                await con.execute(sql)
+                if re.sub(r"--[^\n]*", "", sql).strip():  # asyncpg fails on comments alone
+                    await con.execute(sql)
                 await con.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                                   version, name)
                 log.info("applied migration %04d_%s", version, name)
-                applied_now.append(version)
-    return applied_now
+                migrated.versions.append(version)
+            newer = sorted(done - known)
+            if newer:
+                # An older chatterd than the one that migrated the database: its function
+                # files would put older functions back.
+                log.warning("the database has migrations this chatterd does not know (%s);"
+                            " its functions are left as they are",
+                            ", ".join(f"{v:04d}" for v in newer))
+            else:
+                migrated.functions = await _apply_functions(con)
+    return migrated
+
+
+async def _apply_functions(con: asyncpg.Connection) -> list[str]:
+    """Apply every function file whose text is not the one last applied (or whose function
+    is missing), in name order; return their names."""
+    files = function_files()
+    recorded = {r["name"]: r["sha256"] for r in await con.fetch(
+        "SELECT f.name, f.sha256 FROM schema_functions f WHERE EXISTS (SELECT 1 FROM pg_proc p"
+        " WHERE p.pronamespace = $1::regnamespace AND p.proname = f.name)", SCHEMA)}
+    await con.execute("DELETE FROM schema_functions WHERE name <> ALL($1::text[])",
+                      [name for name, _ in files])
+    changed = []
+    for name, sql in files:
+        digest = hashlib.sha256(sql.encode()).hexdigest()
+        if recorded.get(name) != digest:
+            changed.append((name, sql, digest))
+    if not changed:
+        return []
+    # Bodies are checked once every changed file is in, so that a SQL function may use one
+    # whose file sorts after its own (CREATE checks a SQL function's body as it runs).
+    await con.execute("SET LOCAL check_function_bodies = off")
+    for name, sql, digest in changed:
+        await con.execute(sql)
+        await con.execute(
+            "INSERT INTO schema_functions (name, sha256) VALUES ($1, $2) ON CONFLICT (name)"
+            " DO UPDATE SET sha256 = EXCLUDED.sha256, applied_at = now()", name, digest)
+    await con.execute("SET LOCAL check_function_bodies = on")
+    names = [name for name, _, _ in changed]
+    for row in await con.fetch(
+            "SELECT p.oid, l.lanvalidator::regproc::text AS validator"
+            " FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang"
+            " WHERE p.pronamespace = $1::regnamespace AND p.proname = ANY($2::text[])"
+            " AND l.lanvalidator <> 0", SCHEMA, names):
+        await con.execute(f"SELECT {row['validator']}($1)", row["oid"])
+    log.info("applied function files: %s", ", ".join(names))
+    return names
 
 
 async def _ensure_schema(con: asyncpg.Connection) -> None:

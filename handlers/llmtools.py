@@ -18,10 +18,10 @@ as /llmchat does (handlers/chat.py).  When an upstream round ends with tool call
   ends complete with the assistant's `tool_calls` stored.  The client runs its tool and
   POSTs /llmtools with `{"role": "tool", "content": ..., "tool_name": ...}`: a turn that
   starts with a tool result, which the context budget only ever sends together with the
-  turn that called it (`turns.continues`, db/migrations/0005_context.sql).
+  turn that called it (`turns.continues`, db/functions/begin_turn.sql).
 
 The turn contract holds: the rounds' calls and results are pending until the turn ends
-and enter the conversation with it in one transaction (db/migrations/0007_tool_rounds.sql),
+and enter the conversation with it in one transaction (db/functions/end_turn.sql),
 always as whole call + result pairs: a turn cut short mid-round (the client leaves, the
 upstream fails, a shutdown) keeps the rounds that finished and drops the calls of the
 round that did not.

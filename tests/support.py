@@ -7,13 +7,14 @@ from datetime import timedelta
 import shutil
 import tempfile
 from typing import Any, Optional
+import uuid
 
 import asyncpg
 from tornado.testing import AsyncHTTPTestCase
 
 import jsonfmt
 from chatterd import Application
-from db import conversations, embedded, migrate, pool as db_pool
+from db import embedded, migrate, pool as db_pool
 from upstreams.ollama import OllamaUpstream
 from upstreams.router import Router
 from tests.ollama_double import OllamaDouble
@@ -37,6 +38,55 @@ def database_url() -> str:
 
         asyncio.run(prepare())
     return _dsn
+
+
+async def fresh_database(prefix: str, ddl: list[str] = ()) -> str:
+    """A new, empty database on the test run's PostgreSQL (then *ddl* run in it); its DSN."""
+    admin = database_url().replace("/chatterd_test?", "/postgres?", 1)
+    dsn = await embedded.ensure_database(admin, f"{prefix}_{uuid.uuid4().hex[:10]}")
+    con = await asyncpg.connect(dsn)
+    try:
+        for statement in ddl:
+            await con.execute(statement)
+    finally:
+        await con.close()
+    return dsn
+
+
+# How a turn can end and belong to the conversation.
+ENDED = ("complete", "interrupted", "failed")
+
+# An appID's conversation as the model is sent it all (no context budget): every appID
+# that has turns, with the Ollama messages of its ended turns, system prompts first, then
+# turn by turn in order; a reply that ended with neither text nor tool calls left out.
+CONVERSATIONS_AS_SENT = """
+    SELECT a.appid, coalesce((
+        SELECT jsonb_agg(jsonb_build_object('role', m.role, 'content', m.content)
+                         || coalesce(m.extra, '{}'::jsonb)
+                         ORDER BY m.role <> 'system', m.turn_id, m.seq)
+          FROM chatterd.messages m JOIN chatterd.turns t ON t.id = m.turn_id
+         WHERE m.appid = a.appid AND t.appid = a.appid
+           AND t.status IN ('complete', 'interrupted', 'failed')
+           AND (m.status = 'complete' OR m.content <> '' OR m.extra ? 'tool_calls')),
+        '[]'::jsonb)::text AS conversation
+      FROM (SELECT DISTINCT appid FROM chatterd.turns) a"""
+
+
+async def read_conversation(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
+    """The stored conversation of the appID, every row of its ended turns in order
+    (replies with no text included)."""
+    return await pool.fetch(
+        "SELECT m.seq, m.turn_id, m.role, m.content, m.extra, m.status, m.error, m.model,"
+        " m.tokens, m.ntokens, m.ntokens_from FROM chatterd.messages m"
+        " JOIN chatterd.turns t ON t.id = m.turn_id"
+        " WHERE m.appid = $1 AND t.status = ANY($2::text[])"
+        " ORDER BY m.role <> 'system', m.turn_id, m.seq", app_id, list(ENDED))
+
+
+async def read_turns(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
+    """Every turn of the appID, ended or not, in order."""
+    return await pool.fetch("SELECT id, status, owner, error FROM chatterd.turns"
+                            " WHERE appid = $1 ORDER BY id", app_id)
 
 
 class ChatterdTestCase(AsyncHTTPTestCase):
@@ -121,11 +171,11 @@ class ChatterdTestCase(AsyncHTTPTestCase):
 
     async def conversation(self, app_id: str) -> list:
         """The stored conversation (from a gen_test): the rows of its ended turns."""
-        return await conversations.conversation(self.pool, app_id)
+        return await read_conversation(self.pool, app_id)
 
     async def turns(self, app_id: str) -> list:
         """Every turn of the appID with its status, ended or not."""
-        return await conversations.turns(self.pool, app_id)
+        return await read_turns(self.pool, app_id)
 
 
 def chat_body(app_id: str, content: str, model: str = "llama3.2", **extra: Any) -> dict:

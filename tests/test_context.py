@@ -20,7 +20,7 @@ BUDGET = CONTEXT - CONTEXT // 4  # no num_predict: a quarter is kept for the rep
 
 
 def estimate(content: str) -> int:
-    """db/migrations/0003_context.sql, estimate_tokens, for text without tool calls."""
+    """db/functions/estimate_tokens.sql, for text without tool calls."""
     return 4 + math.ceil(len(content.encode()) / 4)
 
 

@@ -11,9 +11,8 @@ import asyncpg
 from tornado.testing import AsyncTestCase, gen_test
 
 import jsonfmt
-from db import embedded, migrate, pool as db_pool
 from tests.ollama_double import OllamaDouble, default_reply
-from tests.support import database_url
+from tests.support import fresh_database
 from tests.test_process import ROOT, curl, start_chatterd, stop, unused_port
 
 # The course's SQL.  Its chatter page creates chatts (the exact DDL is not published; this
@@ -37,19 +36,6 @@ WEATHER_SCHEMA = [{"type": "function", "function": {
                                                     "lon": {"type": "number"}},
                    "required": ["lat", "lon"]}}}]
 TOOL_CALLS = [{"function": {"name": "get_weather", "arguments": {"lat": 42.28, "lon": -83.74}}}]
-
-
-async def fresh_database(prefix: str, ddl: list[str]) -> str:
-    """A new database on the test run's PostgreSQL, with the course's table made by *ddl*."""
-    admin = database_url().replace("/chatterd_test?", "/postgres?", 1)
-    dsn = await embedded.ensure_database(admin, f"{prefix}_{uuid.uuid4().hex[:10]}")
-    con = await asyncpg.connect(dsn)
-    try:
-        for statement in ddl:
-            await con.execute(statement)
-    finally:
-        await con.close()
-    return dsn
 
 
 def descending_ids(n: int) -> list[str]:
@@ -321,43 +307,6 @@ class CourseImportTest(DatabaseTestCase):
         self.assertEqual(err.strip().splitlines()[-1],
                          "chatterd: nothing to import: the database has no course table public.chatts"
                          " (name or username, message, id uuid, time)")
-
-
-class PublicLayoutTest(DatabaseTestCase):
-    """A database an older chatterd set up in `public` moves into the schema, data and all."""
-
-    @gen_test(timeout=60)
-    async def test_older_chatterd_tables_move_into_the_schema(self):
-        dsn = await fresh_database("chatterd_public", [])
-        con = await self.connect(dsn)
-        await con.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
-                          " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
-        for version, name, sql in migrate.available()[:2]:  # what the older chatterd applied
-            await con.execute(sql)
-            await con.execute("INSERT INTO schema_migrations VALUES ($1, $2)", version, name)
-        await con.execute("INSERT INTO chatts (name, message) VALUES ('old', 'post')")
-        turn = await con.fetchval("SELECT turn_id FROM begin_turn('a', 'o', 10,"
-                                  " '[{\"role\": \"user\", \"content\": \"hi\"}]'::jsonb)")
-        await con.execute("SELECT end_turn($1, 'complete', NULL, 'hello', NULL, NULL, NULL, true)", turn)
-
-        pool = await db_pool.create_pool(dsn, max_size=2)
-        try:
-            later = [v for v, _, _ in migrate.available()[2:]]
-            self.assertEqual(await migrate.migrate(pool), later)
-            self.assertEqual(await migrate.migrate(pool), [])
-            self.assertEqual(await pool.fetchval("SELECT name || ' ' || message FROM chatts"), "old post")
-        finally:
-            await pool.close()
-        self.assertIsNone(await con.fetchval("SELECT to_regclass('public.chatts')"))
-        self.assertEqual(await con.fetchval("SELECT count(*) FROM pg_proc"
-                                            " WHERE pronamespace = 'public'::regnamespace"), 0)
-        # The functions find their tables whatever the caller's search_path (here: public).
-        self.assertEqual(jsonfmt.loads(await con.fetchval("SELECT chatterd.conversation_of('a')::text")),
-                         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
-        # The identity and the turn sequence moved with their tables and go on counting.
-        await con.execute("INSERT INTO chatterd.chatts (name, message) VALUES ('new', 'post')")
-        self.assertEqual(await con.fetchval("SELECT max(seq) FROM chatterd.chatts"), 2)
-        self.assertGreater(await con.fetchval("SELECT nextval('chatterd.turn_ids')"), turn)
 
 
 class StartupFailureTest(AsyncTestCase):

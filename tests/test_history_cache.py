@@ -1,8 +1,9 @@
-"""db/history_cache.py with migration 0009: a process reads only the turns it has not seen,
+"""db/history_cache.py with begin_turn's p_cached: a process reads only the turns it has not seen,
 and the history it sends is exactly what reading everything would give, whichever process
 wrote which turn."""
 
 import unittest
+from typing import Optional
 
 from tornado.testing import gen_test
 
@@ -16,30 +17,35 @@ def msg(role: str, content: str) -> dict:
     return {"role": role, "content": content}
 
 
+def cached_turns(cache: HistoryCache, app_id: str) -> Optional[list[int]]:
+    """The turn ids the cache holds for the appID, as begin_turn is told them; None: none."""
+    return list(cache.snapshot(app_id)) or None
+
+
 class AssembleTest(unittest.TestCase):
     def test_system_prompts_first_then_window_turns_in_order_from_fetch_or_cache(self) -> None:
         cache = HistoryCache(10)
         first = cache.assemble("a", cache.snapshot("a"), [msg("system", "S"), msg("user", "q1"), msg("assistant", "r1")],
                                [1, 1, 1], [1])
         self.assertEqual([m["content"] for m in first], ["S", "q1", "r1"])
-        self.assertEqual(cache.turn_ids("a"), [1])
+        self.assertEqual(cached_turns(cache, "a"), [1])
         # Turn 1 cached, turn 2 fetched, turn 3 in the window but with nothing to send.
         second = cache.assemble("a", cache.snapshot("a"), [msg("system", "S"), msg("user", "q2"), msg("assistant", "r2")],
                                 [1, 2, 2], [3, 2, 1])
         self.assertEqual([m["content"] for m in second], ["S", "q1", "r1", "q2", "r2"])
-        self.assertEqual(sorted(cache.turn_ids("a")), [1, 2, 3])
+        self.assertEqual(sorted(cached_turns(cache, "a")), [1, 2, 3])
         # The window moved on: turn 1 left it, so the cache lets it go.
         cache.assemble("a", cache.snapshot("a"), [], [], [2, 3])
-        self.assertEqual(sorted(cache.turn_ids("a")), [2, 3])
+        self.assertEqual(sorted(cached_turns(cache, "a")), [2, 3])
 
     def test_least_recently_used_appids_are_let_go(self) -> None:
         cache = HistoryCache(2)
         for app in ("a", "b", "c"):
             cache.assemble(app, cache.snapshot(app), [msg("user", app)], [1], [1])
-        self.assertIsNone(cache.turn_ids("a"))
-        self.assertEqual(cache.turn_ids("c"), [1])
+        self.assertIsNone(cached_turns(cache, "a"))
+        self.assertEqual(cached_turns(cache, "c"), [1])
         cache.forget("c")
-        self.assertIsNone(cache.turn_ids("c"))
+        self.assertIsNone(cached_turns(cache, "c"))
 
     def test_an_appid_evicted_or_forgotten_while_its_turn_begins_loses_nothing(self) -> None:
         # begin_turn told the database which turns it has (the snapshot); before the answer
@@ -58,7 +64,7 @@ class AssembleTest(unittest.TestCase):
         cache = HistoryCache(0)
         history = cache.assemble("a", {}, [msg("user", "q")], [1], [1])
         self.assertEqual(history, [msg("user", "q")])
-        self.assertIsNone(cache.turn_ids("a"))
+        self.assertIsNone(cached_turns(cache, "a"))
 
 
 class TwoProcessesTest(ChatterdTestCase):
@@ -91,7 +97,7 @@ class TwoProcessesTest(ChatterdTestCase):
         cache = HistoryCache(10)
         for i in range(4):
             await self.turn(cache, "once", [msg("user", f"q{i}")], f"r{i}")
-        cached = cache.turn_ids("once")
+        cached = cached_turns(cache, "once")
         self.assertEqual(len(cached), 3)
         async with self.pool.acquire() as con:
             row = await con.fetchrow(

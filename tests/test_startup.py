@@ -10,7 +10,7 @@ import asyncpg
 
 from db import conversations, embedded, migrate, pool as db_pool
 from db.startup import open_database, ready_pool
-from tests.support import database_url
+from tests.support import database_url, read_conversation
 
 
 def _options(dsn: str, size: int) -> types.SimpleNamespace:
@@ -71,7 +71,7 @@ def test_the_readied_connections_serve_turns_as_usual():
                 pool, "after-ready", "test", 10.0, [{"role": "user", "content": "hi"}])
             stored = await conversations.end_turn(
                 pool, turn, "complete", None, conversations.Reply(content="hello"))
-            rows = await conversations.conversation(pool, "after-ready")
+            rows = await read_conversation(pool, "after-ready")
         finally:
             await pool.close()
         return history, stored, [(r["role"], r["content"]) for r in rows]

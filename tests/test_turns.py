@@ -312,7 +312,7 @@ class DeliveryRecordTest(ChatterdTestCase):
 
 class DeliveredMarksTest(ChatterdTestCase):
     """begin_turn records the deliveries it is handed, a few one by one and many as a set
-    (db/migrations/0010): every one marked, and a turn row another transaction holds
+    (db/functions/begin_turn.sql): every one marked, and a turn row another transaction holds
     skipped rather than waited for, either way."""
 
     async def ended_turns(self, n: int, prefix: str) -> list[int]:

@@ -12,7 +12,8 @@ client request it came from.  The audit reads three sources of truth afterwards:
 * the clients: every attempt's status, events and what the client did (left, resent);
 * the double: the exact message list of every upstream /api/chat request, in arrival order,
   and the lines it answered with;
-* the database: every message and turn row of every appID, and conversation_of().
+* the database: every message and turn row of every appID, and each conversation as the
+  model is sent it all (tests/support.py, CONVERSATIONS_AS_SENT).
 
 What each client outcome allows (docs/turn-contract.md): `done` -> its turn is stored complete
 with exactly the text the client received; an `event: error` -> stored failed/interrupted, or
@@ -46,6 +47,7 @@ import jsonfmt
 from db import embedded, migrate, pool as db_pool
 from tests.ollama_double import Behavior, OllamaDouble, default_reply
 from tests.sse_parser import SSEError, parse
+from tests.support import CONVERSATIONS_AS_SENT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -619,9 +621,8 @@ class Torture:
                 "SELECT m.appid, m.turn_id, m.seq, m.role, m.content, m.status AS mstatus, m.error,"
                 " t.status AS tstatus, t.owner, extract(epoch FROM t.ended_at)::float8 AS ended FROM messages m JOIN turns t ON t.id = m.turn_id"
                 " ORDER BY m.turn_id, m.seq")
-            conv_of = {r["appid"]: jsonfmt.loads(r["c"]) if isinstance(r["c"], str) else r["c"]
-                       for r in await con.fetch(
-                           "SELECT DISTINCT appid, conversation_of(appid)::text AS c FROM turns")}
+            conv_of = {r["appid"]: jsonfmt.loads(r["conversation"])
+                       for r in await con.fetch(CONVERSATIONS_AS_SENT)}
             turn_rows = await con.fetch("SELECT id, appid, status FROM turns ORDER BY id")
         finally:
             await con.close()
@@ -696,7 +697,7 @@ class Torture:
             views[app] = view
             got = [(m.get("role"), m.get("content")) for m in conv_of.get(app, [])]
             if got != view:
-                rep.violation("conversation_of() differs from the ended turns' rows",
+                rep.violation("the conversation as sent differs from the ended turns' rows",
                               f"appID {app}: first difference at "
                               f"{next((i for i, (x, y) in enumerate(zip(got, view)) if x != y), min(len(got), len(view)))}")
 

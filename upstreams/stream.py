@@ -1,7 +1,7 @@
 """The upstream IOStream: chatterd's state on it, and one recv per token while a body
 trickles in (re-check on every Tornado upgrade: UpstreamStream relies on IOStream's
 _read_future, _state and _handle_events; tests/test_upstream_http.py and
-tests/test_ollama_client.py cover it).  upstreams/http.py gives every plain upstream
+tests/test_upstream_client.py cover it).  upstreams/http.py gives every plain upstream
 connection this class and reads chunked bodies through read_trickle().
 """
 
