@@ -39,6 +39,11 @@ TEN_MIGRATIONS = "84d1182"  # 0001-0010 in the schema `chatterd`, functions defi
 _checkouts: dict[str, ModuleType] = {}
 
 
+def after(version: int) -> list[int]:
+    """The versions of db/migrations/ above *version*: what an upgrade from it applies."""
+    return [v for v, _, _ in migrate.available() if v > version]
+
+
 def release_migrate(commit: str) -> ModuleType:
     """db/migrate.py as it was at *commit*, running that commit's db/migrations/."""
     if commit not in _checkouts:
@@ -175,9 +180,11 @@ def test_a_database_of_the_ten_migrations_upgrades_with_its_data_kept():
                                          USER % '"still running"')
             before = await table_rows(con, "chatterd")
             applied = await upgrade(dsn)
-            assert applied.versions == [11]
+            assert applied.versions == after(10)
             assert applied.functions == [name for name, _ in migrate.function_files()]
-            assert await table_rows(con, "chatterd") == before
+            now = await table_rows(con, "chatterd")
+            assert {t: now[t] for t in before} == before
+            assert not any(now[t] for t in now.keys() - before.keys())  # new tables start empty
             assert await con.fetchval("SELECT to_regprocedure('chatterd.conversation_of(text)')") is None
         finally:
             await con.close()
@@ -228,7 +235,7 @@ def test_a_database_of_the_first_release_upgrades_with_its_data_kept():
             messages = await con.fetch("SELECT * FROM public.messages ORDER BY seq")
 
             applied = await upgrade(dsn)
-            assert applied.versions == list(range(2, 12))
+            assert applied.versions == after(1)
             assert await con.fetchval("SELECT to_regclass('public.messages')") is None
             assert await con.fetch("SELECT * FROM chatterd.chatts ORDER BY seq") == chatts
             columns = list(messages[0].keys())
@@ -286,7 +293,7 @@ def test_a_database_with_turn_functions_in_public_moves_into_the_schema():
             await con.execute("SELECT end_turn($1, 'complete', NULL, 'hello', NULL, NULL, NULL, true)",
                               turn)
             applied = await upgrade(dsn)
-            assert applied.versions == list(range(3, 12))
+            assert applied.versions == after(2)
             assert (await upgrade(dsn)) == migrate.Migrated()
             assert await con.fetchval("SELECT to_regclass('public.chatts')") is None
             assert await con.fetchval("SELECT count(*) FROM pg_proc"
