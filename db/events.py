@@ -80,14 +80,16 @@ async def stream_of(pool: asyncpg.Pool, turn_id: int, retention: float) -> Optio
             " FROM turn_streams WHERE turn_id = $1", turn_id, retention)
 
 
-async def turn_state(pool: asyncpg.Pool, turn_id: int) -> Optional[asyncpg.Record]:
-    """The turn's appid and status, and whether a process holds its lease now; None if no
-    such turn."""
+async def turn_state(pool: asyncpg.Pool, turn_id: int,
+                     recent: float = 10.0) -> Optional[asyncpg.Record]:
+    """The turn's appid and status, whether a process holds its lease now, and whether it
+    is running or ended less than *recent* seconds ago; None if no such turn."""
     async with connection(pool, "turn_state") as con:
         return await con.fetchrow(
             "SELECT t.appid, t.status, EXISTS (SELECT 1 FROM leases l WHERE l.appid = t.appid"
-            " AND l.turn_id = t.id AND l.expires_at > clock_timestamp()) AS leased"
-            " FROM turns t WHERE t.id = $1", turn_id)
+            " AND l.turn_id = t.id AND l.expires_at > clock_timestamp()) AS leased,"
+            " coalesce(t.ended_at > clock_timestamp() - make_interval(secs => $2), true) AS recent"
+            " FROM turns t WHERE t.id = $1", turn_id, recent)
 
 
 async def chunks_after(pool: asyncpg.Pool, turn_id: int, after: int, limit: int) -> list[asyncpg.Record]:

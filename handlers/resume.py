@@ -9,15 +9,19 @@ nothing.  A finished turn's events are kept --resume-retention seconds, then 410
 import asyncio
 from typing import Any, Optional
 
+import asyncpg
 from tornado.iostream import StreamClosedError
 
 import sse
 from db import events
+from db.pool import DatabaseUnavailable
 from handlers.base import BaseHandler, ClientError
 from resume import reader
 from resume.reader import BadEventId, parse_last_event_id
 
-APPEAR_WAIT = 2.0  # seconds a just-started turn's first checkpoint may take to arrive
+# Seconds a turn's first checkpoint may take to arrive, when the turn is running or has
+# just ended (a loaded database can hold a checkpoint back that long).
+APPEAR_WAIT = 5.0
 BEYOND_WAIT = 2.0  # seconds a Last-Event-ID ahead of what is stored may wait for it
 
 
@@ -45,7 +49,7 @@ class TurnHandler(BaseHandler):
             if stream is not None:
                 break
             state = await events.turn_state(self.pool, self.turn_id)
-            if state is None or state["appid"] != app_id or state["status"] != "running" \
+            if state is None or state["appid"] != app_id or not state["recent"] \
                     or loop.time() >= deadline:
                 raise self.not_found()
             await resume.hub.wait(self.turn_id, 0.05)
@@ -86,6 +90,11 @@ class TurnEventsHandler(TurnHandler):
                 await self.events.send(data)
         except StreamClosedError:
             self.outcome = "client_left"
+        except (DatabaseUnavailable, asyncpg.PostgresError) as e:
+            # The stream ends without its terminal event: the client resumes again from
+            # the last id it has (as an EventSource does by itself).
+            self.outcome = "database_unavailable"
+            self.error_message = str(e)
         finally:
             self.events.close()
 
