@@ -10,13 +10,14 @@ interrupted.
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Awaitable, Optional
 
 from tornado.iostream import StreamClosedError
 
 from db import events
 from db.pool import DatabaseUnavailable
 from handlers.base import ClientError
+from resume.checkpoint import BACKLOG
 from upstreams.errors import UpstreamAborted
 
 log = logging.getLogger("chatterd")
@@ -68,6 +69,25 @@ class ResumableTurn:
         if self.client_gone and record.detached:
             self.answer_started = True  # kept for a resume: this reply is the turn's
         return record.number(framed, last)
+
+    def checkpointed(self: Any, pending: "Optional[Awaitable[None]]") -> "Optional[Awaitable[None]]":
+        """*pending* (what the relay awaits before it reads on), or, when the turn has more
+        unsaved events than BACKLOG, that and a checkpoint: a stream faster than the
+        database is slowed to it instead of piling up in memory (not while the database is
+        away: then the reply is held, as for storing it)."""
+        record = self.record
+        if record is None or record.unsaved_bytes <= BACKLOG:
+            return pending
+        checkpointer = self.application.resume.checkpointer
+        if checkpointer.failing:
+            return pending
+        return self._checkpoint_then(pending, checkpointer, record)
+
+    async def _checkpoint_then(self, pending: "Optional[Awaitable[None]]", checkpointer: Any,
+                               record: Any) -> None:
+        if pending is not None:
+            await pending
+        await checkpointer.sync(record)
 
     def keeps_generating(self: Any) -> bool:
         """The client left: True when the turn goes on without it (see the module)."""

@@ -19,6 +19,8 @@ from resume.record import TurnRecord
 log = logging.getLogger("chatterd")
 
 MAX_BYTES = 64 * 1024  # unsaved bytes of one turn that bring its checkpoint forward
+BACKLOG = 256 * 1024  # unsaved bytes of one turn at which its relay waits for a checkpoint
+BATCH_BYTES = 1 << 20  # bytes of events one checkpoint statement carries, at most about
 
 
 class Checkpointer:
@@ -57,6 +59,11 @@ class Checkpointer:
 
     _in_flight: frozenset = frozenset()
 
+    @property
+    def failing(self) -> bool:
+        """The last checkpoint failed (the database is away)."""
+        return self._failing
+
     def _start(self) -> None:
         if self._flight is not None:
             self._soon = True
@@ -68,7 +75,15 @@ class Checkpointer:
             self._flight = asyncio.ensure_future(self._write())
 
     async def _write(self) -> bool:
-        batch, self._dirty = list(self._dirty.values()), {}
+        # A bounded statement: turns beyond BATCH_BYTES wait for the next one, at once.
+        batch, size = [], 0
+        for turn_id in list(self._dirty):
+            record = self._dirty.pop(turn_id)
+            batch.append(record)
+            size += record.unsaved_bytes
+            if size >= BATCH_BYTES and self._dirty:
+                self._soon = True
+                break
         self._in_flight = frozenset(r.turn_id for r in batch)
         taken = [r.take() for r in batch]
         ok = True

@@ -47,14 +47,18 @@ class TurnRecord:
             return framed
         prefix = self._prefix
         n = self.n
-        events = framed.split(b"\n\n")
-        events.pop()  # what follows the last blank line: nothing
-        out = []
-        for event in events:
+        if framed.count(b"\n\n") == 1:  # one event (a line per upstream write): no split
             n += 1
-            out.append(b"%s%d\n%s\n\n" % (prefix, n, event))
+            data = b"%s%d\n%s" % (prefix, n, framed)
+        else:
+            events = framed.split(b"\n\n")
+            events.pop()  # what follows the last blank line: nothing
+            out = []
+            for event in events:
+                n += 1
+                out.append(b"%s%d\n%s\n\n" % (prefix, n, event))
+            data = b"".join(out)
         self.n = n
-        data = b"".join(out)
         self.unsaved.append(data)
         self.unsaved_bytes += len(data)
         if last:
