@@ -69,6 +69,8 @@ class TurnEventsHandler(TurnHandler):
     events: Any = None
 
     async def get(self, turn_id: str) -> None:
+        if self.application.draining:  # a proxy retries elsewhere
+            raise ClientError(503, "server is shutting down; retry")
         last = self.request.headers.get("Last-Event-ID")
         if last is None:
             last = self.get_query_argument("lastEventId", None)
@@ -116,6 +118,11 @@ class TurnEventsHandler(TurnHandler):
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
+        self.end_for_shutdown()
+
+    def end_for_shutdown(self) -> None:
+        """End the resumed stream (without a terminal event: the client resumes again,
+        from another process)."""
         if self._left is not None and not self._left.done():
             self._left.set_result(True)
 

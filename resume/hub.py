@@ -25,6 +25,7 @@ class Hub:
         self._readers: dict[int, set[asyncio.Future]] = {}
         self.stoppers: dict[int, Callable[[], None]] = {}  # this process's running turns
         self._closed = False
+        self._warned = False
 
     def ensure(self) -> None:
         """Start listening, if not yet (without waiting)."""
@@ -49,9 +50,15 @@ class Hub:
                 return
             self._con = con
         except Exception as e:
-            log.warning("cannot LISTEN for stream events (readers poll instead): %s", e)
+            if not self._warned:  # one line per outage, not one per stream
+                log.warning("cannot LISTEN for stream events (readers poll instead): %s", e)
+                self._warned = True
             if con is not None:
                 con.terminate()
+        else:
+            if self._warned:
+                log.info("listening for stream events again")
+            self._warned = False
         finally:
             self._connecting = None
 
