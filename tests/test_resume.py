@@ -15,7 +15,7 @@ import asyncpg
 from tornado.testing import AsyncTestCase, bind_unused_port, gen_test
 
 import jsonfmt
-from tests.ollama_double import OllamaDouble, split_tokens
+from tests.ollama_double import OllamaDouble, split_tokens, tool_call
 from tests.support import database_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -537,5 +537,31 @@ class ResumeTest(AsyncTestCase):
             text = "".join(jsonfmt.loads(course_fields(e)[1])["choices"][0]["delta"].get("content") or ""
                            for e in events[:-1] if jsonfmt.loads(course_fields(e)[1]).get("choices"))
             self.assertEqual(text, REPLY)
+        finally:
+            await self.teardown_cluster()
+
+    @gen_test(timeout=120)
+    async def test_llmtools_tool_calls_event_resumes_with_its_id(self):
+        await self.cluster()
+        try:
+            self.double.behave("tooly", reply="Let me look that up.", token_delay=0.02,
+                               tool_calls=[tool_call("lookup", q="x")])
+            app_id = self.app("tools")
+            body = {**chat(app_id, "look it up", "tooly"),
+                    "tools": [{"type": "function", "function": {
+                        "name": "lookup", "description": "look up", "parameters": {
+                            "type": "object", "properties": {"q": {"type": "string"}}}}}]}
+            cut = await request(self.a.port, "POST", "/llmtools", body,
+                                {"X-Chatterd-Keep-Generating": "30"})
+            turn = int(cut.headers["x-chatterd-turn"])
+            seen = [await cut.event()]
+            cut.close()
+            rest = await (await self.resume(self.b.port, turn, app_id, f"{turn}:1")).rest()
+            events = seen + rest
+            self.check_sequence(turn, events, 1)
+            kinds = [course_fields(e)[0] for e in events]
+            self.assertEqual(kinds.count("tool_calls"), 1)
+            self.assertEqual(kinds.index("tool_calls"), len(events) - 2)  # then the final line
+            self.assertEqual(text_of(events), "Let me look that up.")
         finally:
             await self.teardown_cluster()
