@@ -211,7 +211,7 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
                 break
         self.text.compact()
         if relayed:
-            return self.checkpointed(self._send_now(self.numbered(self.frame(relayed))))
+            return self.checkpointed(self._send_now(self.framed(relayed)))
         return None
 
     def _send_now(self, data: bytes) -> Optional[Awaitable[None]]:

@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Optional
 
 from tornado.iostream import StreamClosedError
 
+import sse
 from db import events
 from db.pool import DatabaseUnavailable
 from handlers.base import ClientError
@@ -64,11 +65,23 @@ class ResumableTurn:
         record = self.record
         if record is None:
             return framed
+        self._numbering(record)
+        return record.number(framed, last)
+
+    def framed(self: Any, lines: list[bytes]) -> bytes:
+        """numbered(self.frame(lines)); in one pass for plain data events (/llmchat)."""
+        record = self.record
+        if record is None or self.frame is not sse.data_events:
+            return self.numbered(self.frame(lines))
+        self._numbering(record)
+        data = record.number_data(lines)
+        return data if data is not None else record.number(self.frame(lines))
+
+    def _numbering(self: Any, record: Any) -> None:
         if not record.opened:  # the first events open the stream
             self.open_record()
         if self.client_gone and record.detached:
             self.answer_started = True  # kept for a resume: this reply is the turn's
-        return record.number(framed, last)
 
     def checkpointed(self: Any, pending: "Optional[Awaitable[None]]") -> "Optional[Awaitable[None]]":
         """*pending* (what the relay awaits before it reads on), or, when the turn has more

@@ -8,6 +8,8 @@ rest of the original.
 
 from typing import Any, Optional
 
+import sse
+
 
 class TurnRecord:
     """The events of one turn's stream not yet checkpointed, and where numbering is."""
@@ -45,26 +47,27 @@ class TurnRecord:
         line; *last*: they end the stream.  Nothing more is numbered after the last."""
         if self.final or not framed:
             return framed
-        prefix = self._prefix
-        n = self.n
-        if framed.count(b"\n\n") == 1:  # one event (a line per upstream write): no split
-            n += 1
-            data = b"%s%d\n%s" % (prefix, n, framed)
-        else:
-            events = framed.split(b"\n\n")
-            events.pop()  # what follows the last blank line: nothing
-            out = []
-            for event in events:
-                n += 1
-                out.append(b"%s%d\n%s\n\n" % (prefix, n, event))
-            data = b"".join(out)
-        self.n = n
+        data = sse.with_ids(framed, self._prefix, self.n)
+        self.n += framed.count(b"\n\n")
+        self._keep(data, last)
+        return data
+
+    def number_data(self, lines: list[bytes]) -> Optional[bytes]:
+        """number(sse.data_events(lines)) in one pass, or None (then do that)."""
+        if self.final:
+            return None
+        data = sse.data_events_with_ids(lines, self._prefix, self.n)
+        if data is not None:
+            self.n += len(lines)
+            self._keep(data, False)
+        return data
+
+    def _keep(self, data: bytes, last: bool) -> None:
         self.unsaved.append(data)
         self.unsaved_bytes += len(data)
         if last:
             self.final = True
         self._checkpointer.mark(self, at_once=last or self.unsaved_bytes > self._checkpointer.max_bytes)
-        return data
 
     def detach(self) -> None:
         """The client left; the turn keeps generating for `keep` seconds (stored with the
