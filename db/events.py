@@ -34,9 +34,14 @@ WITH s AS (
            keep_until = greatest(s.keep_until, EXCLUDED.keep_until),
            detached = s.detached OR EXCLUDED.detached
 ), c AS (
-    INSERT INTO turn_event_chunks (turn_id, first_n, last_n, final, body)
+    -- A checkpoint retried after a failure whose commit went through anyway holds the same
+    -- events from the same first one, and maybe more: it replaces the row it repeats.
+    INSERT INTO turn_event_chunks AS c (turn_id, first_n, last_n, final, body)
     SELECT * FROM unnest($8::bigint[], $9::integer[], $10::integer[], $11::boolean[],
                          $12::bytea[])
+    ON CONFLICT (turn_id, first_n) DO UPDATE
+       SET last_n = EXCLUDED.last_n, final = EXCLUDED.final, body = EXCLUDED.body
+       WHERE EXCLUDED.last_n > c.last_n
 )
 SELECT set_config('synchronous_commit', 'off', true),
        (SELECT count(pg_notify('""" + EVENTS_CHANNEL + """', p)) FROM unnest($13::text[]) p)

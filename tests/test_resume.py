@@ -16,6 +16,8 @@ from tornado.testing import AsyncTestCase, bind_unused_port, gen_test
 
 import jsonfmt
 from tests.ollama_double import OllamaDouble, split_tokens, tool_call
+from db import events as db_events, pool as db_pool
+from resume.reader import events_after
 from tests.support import database_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -565,3 +567,28 @@ class ResumeTest(AsyncTestCase):
             self.assertEqual(text_of(events), "Let me look that up.")
         finally:
             await self.teardown_cluster()
+
+
+class CheckpointTest(AsyncTestCase):
+    @gen_test(timeout=30)
+    async def test_a_checkpoint_retried_after_an_ambiguous_failure_is_stored_once(self):
+        # The first write committed, but its caller saw a failure and tries again with the
+        # same events and newer ones: one row, the longer one, each event once.
+        pool = await db_pool.create_pool(database_url(), max_size=2)
+        try:
+            turn = -time.time_ns() % (1 << 62)
+            first = b"id: %d:1\ndata: a\n\nid: %d:2\ndata: b\n\n" % (turn, turn)
+            more = first + b"id: %d:3\ndata: c\n\n" % turn
+            stream = (turn, "ckpt", 0, 2, False, None, False)
+            await db_events.write_checkpoint(pool, [stream], [(turn, 1, 2, False, first)])
+            await db_events.write_checkpoint(pool, [stream[:3] + (3, True) + stream[5:]],
+                                             [(turn, 1, 3, True, more)])
+            await db_events.write_checkpoint(pool, [stream], [(turn, 1, 2, False, first)])
+            rows = await db_events.chunks_after(pool, turn, 0, 8)
+            self.assertEqual([(r["first_n"], r["last_n"], r["final"], r["body"]) for r in rows],
+                             [(1, 3, True, more)])
+            self.assertEqual(events_after(more, 1, 2), b"id: %d:3\ndata: c\n\n" % turn)
+            row = await db_events.stream_of(pool, turn, 300)
+            self.assertEqual((row["last_n"], row["finished"]), (3, True))
+        finally:
+            await pool.close()
