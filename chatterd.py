@@ -9,8 +9,10 @@ import asyncio
 from datetime import timedelta
 from http import HTTPStatus
 import logging
+import os
 import resource
 import signal
+import sys
 from typing import Any
 
 import tornado.locks
@@ -35,7 +37,8 @@ from resume import Resumption
 from runtime.accept_guard import GuardedHTTPServer
 from runtime.gc_schedule import FullCollections
 from turns import TurnKeeper
-from upstreams.router import Router, parse_upstreams
+from upstreams import router
+from upstreams.router import Router
 
 log = logging.getLogger("chatterd")
 access_log = logging.getLogger("chatterd.access")
@@ -82,38 +85,22 @@ def metric_labels(handler: tornado.web.RequestHandler) -> dict[str, str]:
 
 
 class Application(tornado.web.Application):
-    """The routes plus what handlers share: the pool, the upstreams, the live streams.
+    """The routes plus what handlers share: the settings (`config`, read by handlers as
+    `self.config`), the pool, the upstreams, the turns, the resident tools, the live streams."""
 
-    """
-
-    def __init__(self, pool: Any, upstreams: Router, *, max_body_size: int = 1048576,
-                 heartbeat: float = 15.0, status_grace: float = 2.0,
-                 write_timeout: float = 30.0, turn_wait: float = 30.0,
-                 turn_lease: float = 10.0, store_retry: float = 15.0,
-                 resend_window: float = 120.0, context_tokens: int = 8192,
-                 max_messages: int = 1000, weather_url: str = "", tool_rounds: int = 4,
-                 tool_timeout: float = 10.0, history_cache: int = 1000,
-                 resume_window: float = 120.0, resume_retention: float = 300.0,
-                 resume_checkpoint: float = 0.2) -> None:
+    def __init__(self, pool: Any, upstreams: Router, config: settings.Settings) -> None:
+        self.config = config
         self.pool = pool
         self.upstreams = upstreams
-        self.turns = TurnKeeper(pool, lease=turn_lease, wait=turn_wait, store_retry=store_retry,
-                                resend_window=resend_window, history_cache=history_cache)
+        self.turns = TurnKeeper(pool, config)
         # Resumable streams (resume/): ids, checkpoints, LISTEN/NOTIFY, stop.
-        self.resume = Resumption(pool, window=resume_window, retention=resume_retention,
-                                 checkpoint=resume_checkpoint)
+        self.resume = Resumption(pool, config)
         self.turns.on_busy = self.resume.stop_if_detached
-        # The resident tools of /llmtools (tools/): none when --tool-rounds is 0.
-        self.tools = tools.resident(weather_url=weather_url if tool_rounds > 0 else "",
-                                             timeout=tool_timeout)
+        self.tools = tools.resident(config)  # the resident tools of /llmtools
         self.draining = False
         self.in_flight: set = set()  # every request being handled, streams included
         self.request_finished = tornado.locks.Condition()
-        super().__init__(ROUTES, default_handler_class=NotFoundHandler, log_function=log_request,
-                         max_body_size=max_body_size, max_messages=max_messages,
-                         heartbeat=heartbeat, status_grace=status_grace,
-                         write_timeout=write_timeout, context_tokens=context_tokens,
-                         tool_rounds=tool_rounds)
+        super().__init__(ROUTES, default_handler_class=NotFoundHandler, log_function=log_request)
 
     def get_handler_delegate(self, request: Any, target_class: type, target_kwargs: Any = None,
                              path_args: Any = None, path_kwargs: Any = None) -> Any:
@@ -181,28 +168,29 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def make_server(app: Application, opts: Any) -> HTTPServer:
+def make_server(app: Application) -> HTTPServer:
     """The HTTP server with chatterd's connection limits (docs/turn-contract.md, "Limits")."""
+    config = app.config
     return GuardedHTTPServer(  # at the open-file limit: pauses accepting, no spin, no log flood
-        app, xheaders=opts.xheaders,
+        app, xheaders=config.xheaders,
         # The server's own cap sits above ours so oversized bodies get a 413, not a dropped connection.
-        max_body_size=max(opts.max_body_size * 2, 1 << 26),
+        max_body_size=max(config.max_body_size * 2, 1 << 26),
         # Tornado uses this one timer both for a kept-alive connection's silence and as the
         # deadline for a request's headers (a slowloris client is cut when it expires).
-        idle_connection_timeout=opts.idle_connection_timeout,
-        body_timeout=opts.body_timeout)
+        idle_connection_timeout=config.idle_connection_timeout,
+        body_timeout=config.body_timeout)
 
 
-async def main(opts: Any) -> None:
+async def main(config: settings.Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The format uses none of these, and finding them costs every log line (one per request):
     # the logging HOWTO's "Optimization" section.
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     raise_open_file_limit()
-    pool = await open_database(opts, import_course=not opts.import_course,
-                               ready=not opts.import_course)
-    if opts.import_course:
+    pool = await open_database(config, import_course=not config.import_course,
+                               ready=not config.import_course)
+    if config.import_course:
         try:
             await course_import.import_now(pool)
         except Exception as e:
@@ -213,37 +201,23 @@ async def main(opts: Any) -> None:
         await asyncio.wait_for(pool.close(), 10)
         return
     try:
-        clients = parse_upstreams(opts.upstreams, opts.ollama_url,
-                                  connect_timeout=opts.connect_timeout,
-                                  request_timeout=opts.request_timeout,
-                                  idle_timeout=opts.idle_timeout, max_streams=opts.max_streams,
-                                  queue_timeout=opts.queue_timeout,
-                                  keepalive=opts.upstream_keepalive)
+        upstreams = router.from_settings(config)
     except ValueError as e:
         pool.terminate()
         raise SystemExit(f"chatterd: {e} (see --help)") from None
-    upstreams = Router(clients, cooldown=opts.upstream_cooldown, refresh_every=opts.models_refresh)
     upstreams.start()
-    app = Application(pool, upstreams, max_body_size=opts.max_body_size,
-                      max_messages=opts.max_messages, heartbeat=opts.heartbeat,
-                      status_grace=opts.status_grace, write_timeout=opts.write_timeout,
-                      turn_wait=opts.turn_wait, turn_lease=opts.turn_lease,
-                      store_retry=opts.store_retry, resend_window=opts.resend_window,
-                      context_tokens=opts.context_tokens, weather_url=opts.weather_url,
-                      tool_rounds=opts.tool_rounds, tool_timeout=opts.tool_timeout,
-                      history_cache=opts.history_cache, resume_window=opts.resume_window,
-                      resume_retention=opts.resume_retention,
-                      resume_checkpoint=opts.resume_checkpoint)
-    server = make_server(app, opts)
+    app = Application(pool, upstreams, config)
+    server = make_server(app)
     try:
-        server.listen(opts.port, opts.address)
+        server.listen(config.port, config.address)
     except OSError as e:
         pool.terminate()
-        raise SystemExit(f"chatterd: cannot listen on {opts.address}:{opts.port}: {describe_error(e)}") from None
-    log.info("chatterd listening on http://%s:%d (upstreams: %s)", opts.address, opts.port,
+        raise SystemExit(f"chatterd: cannot listen on {config.address}:{config.port}: "
+                         f"{describe_error(e)}") from None
+    log.info("chatterd listening on http://%s:%d (upstreams: %s)", config.address, config.port,
              ", ".join(m.name for m in upstreams.members))
 
-    full_collections = FullCollections(opts.gc_full_interval)
+    full_collections = FullCollections(config.gc_full_interval)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -251,7 +225,7 @@ async def main(opts: Any) -> None:
     await stop.wait()
     log.info("shutting down: no new connections; %d request(s) in flight", len(app.in_flight))
     server.stop()
-    await app.drain(opts.shutdown_grace)
+    await app.drain(config.shutdown_grace)
     await asyncio.wait_for(server.close_all_connections(), 10)
     upstreams.close()
     await app.turns.flush_delivered()
@@ -264,17 +238,19 @@ async def main(opts: Any) -> None:
 
 def run() -> None:
     """Parse the settings, pick the event loop, serve until SIGTERM/SIGINT."""
+    args = sys.argv[1:]
+    if "--help" in args or "-h" in args:
+        sys.stdout.write(settings.help_text())
+        return
     try:
-        opts = settings.parse_settings()
+        config = settings.parse(args, os.environ)
     except settings.Error as e:
         raise SystemExit(f"chatterd: {e} (see --help)") from None
-    if opts.event_loop == "uvloop":
-        import uvloop  # measured: less CPU per event and per turn (docs/architecture.md)
+    if config.event_loop == "uvloop":  # (the only other choice: asyncio's own loop)
+        import uvloop  # measured: less CPU per event and per turn (docs/benchmarks.md)
 
         uvloop.install()
-    elif opts.event_loop != "asyncio":
-        raise SystemExit(f"chatterd: --event-loop must be uvloop or asyncio, not {opts.event_loop!r}")
-    asyncio.run(main(opts))
+    asyncio.run(main(config))
 
 
 if __name__ == "__main__":

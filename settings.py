@@ -1,166 +1,365 @@
-"""Every chatterd setting, declared once with its default and help text.
+"""Every chatterd setting, declared once: its name, type, default and help.
 
-Each setting is a `tornado.options` option (``--name=value`` on the command line)
-and can also come from the environment as ``CHATTERD_<NAME>`` (upper case, ``-``
-becomes ``_``).  The command line wins over the environment, which wins over the
-default.
+A setting is `--name=value` (or `--name value`) on the command line and CHATTERD_<NAME>
+in the environment (upper case, "-" becomes "_"); the command line wins over the
+environment, which wins over the default.  One-shot actions (ACTIONS) are command line
+only, so a service's environment file can never turn a server into a command that exits.
+
+Code reads a value from a Settings object by its Python name (`config.turn_lease`):
+`parse()` builds the process's from argv and the environment, `defaults(...)` one for a
+test or a bench.  `python chatterd.py --help` and docs/configuration.md are generated
+from the declarations below (`python -m settings --markdown > docs/configuration.md`;
+tests/test_settings.py fails when the committed file is out of date).
 """
 
-import os
+from dataclasses import dataclass
+import difflib
 import sys
-from typing import Any, NamedTuple
+import textwrap
+from typing import Any, Mapping
 
-from tornado.options import Error, OptionParser
+PROGRAM = "python chatterd.py"
+DOC_COMMAND = "python -m settings --markdown > docs/configuration.md"
 
 
-class Setting(NamedTuple):
-    name: str
+@dataclass(frozen=True)
+class Setting:
+    name: str  # on the command line: --name
+    type: type  # str, int, float or bool
     default: Any
-    type: type
     help: str
+    choices: tuple[str, ...] = ()  # the only values allowed, when not empty
+
+    @property
+    def attr(self) -> str:
+        """The name code reads it by: config.<attr>."""
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "CHATTERD_" + self.attr.upper()
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name
 
 
-SETTINGS = (
-    Setting("address", "127.0.0.1", str, "Address to listen on (keep loopback behind nginx)"),
-    Setting("port", 8000, int, "TCP port to listen on"),
-    Setting("database-url", "", str,
-            "PostgreSQL DSN; empty starts an embedded PostgreSQL whose data lives in --data-dir"),
-    Setting("data-dir", "./var", str, "Directory for the embedded PostgreSQL's data"),
-    Setting("ollama-url", "http://localhost:11434",
-            str, "Ollama base URL (a trailing /api, as the course writes it, is accepted)"),
-    Setting("upstreams", "", str,
-            "Comma-separated LLM servers in order of preference: Ollama base URLs, or "
-            "OpenAI-compatible ones as openai+http(s)://[:KEY@]host[:port]/v1; empty: --ollama-url"),
-    Setting("upstream-keepalive", 64, int,
-            "Idle connections kept open per upstream for the next request (0: one connection "
-            "per request)"),
-    Setting("upstream-cooldown", 10.0, float,
-            "Seconds an upstream that failed (unreachable, 5xx/429) is tried only after the others"),
-    Setting("models-refresh", 60.0, float,
-            "Seconds between listings of each upstream's models (also listed on an unknown model)"),
-    Setting("connect-timeout", 5.0, float, "Seconds to wait for a TCP connection to Ollama"),
-    Setting("status-grace", 2.0, float,
-            "Seconds to wait for Ollama's status before committing a chat stream to 200 and heartbeats"),
-    Setting("heartbeat", 15.0, float, "Seconds of silence after which a ': keepalive' SSE comment is sent"),
-    Setting("write-timeout", 30.0, float,
-            "Seconds a client may take to read one write before it is disconnected and its "
-            "Ollama request ended"),
-    Setting("idle-timeout", 300.0, float,
-            "Seconds Ollama may send nothing (model loading included) before the turn is ended"),
-    Setting("request-timeout", 1800.0, float, "Hard limit in seconds on one Ollama request"),
-    Setting("max-body-size", 1048576, int, "Largest accepted request body in bytes (larger gets 413)"),
-    Setting("idle-connection-timeout", 75.0, float,
-            "Seconds a client connection may stay silent between requests; also the deadline "
-            "for a request's headers (above nginx's 60 s upstream keepalive_timeout)"),
-    Setting("body-timeout", 60.0, float, "Seconds a client may take to send a request body"),
-    Setting("max-messages", 1000, int,
-            "Most messages one /llmchat or /llmprep request may carry (more gets 422)"),
-    Setting("max-streams", 2048, int, "Concurrent Ollama requests per process before new ones queue"),
-    Setting("queue-timeout", 30.0, float,
-            "Seconds a request may wait for one of the --max-streams slots before it fails with 503"),
-    Setting("db-pool-size", 10, int,
-            "PostgreSQL connections per process: all are opened and readied for turns at start, "
-            "more are never opened"),
-    Setting("db-idle-timeout", 600.0, float,
-            "Seconds an unused PostgreSQL connection stays open (0: until chatterd stops); "
-            "a new one costs PostgreSQL about 15 ms of CPU on its first turn"),
-    Setting("db-timeout", 10.0, float, "Seconds a database operation may take before it fails"),
-    Setting("history-cache", 1000, int,
-            "AppIDs whose recent conversation each process keeps in memory, so a turn reads "
-            "only what is new from PostgreSQL (0: off)"),
-    Setting("gc-full-interval", 300.0, float,
-            "Seconds between full garbage collections (0: never), instead of Python's "
-            "heap-growth trigger, whose pauses were the whole p99 relay latency at scale"),
-    Setting("event-loop", "uvloop", str,
-            "The asyncio event loop: uvloop (faster) or asyncio (the standard library's)"),
-    Setting("xheaders", False, bool,
-            "Trust X-Real-IP/X-Forwarded-For/-Proto (turn on only behind nginx that sets them)"),
-    Setting("turn-wait", 30.0, float,
-            "Seconds a turn waits for a running turn of the same appID to end before it gets 409"),
-    Setting("turn-lease", 10.0, float,
-            "Seconds after which the turns of a chatterd process that died are abandoned and "
-            "their appIDs free again (the lease is renewed every third of it)"),
-    Setting("store-retry", 15.0, float,
-            "Seconds storing a turn's end is retried while the database is unreachable"),
-    Setting("resend-window", 120.0, float,
-            "Seconds during which a resend of a turn whose answer was stored but never delivered "
-            "gets the stored answer instead of being stored again (0 turns this off)"),
-    Setting("context-tokens", 8192, int,
-            "Context window (num_ctx) a chat turn is budgeted for and sent to Ollama with, "
-            "unless the request's options.num_ctx says otherwise; history beyond it is left "
-            "out, oldest whole turns first (0: send the whole conversation, no num_ctx)"),
-    Setting("weather-url", "https://api.open-meteo.com/v1/forecast", str,
-            "Open-Meteo forecast API behind the resident tool get_weather(lat, lon) of /llmtools "
-            "(empty: the tool is off)"),
-    Setting("tool-rounds", 4, int,
-            "Most rounds of resident tool calls one /llmtools turn may run; a model that calls "
-            "them again ends the turn as failed (0: resident tools are off)"),
-    Setting("tool-timeout", 10.0, float,
-            "Seconds a resident tool may take (the weather request included); then its result "
-            "is an error text for the model"),
-    Setting("resume-window", 120.0, float,
-            "Most seconds a streamed turn keeps generating after its client left, when the "
-            "request asks for it (X-Chatterd-Keep-Generating); a reader resuming it extends "
-            "that (0: the header is ignored and a client that leaves stops its turn)"),
-    Setting("resume-retention", 300.0, float,
-            "Seconds a finished turn's stream events stay resumable (GET /turns/<id>/events); "
-            "then 410"),
-    Setting("resume-checkpoint", 0.2, float,
-            "Seconds between checkpoints of the running streams' events to PostgreSQL (one "
-            "statement per process for all of them); a resume on another process lags the "
-            "live stream by about this much"),
-    Setting("shutdown-grace", 30.0, float,
-            "On SIGTERM, seconds in-flight streams may run before they are ended"),
+SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
+    ("Server", (
+        Setting("address", str, "127.0.0.1", "Address to listen on (keep loopback behind nginx)"),
+        Setting("port", int, 8000, "TCP port to listen on"),
+        Setting("xheaders", bool, False,
+                "Trust X-Real-IP/X-Forwarded-For/-Proto (turn on only behind nginx that sets them)"),
+        Setting("shutdown-grace", float, 30.0,
+                "On SIGTERM, seconds in-flight streams may run before they are ended"),
+    )),
+    ("Client connections", (
+        Setting("max-body-size", int, 1048576,
+                "Largest accepted request body in bytes (larger gets 413)"),
+        Setting("idle-connection-timeout", float, 75.0,
+                "Seconds a client connection may stay silent between requests; also the deadline "
+                "for a request's headers (above nginx's 60 s upstream keepalive_timeout)"),
+        Setting("body-timeout", float, 60.0, "Seconds a client may take to send a request body"),
+        Setting("max-messages", int, 1000,
+                "Most messages one /llmchat or /llmprep request may carry (more gets 422)"),
+        Setting("heartbeat", float, 15.0,
+                "Seconds of silence after which a ': keepalive' SSE comment is sent"),
+        Setting("write-timeout", float, 30.0,
+                "Seconds a client may take to read one write before it is disconnected and its "
+                "upstream request ended"),
+    )),
+    ("Database", (
+        Setting("database-url", str, "",
+                "PostgreSQL DSN; empty starts an embedded PostgreSQL whose data lives in --data-dir"),
+        Setting("data-dir", str, "./var", "Directory for the embedded PostgreSQL's data"),
+        Setting("db-pool-size", int, 10,
+                "PostgreSQL connections per process: all are opened and readied for turns at "
+                "start, more are never opened"),
+        Setting("db-idle-timeout", float, 600.0,
+                "Seconds an unused PostgreSQL connection stays open (0: until chatterd stops); "
+                "a reopened connection costs PostgreSQL extra CPU on its first turn"),
+        Setting("db-timeout", float, 10.0, "Seconds a database operation may take before it fails"),
+        Setting("history-cache", int, 1000,
+                "AppIDs whose recent conversation each process keeps in memory, so a turn reads "
+                "only what is new from PostgreSQL (0: off)"),
+    )),
+    ("Upstreams", (
+        Setting("ollama-url", str, "http://localhost:11434",
+                "Ollama base URL (a trailing /api, as the course writes it, is accepted)"),
+        Setting("upstreams", str, "",
+                "Comma-separated LLM servers in order of preference: Ollama base URLs, or "
+                "OpenAI-compatible ones as openai+http(s)://[:KEY@]host[:port]/v1; "
+                "empty: --ollama-url"),
+        Setting("upstream-keepalive", int, 64,
+                "Idle connections kept open per upstream for the next request (0: one "
+                "connection per request)"),
+        Setting("upstream-cooldown", float, 10.0,
+                "Seconds an upstream that failed (unreachable, 5xx/429) is tried only after "
+                "the others"),
+        Setting("models-refresh", float, 60.0,
+                "Seconds between listings of each upstream's models (also listed on an "
+                "unknown model)"),
+        Setting("connect-timeout", float, 5.0, "Seconds to wait for a TCP connection to an upstream"),
+        Setting("status-grace", float, 2.0,
+                "Seconds to wait for an upstream's status before committing a chat stream to 200 "
+                "and heartbeats"),
+        Setting("idle-timeout", float, 300.0,
+                "Seconds an upstream may send nothing (model loading included) before the turn "
+                "is ended"),
+        Setting("request-timeout", float, 1800.0, "Hard limit in seconds on one upstream request"),
+        Setting("max-streams", int, 2048,
+                "Concurrent upstream requests per process before new ones queue"),
+        Setting("queue-timeout", float, 30.0,
+                "Seconds a request may wait for one of the --max-streams slots before it fails "
+                "with 503"),
+    )),
+    ("Turns", (
+        Setting("turn-wait", float, 30.0,
+                "Seconds a turn waits for a running turn of the same appID to end before it "
+                "gets 409"),
+        Setting("turn-lease", float, 10.0,
+                "Seconds after which the turns of a chatterd process that died are abandoned "
+                "and their appIDs free again (the lease is renewed every third of it)"),
+        Setting("store-retry", float, 15.0,
+                "Seconds storing a turn's end is retried while the database is unreachable"),
+        Setting("resend-window", float, 120.0,
+                "Seconds during which a resend of a turn whose answer was stored but never "
+                "delivered gets the stored answer instead of being stored again (0 turns this off)"),
+        Setting("context-tokens", int, 8192,
+                "Context window (num_ctx) a chat turn is budgeted for and sent upstream with, "
+                "unless the request's options.num_ctx says otherwise; history beyond it is left "
+                "out, oldest whole turns first (0: send the whole conversation, no num_ctx)"),
+    )),
+    ("Resumable streams", (
+        Setting("resume-window", float, 120.0,
+                "Most seconds a streamed turn keeps generating after its client left, when the "
+                "request asks for it (X-Chatterd-Keep-Generating); a reader resuming it extends "
+                "that (0: the header is ignored and a client that leaves stops its turn)"),
+        Setting("resume-retention", float, 300.0,
+                "Seconds a finished turn's stream events stay resumable (GET /turns/<id>/events); "
+                "then 410"),
+        Setting("resume-checkpoint", float, 0.2,
+                "Seconds between checkpoints of the running streams' events to PostgreSQL (one "
+                "statement per process for all of them); a resume on another process lags the "
+                "live stream by about this much"),
+    )),
+    ("Resident tools", (
+        Setting("weather-url", str, "https://api.open-meteo.com/v1/forecast",
+                "Open-Meteo forecast API behind the resident tool get_weather(lat, lon) of "
+                "/llmtools (empty: the tool is off)"),
+        Setting("tool-rounds", int, 4,
+                "Most rounds of resident tool calls one /llmtools turn may run; a model that "
+                "calls them again ends the turn as failed (0: resident tools are off)"),
+        Setting("tool-timeout", float, 10.0,
+                "Seconds a resident tool may take (the weather request included); then its "
+                "result is an error text for the model"),
+    )),
+    ("Runtime", (
+        Setting("event-loop", str, "uvloop",
+                "The asyncio event loop: uvloop (less CPU per event) or asyncio (the standard "
+                "library's)", choices=("uvloop", "asyncio")),
+        Setting("gc-full-interval", float, 300.0,
+                "Seconds between full garbage collections (0: never).  They run on this timer "
+                "instead of Python's heap-growth trigger, which fires again and again while "
+                "streams open and pauses every stream each time"),
+    )),
 )
 
-# One-shot actions: command line only (no environment variable), so a service's
-# environment file can never turn a server into a command that exits.
-ACTIONS = (
-    Setting("import-course", False, bool,
+SETTINGS: tuple[Setting, ...] = tuple(s for _, group in SECTIONS for s in group)
+
+# One-shot actions: command line only (see the module's docstring).
+ACTIONS: tuple[Setting, ...] = (
+    Setting("import-course", bool, False,
             "Import the rows of the course's public.chatts table not imported yet, then exit"),
 )
 
-
-def env_name(setting_name: str) -> str:
-    return "CHATTERD_" + setting_name.upper().replace("-", "_")
-
-
-def define_settings(parser: OptionParser) -> None:
-    for s in SETTINGS:
-        parser.define(s.name, default=s.default, type=s.type, help=f"{s.help} [${env_name(s.name)}]")
-    for s in ACTIONS:
-        parser.define(s.name, default=s.default, type=s.type, help=f"{s.help} [command line only]")
+_BY_ATTR = {s.attr: s for s in SETTINGS + ACTIONS}
+_TRUE = ("true", "t", "1", "yes", "y", "on")
+_FALSE = ("false", "f", "0", "no", "n", "off")
 
 
-def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> OptionParser:
-    """Return a fresh OptionParser filled from defaults, environment and argv.
+class Error(Exception):
+    """A setting's name or value that chatterd cannot use; the message says which and why."""
 
-    Environment values are fed to the parser as if they were given first on the
-    command line, so the parser's own type checking and error messages apply to them.
+
+class Settings:
+    """The value of every setting and action, by Python name: `config.turn_lease`.
+
+    Read-only: `defaults(...)` or `.replace(...)` make another.
     """
-    argv = sys.argv if argv is None else argv
-    environ = os.environ if environ is None else environ
-    parser = OptionParser()
-    define_settings(parser)
-    from_env = [f"--{s.name}={environ[env_name(s.name)]}" for s in SETTINGS if env_name(s.name) in environ]
-    try:
-        parser.parse_command_line([argv[0], *from_env, *_join_values(argv[1:])])
-    except ValueError as e:  # tornado lets the type's own error escape
-        raise Error(f"invalid setting value: {e}") from None
-    return parser
+
+    def __init__(self, **values: Any) -> None:
+        unknown = values.keys() - _BY_ATTR.keys()
+        if unknown:
+            raise TypeError(_unknown(sorted(unknown)[0]))
+        missing = _BY_ATTR.keys() - values.keys()
+        if missing:
+            raise TypeError(f"no value for the setting {sorted(missing)[0]!r}")
+        for name, value in values.items():
+            _check_type(_BY_ATTR[name], value)
+        self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:  # only reached for a name that is not a setting
+        raise AttributeError(_unknown(name))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("settings are read-only: use settings.defaults(...) or .replace(...)")
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with *changes* (by Python name)."""
+        return Settings(**{**self.__dict__, **changes})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self.__dict__ == other.__dict__
+
+    def __repr__(self) -> str:
+        changed = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if v != _BY_ATTR[k].default)
+        return f"Settings({changed})"
 
 
-def _join_values(args: list[str]) -> list[str]:
-    """Accept `--port 8000` as well as tornado's own `--port=8000`."""
-    takes_value = {f"--{s.name}" for s in SETTINGS if s.type is not bool}
-    takes_value |= {name.replace("-", "_") for name in takes_value}
-    joined: list[str] = []
+def defaults(**overrides: Any) -> Settings:
+    """Every setting at its default, but *overrides* (by Python name: turn_lease=0.5)."""
+    return Settings(**{**{s.attr: s.default for s in _BY_ATTR.values()}, **overrides})
+
+
+def parse(args: list[str], environ: Mapping[str, str]) -> Settings:
+    """The settings from the command line *args* (without the program name) over the
+    environment over the defaults.  Raises Error, naming the option or variable at fault."""
+    values = {s.attr: s.default for s in _BY_ATTR.values()}
+    for s in SETTINGS:
+        if s.env in environ:
+            values[s.attr] = _convert(s, environ[s.env], s.env)
     i = 0
     while i < len(args):
-        if args[i] in takes_value and i + 1 < len(args):
-            joined.append(f"{args[i]}={args[i + 1]}")
-            i += 2
-        else:
-            joined.append(args[i])
-            i += 1
-    return joined
+        arg = args[i]
+        i += 1
+        if not arg.startswith("-") or arg in ("-", "--"):
+            raise Error(f"unexpected argument {arg!r}: every setting is --name=value")
+        name, equals, text = arg.lstrip("-").partition("=")
+        s = _BY_ATTR.get(name.replace("-", "_"))
+        if s is None:
+            raise Error(_unknown(name, prefix="--"))
+        if not equals:
+            if s.type is bool:
+                text = "true"
+            elif i < len(args):
+                text = args[i]
+                i += 1
+            else:
+                raise Error(f"{s.option} needs a value")
+        values[s.attr] = _convert(s, text, s.option)
+    return Settings(**values)
+
+
+def _convert(s: Setting, text: str, where: str) -> Any:
+    value: Any
+    if s.type is bool:
+        if text.lower() not in _TRUE + _FALSE:
+            raise Error(f"{where} must be true or false, not {text!r}")
+        value = text.lower() in _TRUE
+    elif s.type in (int, float):
+        try:
+            value = s.type(text)
+        except ValueError:
+            kind = "a whole number" if s.type is int else "a number"
+            raise Error(f"{where} must be {kind}, not {text!r}") from None
+    else:
+        value = text
+    if s.choices and value not in s.choices:
+        raise Error(f"{where} must be {' or '.join(s.choices)}, not {text!r}")
+    return value
+
+
+def _check_type(s: Setting, value: Any) -> None:
+    ok = isinstance(value, s.type) and not (s.type is int and isinstance(value, bool))
+    if s.type is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise TypeError(f"the setting {s.attr!r} is {_type_name(s)}, not {value!r}")
+
+
+def _unknown(name: str, prefix: str = "") -> str:
+    known = [s.attr for s in _BY_ATTR.values()]
+    close = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
+    hint = f" (did you mean {prefix}{close[0].replace('_', '-') if prefix else close[0]}?)" if close else ""
+    return f"no setting named {prefix}{name}{hint}"
+
+
+# -- the generated texts ------------------------------------------------------------------
+
+def _type_name(s: Setting) -> str:
+    if s.choices:
+        return " or ".join(s.choices)
+    return {str: "text", int: "integer", float: "number", bool: "true/false"}[s.type]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def help_text() -> str:
+    """What `python chatterd.py --help` prints."""
+    lines = [f"usage: {PROGRAM} [--name=value ...]", "",
+             *textwrap.wrap("Every setting can also be given in the environment variable shown "
+                            "beside it; the command line wins over the environment, which wins "
+                            "over the default.  docs/configuration.md lists the same.", 88)]
+    for title, group in (*SECTIONS, ("Actions (command line only)", ACTIONS)):
+        lines += ["", f"{title}:"]
+        for s in group:
+            value = "" if s.type is bool else "=" + ("|".join(s.choices) or _type_name(s).upper())
+            default = _shown(s.default) if s.default != "" else '""'
+            where = "" if s in ACTIONS else f", ${s.env}"
+            lines.append(f"  {s.option}{value}  (default {default}{where})")
+            lines += textwrap.wrap(s.help, 88, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                   break_on_hyphens=False)
+    return "\n".join(lines) + "\n"
+
+
+def markdown() -> str:
+    """docs/configuration.md."""
+    intro = (
+        "Every setting is a command-line option (`--port=8001` or `--port 8001`) and an "
+        "environment variable (`CHATTERD_PORT=8001`: `CHATTERD_` and the name in upper case, "
+        "`-` becoming `_`).  The command line wins over the environment, which wins over the "
+        "default.  A true/false setting is turned on by its bare option (`--xheaders`) or by "
+        "`true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`).  A value chatterd cannot use "
+        "stops it at start with a message naming the option or variable.",
+        f"`{PROGRAM} --help` prints the same list.  One-shot actions (`--import-course`) are "
+        "command line only, so a service's environment file can never turn a server into a "
+        "command that exits.",
+    )
+    out = ["# Configuration", "",
+           f"<!-- Generated from settings.py by `{DOC_COMMAND}`: edit settings.py, not this file. -->"]
+    for paragraph in intro:
+        out += ["", *textwrap.wrap(paragraph, 90, break_on_hyphens=False, break_long_words=False)]
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    for title, group in SECTIONS:
+        out += ["", f"## {title}", "",
+                "| Option | Environment variable | Type | Default | What it does |",
+                "|---|---|---|---|---|"]
+        for s in group:
+            default = f"`{_shown(s.default)}`" if s.default != "" else "*(empty)*"
+            out.append(f"| `{s.option}` | `{s.env}` | {_type_name(s)} | {default} | {cell(s.help)} |")
+    out += ["", "## Actions (command line only)", "", "| Option | What it does |", "|---|---|"]
+    out += [f"| `{s.option}` | {cell(s.help)} |" for s in ACTIONS]
+    return "\n".join(out) + "\n"
+
+
+def main(args: list[str]) -> None:
+    if args == ["--markdown"]:
+        sys.stdout.write(markdown())
+    elif not args or args == ["--help"]:
+        sys.stdout.write(help_text())
+    else:
+        raise SystemExit(f"usage: python -m settings [--markdown]  (--markdown: {DOC_COMMAND})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

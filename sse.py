@@ -132,8 +132,8 @@ class EventStream:
 
     Awaiting every flush is what bounds memory: a client that stops reading
     stops us (and, through the awaited streaming_callback, the upstream read).
-    A client that does not take a write within `write_timeout` seconds (handler
-    setting "write_timeout", default 30) is disconnected, so it costs bounded time too.
+    A client that does not take a write within `write_timeout` seconds (--write-timeout)
+    is disconnected, so it costs bounded time too.
     Heartbeats fill silences longer than `heartbeat` seconds so proxies keep the
     connection open while the model loads or thinks.  Writes keep their order: the
     first (with the headers) is a flush, and later ones wait for it (Tornado tracks only
@@ -141,10 +141,10 @@ class EventStream:
     each write goes out at once behind what is queued (runtime/direct_write.py).
     """
 
-    def __init__(self, handler: RequestHandler, heartbeat: float) -> None:
+    def __init__(self, handler: RequestHandler, heartbeat: float, write_timeout: float) -> None:
         self.handler = handler
         self.heartbeat = heartbeat
-        self.write_timeout = float(handler.settings.get("write_timeout", 30.0))
+        self.write_timeout = write_timeout
         self.opened = False
         self.closed = False
         self._flushing: asyncio.Future | None = None

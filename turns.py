@@ -27,6 +27,7 @@ from typing import Any, Awaitable, Callable, Optional, Protocol
 import asyncpg
 
 import metrics
+from settings import Settings
 from db import conversations
 from db.conversations import Reply, Window
 from db.history_cache import HistoryCache
@@ -62,17 +63,18 @@ class TurnNotStored(Exception):
 
 
 class TurnKeeper:
-    """This process's turns: begins them, renews their leases, wakes local waiters."""
+    """This process's turns: begins them, renews their leases, wakes local waiters.
 
-    def __init__(self, pool: asyncpg.Pool, *, lease: float = 10.0, wait: float = 30.0,
-                 store_retry: float = 15.0, resend_window: float = 120.0,
-                 history_cache: int = 1000) -> None:
+    Its durations (--turn-lease, --turn-wait, --store-retry, --resend-window) and the size
+    of its history cache (--history-cache) come from *config*."""
+
+    def __init__(self, pool: asyncpg.Pool, config: Settings) -> None:
         self.pool = pool
-        self.history = HistoryCache(history_cache)  # conversations read, by appID
-        self.resend_window = resend_window
-        self.lease = lease
-        self.wait = wait
-        self.store_retry = store_retry
+        self.history = HistoryCache(config.history_cache)  # conversations read, by appID
+        self.resend_window = config.resend_window
+        self.lease = config.turn_lease
+        self.wait = config.turn_wait
+        self.store_retry = config.store_retry
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: set[int] = set()  # this process's running turns (their leases renew)
         self._ended: dict[str, asyncio.Event] = {}  # appID -> set when a turn of it ends here

@@ -27,10 +27,10 @@ from tornado.httpserver import HTTPServer  # noqa: E402
 from tornado.testing import bind_unused_port  # noqa: E402
 
 import jsonfmt  # noqa: E402
+import settings  # noqa: E402
 from chatterd import Application  # noqa: E402
 from db import conversations, pool as db_pool  # noqa: E402
-from upstreams.ollama import OllamaUpstream  # noqa: E402
-from upstreams.router import Router  # noqa: E402
+from upstreams import router  # noqa: E402
 from tests.ollama_double import OllamaDouble  # noqa: E402
 from tests.support import database_url  # noqa: E402
 from tests.test_context import seed_conversation  # noqa: E402
@@ -90,8 +90,10 @@ async def main(dsn: str, turns: int, messages: int) -> None:
     conversations.end_turn = timed(conversations.end_turn)
     double = OllamaDouble()
     double.listen()
-    pool = await db_pool.create_pool(dsn, max_size=4)
-    app = Application(pool, Router([OllamaUpstream(double.url)]), context_tokens=8192)
+    config = settings.defaults(upstreams=double.url, db_pool_size=4, context_tokens=8192,
+                               weather_url="")
+    pool = await db_pool.create_pool(dsn, config)
+    app = Application(pool, router.from_settings(config), config)
     sock, port = bind_unused_port()
     server = HTTPServer(app)
     server.add_sockets([sock])

@@ -9,6 +9,7 @@ import asyncpg
 import jsonfmt
 import metrics
 from db.migrate import SCHEMA
+from settings import Settings
 
 
 class DatabaseUnavailable(Exception):
@@ -45,16 +46,17 @@ async def _reset_connection(con: asyncpg.Connection) -> None:
         await con.execute("ROLLBACK")
 
 
-async def create_pool(dsn: str, *, max_size: int = 10, timeout: float = 10.0,
-                      idle_timeout: float = 600.0) -> asyncpg.Pool:
-    """Create the pool on the running loop.  No connection is opened until first use,
-    so chatterd starts (and reports 503) even while PostgreSQL is down.  Every connection
-    works in chatterd's own schema (unqualified names resolve there, nowhere else).  A
-    connection unused for *idle_timeout* seconds is closed (0: kept open)."""
+async def create_pool(dsn: str, config: Settings) -> asyncpg.Pool:
+    """Create the pool on the running loop: at most --db-pool-size connections, each
+    statement and connect limited to --db-timeout seconds.  No connection is opened until
+    first use, so chatterd starts (and reports 503) even while PostgreSQL is down.  Every
+    connection works in chatterd's own schema (unqualified names resolve there, nowhere
+    else).  A connection unused for --db-idle-timeout seconds is closed (0: kept open)."""
     return await asyncpg.create_pool(
-        dsn, min_size=0, max_size=max_size, init=_init_connection, reset=_reset_connection,
-        server_settings={"search_path": SCHEMA},
-        command_timeout=timeout, timeout=timeout, max_inactive_connection_lifetime=idle_timeout)
+        dsn, min_size=0, max_size=config.db_pool_size, init=_init_connection,
+        reset=_reset_connection, server_settings={"search_path": SCHEMA},
+        command_timeout=config.db_timeout, timeout=config.db_timeout,
+        max_inactive_connection_lifetime=config.db_idle_timeout)
 
 
 @contextlib.asynccontextmanager

@@ -8,6 +8,7 @@ from typing import Any
 import asyncpg
 
 from db import conversations, course_import, embedded, migrate, pool as db_pool
+from settings import Settings
 
 log = logging.getLogger("chatterd.db")
 
@@ -21,19 +22,18 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"
 
 
-async def open_database(opts: Any, *, import_course: bool, ready: bool = True) -> Any:
+async def open_database(config: Settings, *, import_course: bool, ready: bool = True) -> Any:
     """The pool, on a database whose schema is up to date (and, with *import_course*, whose
     course table, if any, was imported once), with *ready* its connections opened and
     readied for turns (ready_pool).  Any failure is one line and exit code 1."""
     step = "cannot start the embedded PostgreSQL"
     pool = None
     try:
-        dsn = opts.database_url
+        dsn = config.database_url
         if not dsn:
-            dsn = await embedded.ensure_database(embedded.start(opts.data_dir))
+            dsn = await embedded.ensure_database(embedded.start(config.data_dir))
         step = "cannot open the database"
-        pool = await db_pool.create_pool(dsn, max_size=opts.db_pool_size, timeout=opts.db_timeout,
-                                         idle_timeout=opts.db_idle_timeout)
+        pool = await db_pool.create_pool(dsn, config)
         step = "cannot set up chatterd's schema in the database"
         await migrate.migrate(pool)
         if import_course:
@@ -46,7 +46,7 @@ async def open_database(opts: Any, *, import_course: bool, ready: bool = True) -
             pool.terminate()
         raise SystemExit(f"chatterd: {step}: {describe_error(e)}") from None
     if ready:
-        await ready_pool(pool, opts.db_pool_size, opts.db_timeout)  # never fatal
+        await ready_pool(pool, config.db_pool_size, config.db_timeout)  # never fatal
     return pool
 
 

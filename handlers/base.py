@@ -10,6 +10,7 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 import jsonfmt
 from db.pool import DatabaseUnavailable
+from settings import Settings
 from upstreams.errors import UpstreamAborted
 from upstreams.http import forget_frames
 
@@ -167,6 +168,11 @@ class BaseHandler(RequestHandler):
             self.application.request_done(self)
 
     @property
+    def config(self) -> Settings:
+        """chatterd's settings (settings.py): self.config.heartbeat, ..."""
+        return self.application.config  # type: ignore[attr-defined]
+
+    @property
     def pool(self) -> Any:
         return self.application.pool
 
@@ -228,7 +234,7 @@ class JSONBodyHandler(BaseHandler):
         self._body = bytearray()
         self._too_large = False
         self._check_framing()
-        limit = self.settings["max_body_size"]
+        limit = self.config.max_body_size
         length = self.request.headers.get("Content-Length")
         if length is not None and int(length) > limit:
             # Answered before the body, the connection closes after our 413 either way;
@@ -265,7 +271,7 @@ class JSONBodyHandler(BaseHandler):
     def data_received(self, chunk: bytes) -> None:
         if self._too_large:
             return
-        if len(self._body) + len(chunk) > self.settings["max_body_size"]:
+        if len(self._body) + len(chunk) > self.config.max_body_size:
             self._too_large, self._body = True, bytearray()
             return
         self._body += chunk
@@ -274,7 +280,7 @@ class JSONBodyHandler(BaseHandler):
         """The body as a dict; 413 if it was too large, 400 if it is not a JSON object."""
         if self._too_large:
             raise ClientError(413, f"request body is larger than the "
-                                   f"{self.settings['max_body_size']}-byte limit")
+                                   f"{self.config.max_body_size}-byte limit")
         try:
             body = jsonfmt.loads(bytes(self._body))
         except (ValueError, UnicodeDecodeError) as e:

@@ -60,7 +60,7 @@ async def begin_turn(handler: UpstreamHandler, request: LLMRequest, replace: boo
     request's options.num_ctx); /llmprep (replace) reads none.
     """
     context, budget = (None, None) if replace else \
-        request.context_budget(handler.settings.get("context_tokens", 0))
+        request.context_budget(handler.config.context_tokens)
     try:
         return await handler.application.turns.begin(
             request.app_id, request.messages, left=handler.left, replace=replace,
@@ -118,13 +118,13 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
     # -- streaming ------------------------------------------------------------------
 
     async def _stream(self, request: LLMRequest) -> None:
-        self.events = sse.EventStream(self, self.settings["heartbeat"])
+        self.events = sse.EventStream(self, self.config.heartbeat, self.config.write_timeout)
         self.events.set_headers()
         self.start_call("/api/chat", request.upstream_body(self.turn.history), self._on_lines)
         # Queued behind --max-streams: the grace starts once Ollama has the request, so a
         # turn that never gets a slot is a real 503, not a 200 that ends in an error.
         await self.call.wait_slot()
-        status = await self.call.wait_status(self.settings["status_grace"])
+        status = await self.call.wait_status(self.config.status_grace)
         if (status is not None and status != 200) or self.call.failed_early:
             try:
                 await self.call.finished()  # raises: it is not a 200
@@ -321,7 +321,7 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
     # -- what a handler for another client dialect replaces (handlers/openai_api.py) ----
 
     def parse_request(self) -> LLMRequest:
-        return parse_llm_request(self.json_object(), max_messages=self.settings["max_messages"])
+        return parse_llm_request(self.json_object(), max_messages=self.config.max_messages)
 
     async def begin(self, request: LLMRequest) -> Turn:
         return await begin_turn(self, request)
@@ -377,7 +377,7 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
         body = self.frame(events if failed else events + [jsonfmt.dumpb(final)])
         if failed:
             body += self.frame_error(stored.get("error") or "the turn failed")
-        self.events = sse.EventStream(self, self.settings["heartbeat"])
+        self.events = sse.EventStream(self, self.config.heartbeat, self.config.write_timeout)
         self.events.set_headers()
         try:
             await self.events.open(b": replay of turn %d, stored but never delivered\n\n%s"

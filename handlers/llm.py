@@ -53,7 +53,7 @@ class LLMPromptHandler(UpstreamHandler):
             sse.send_at_once(self)
         try:
             self.write(b"\n".join(lines) + b"\n")
-            await sse.flush_within(self, self.settings["write_timeout"])
+            await sse.flush_within(self, self.config.write_timeout)
         except StreamClosedError:
             self.on_connection_close()
 
@@ -67,7 +67,7 @@ class LLMPrepHandler(UpstreamHandler):
     async def post(self) -> None:
         self.refuse_when_draining()
         request = parse_llm_request(self.json_object(), allow_empty_messages=True,
-                                    max_messages=self.settings["max_messages"])
+                                    max_messages=self.config.max_messages)
         self.app_id = request.app_id
         try:
             turn = await begin_turn(self, request, replace=True)

@@ -14,7 +14,6 @@ from handlers.base import ClientError, check_json, valid_text
 ROLES = ("system", "user", "assistant", "tool")
 MAX_APPID = 155
 MAX_MODEL = 200
-DEFAULT_MAX_MESSAGES = 1000  # the max-messages setting's default
 # Our own fields; everything else a client sends (options, format, keep_alive,
 # think, tools, ...) is Ollama's and goes upstream untouched.
 OWN_FIELDS = ("appID", "model", "messages", "stream")
@@ -91,10 +90,10 @@ def _message(m: Any, where: str) -> dict:
     return {**m, "role": role}
 
 
-def parse_llm_request(body: dict, *, allow_empty_messages: bool = False,
-                      default_stream: bool = True,
-                      max_messages: int = DEFAULT_MAX_MESSAGES) -> LLMRequest:
-    """Validate an llmchat/llmprep body; raise ClientError(422) naming the bad field."""
+def parse_llm_request(body: dict, *, max_messages: int, allow_empty_messages: bool = False,
+                      default_stream: bool = True) -> LLMRequest:
+    """Validate an llmchat/llmprep body of at most *max_messages* (--max-messages) messages;
+    raise ClientError(422) naming the bad field."""
     check_json(body)
     if "appID" not in body or body["appID"] is None:
         raise invalid("appID is required")

@@ -100,7 +100,7 @@ class LLMToolsHandler(LLMChatHandler):
     shutting_down = False
 
     def parse_request(self) -> LLMRequest:
-        request = parse_llm_request(self.json_object(), max_messages=self.settings["max_messages"])
+        request = parse_llm_request(self.json_object(), max_messages=self.config.max_messages)
         tools = request.passthrough.pop("tools", None)
         self.client_tools = None if tools is None else parse_tools(tools)
         if not request.stream:
@@ -135,7 +135,7 @@ class LLMToolsHandler(LLMChatHandler):
         ours = [c for c in calls if registry.is_resident(c)]
         if not ours:
             return False  # text, or only the client's tools: the turn ends here
-        limit = self.settings["tool_rounds"]
+        limit = self.config.tool_rounds
         over = self.rounds >= limit
         if over:
             results = [tool_result(c, f"error: not run: this turn already ran {limit} rounds "

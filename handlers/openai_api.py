@@ -164,7 +164,7 @@ class ChatCompletionsHandler(LLMChatHandler):
         app_id = self.request.headers.get(APP_HEADER)
         self.stateful = app_id is not None
         body, include_usage = course_body(self.json_object(), app_id)
-        request = parse_llm_request(body, max_messages=self.settings["max_messages"])
+        request = parse_llm_request(body, max_messages=self.config.max_messages)
         self.translator = OllamaToOpenAI(request.model, include_usage)
         return request
 

@@ -82,7 +82,7 @@ class TurnEventsHandler(TurnHandler):
         await self.check_position(stream, after)
         self.set_header("X-Chatterd-Turn", str(self.turn_id))
         self._left = asyncio.get_running_loop().create_future()
-        self.events = sse.EventStream(self, self.settings["heartbeat"])
+        self.events = sse.EventStream(self, self.config.heartbeat, self.config.write_timeout)
         self.events.set_headers()
         self.outcome = "resumed"
         try:

@@ -2,7 +2,7 @@
 PostgreSQL, and can be fetched again, stored part then live part, from any chatterd
 process (docs/api.md, "Resuming a stream").
 
-    resume = Resumption(pool, window=120, retention=300, checkpoint=0.2)
+    resume = Resumption(pool, config)   # --resume-window, -retention, -checkpoint
     record = resume.record(turn.id, app_id, owner, keep)   # resume/record.py
     events = record.number(framed)                          # what the client is sent
 
@@ -21,6 +21,7 @@ from db.pool import DatabaseUnavailable
 from resume.checkpoint import Checkpointer
 from resume.hub import Hub
 from resume.record import TurnRecord
+from settings import Settings
 
 log = logging.getLogger("chatterd")
 
@@ -30,12 +31,11 @@ FORGET_AFTER = 86400.0  # seconds a stream's row outlives its retention (410, th
 class Resumption:
     """This process's part of resumable streams: the checkpointer, the hub, the purge."""
 
-    def __init__(self, pool: asyncpg.Pool, *, window: float = 120.0, retention: float = 300.0,
-                 checkpoint: float = 0.2) -> None:
+    def __init__(self, pool: asyncpg.Pool, config: Settings) -> None:
         self.pool = pool
-        self.window = window  # most seconds a turn may keep generating without its client
-        self.retention = retention
-        self.checkpointer = Checkpointer(pool, checkpoint)
+        self.window = config.resume_window  # most seconds a turn may go on without its client
+        self.retention = config.resume_retention
+        self.checkpointer = Checkpointer(pool, config.resume_checkpoint)
         self.hub = Hub(pool)
         self._purger: Optional[asyncio.Task] = None
 

@@ -13,9 +13,10 @@ import asyncpg
 from tornado.testing import AsyncHTTPTestCase
 
 import jsonfmt
+import settings
 from chatterd import Application
 from db import embedded, migrate, pool as db_pool
-from upstreams.ollama import OllamaUpstream
+from upstreams import router
 from upstreams.router import Router
 from tests.ollama_double import OllamaDouble
 
@@ -32,7 +33,7 @@ def database_url() -> str:
         _dsn = asyncio.run(embedded.ensure_database(admin, "chatterd_test"))
 
         async def prepare() -> None:
-            pool = await db_pool.create_pool(_dsn, max_size=2)
+            pool = await db_pool.create_pool(_dsn, settings.defaults(db_pool_size=2))
             await migrate.migrate(pool)
             await pool.close()
 
@@ -92,52 +93,44 @@ async def read_turns(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
 class ChatterdTestCase(AsyncHTTPTestCase):
     """chatterd (real HTTP server, real PostgreSQL) in front of an Ollama double.
 
-    Override the class attributes to change settings; `self.double` is the double,
-    `self.pool` chatterd's pool.
+    `self.config` is chatterd's settings: the defaults, changed by the `settings_overrides`
+    of this class and of every subclass (by Python name; a subclass's win over its bases'),
+    with --upstreams from `upstream_specs()`.  `self.double` is the double, `self.pool`
+    chatterd's pool.
     """
 
-    heartbeat = 15.0
-    status_grace = 2.0
-    write_timeout = 30.0
-    idle_timeout = 30.0
-    request_timeout = 60.0
-    max_body_size = 1048576
-    turn_wait = 30.0
-    resend_window = 120.0
-    max_streams = 2048
-    queue_timeout = 30.0
-    turn_lease = 10.0
-    store_retry = 15.0
-    context_tokens = 8192
-    max_messages = 1000
-    weather_url = ""  # no resident weather tool unless a test serves a fake Open-Meteo
-    tool_rounds = 4
-    tool_timeout = 10.0
+    settings_overrides: dict[str, Any] = {
+        "idle_timeout": 30.0,
+        "request_timeout": 60.0,
+        "weather_url": "",  # no resident weather tool unless a test serves a fake Open-Meteo
+        "db_pool_size": 20,
+    }
 
     def dsn(self) -> str:
         return database_url()
 
+    def upstream_specs(self) -> str:
+        """--upstreams for this test: the Ollama double."""
+        return self.double.url
+
+    def make_config(self) -> settings.Settings:
+        overrides: dict[str, Any] = {"upstreams": self.upstream_specs()}
+        for cls in reversed(type(self).__mro__):
+            overrides.update(vars(cls).get("settings_overrides", {}))
+        return settings.defaults(**overrides)
+
     def get_app(self) -> Application:
         self.double = OllamaDouble()
         self.double.listen()
+        self.config = self.make_config()
         dsn = self.dsn()
-        self.pool = self.io_loop.run_sync(lambda: db_pool.create_pool(dsn, max_size=20))
+        self.pool = self.io_loop.run_sync(lambda: db_pool.create_pool(dsn, self.config))
         self.io_loop.run_sync(self.truncate)
         self.upstreams = self.io_loop.run_sync(self.make_upstreams)
-        return Application(self.pool, self.upstreams, max_body_size=self.max_body_size,
-                           heartbeat=self.heartbeat, status_grace=self.status_grace,
-                           write_timeout=self.write_timeout, turn_wait=self.turn_wait,
-                           turn_lease=self.turn_lease, store_retry=self.store_retry,
-                           resend_window=self.resend_window,
-                           context_tokens=self.context_tokens, max_messages=self.max_messages,
-                           weather_url=self.weather_url, tool_rounds=self.tool_rounds,
-                           tool_timeout=self.tool_timeout)
+        return Application(self.pool, self.upstreams, self.config)
 
     async def make_upstreams(self) -> Router:
-        return Router([OllamaUpstream(self.double.url, idle_timeout=self.idle_timeout,
-                                      request_timeout=self.request_timeout,
-                                      max_streams=self.max_streams,
-                                      queue_timeout=self.queue_timeout)])
+        return router.from_settings(self.config)
 
     async def truncate(self) -> None:
         try:

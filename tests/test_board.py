@@ -39,7 +39,8 @@ class BoardTest(ChatterdTestCase):
         self.assertEqual(jsonfmt.loads(self.fetch("/getchatts").body), [])
 
     def test_oversized_body_is_413_with_json(self):
-        response = self.post_json("/postchatt", {"name": "a", "message": "x" * (self.max_body_size + 10)})
+        too_long = "x" * (self.config.max_body_size + 10)
+        response = self.post_json("/postchatt", {"name": "a", "message": too_long})
         self.assertEqual(response.code, 413)
         self.assertIn("limit", jsonfmt.loads(response.body)["error"])
 

@@ -50,7 +50,7 @@ def describe(sent_n, sent_t, omitted_n, omitted_t, context):
 
 
 class ContextTest(ChatterdTestCase):
-    context_tokens = CONTEXT
+    settings_overrides = {"context_tokens": CONTEXT}
 
     def setUp(self):
         super().setUp()

@@ -179,7 +179,7 @@ class ClosedStreamTest(AsyncHTTPTestCase):
     def get_app(self) -> Application:
         class Probe(RequestHandler):
             async def get(self) -> None:
-                events = EventStream(self, 15.0)
+                events = EventStream(self, 15.0, 30.0)
                 events.set_headers()
                 await events.open(b"data: first\n\n")
                 await events.send(b"data: second\n\n")
@@ -205,7 +205,7 @@ class LaggingClientTest(AsyncHTTPTestCase):
 
         class Probe(RequestHandler):
             async def get(self) -> None:
-                events = EventStream(self, 15.0)
+                events = EventStream(self, 15.0, 30.0)
                 events.set_headers()
                 await events.open(b": open\n\n")
                 pad = b"p" * 4000

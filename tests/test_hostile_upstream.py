@@ -156,7 +156,7 @@ class HostileStatusTest(HostileCase):
 class LateStatusTest(HostileCase):
     """The status comes after --status-grace: the stream is already committed to 200."""
 
-    status_grace = 0.1
+    settings_overrides = {"status_grace": 0.1}
 
     def test_late_204_ends_the_stream_with_an_error_event(self):
         self.double.behave("late", status=204, header_delay=0.5)
@@ -213,7 +213,7 @@ class OddFieldsTest(HostileCase):
 
 
 class WriteTimeoutTest(ChatterdTestCase):
-    write_timeout = 1.0
+    settings_overrides = {"write_timeout": 1.0}
 
     @gen_test(timeout=30)
     async def test_a_client_that_stops_reading_is_cut_off(self):
@@ -232,8 +232,8 @@ class WriteTimeoutTest(ChatterdTestCase):
             (chat,) = await self.double.wait_for_chats(1)
             # Never read.  The buffers fill within a fraction of a second; then chatterd's
             # flush waits, the write timeout cuts the client off and ends the Ollama call.
-            await asyncio.wait_for(chat.closed.wait(), self.write_timeout + 10)
-            self.assertLess(chat.closed_at - chat.received_at, self.write_timeout + 5)
+            await asyncio.wait_for(chat.closed.wait(), self.config.write_timeout + 10)
+            self.assertLess(chat.closed_at - chat.received_at, self.config.write_timeout + 5)
             self.assertLess(chat.chunks_sent, 5000)  # cut short, not finished
             await streams_finished(self._app)
             row = (await self.conversation("stalled"))[-1]

@@ -136,13 +136,12 @@ def test_metric_labels_come_from_fixed_sets():
 class ConnectionLimitTest(ChatterdTestCase):
     """chatterd's own server (chatterd.make_server) with small timeouts."""
 
+    settings_overrides = {"idle_connection_timeout": 0.5, "body_timeout": 0.5}
+
     def get_http_server(self):
         import chatterd
-        import settings
 
-        opts = settings.parse_settings(
-            ["chatterd", "--idle-connection-timeout=0.5", "--body-timeout=0.5"], {})
-        return chatterd.make_server(self._app, opts)
+        return chatterd.make_server(self._app)
 
     async def cut_after(self, payload: bytes, trickle: bytes = b"") -> float:
         """Send *payload*, then a byte of *trickle* every 0.1 s; seconds until the server closes."""

@@ -24,7 +24,7 @@ def body(model='"llama3.2"', messages=f"[{MESSAGE}]", extra=""):
 
 def rejection(text, **kwargs):
     with pytest.raises(ClientError) as caught:
-        parse_llm_request(jsonfmt.loads(text), **kwargs)
+        parse_llm_request(jsonfmt.loads(text), **{"max_messages": 1000, **kwargs})
     return caught.value.status_code, caught.value.message
 
 
@@ -95,7 +95,7 @@ def test_hostile_values_are_422_naming_the_field(text, message):
     body(model='"' + "m" * 200 + '"'),
 ])
 def test_edge_values_that_are_fine(text):
-    assert parse_llm_request(jsonfmt.loads(text)).model
+    assert parse_llm_request(jsonfmt.loads(text), max_messages=1000).model
 
 
 def test_message_count_is_capped():
@@ -117,7 +117,7 @@ def test_check_json_names_the_first_bad_value_only_by_path():
 
 
 class ValidationOverHTTPTest(ChatterdTestCase):
-    max_messages = 3
+    settings_overrides = {"max_messages": 3}
 
     def assert_rejected(self, path, text, status, fragment):
         response = self.post_json(path, text)

@@ -196,7 +196,7 @@ class LLMChatRejectionTest(ChatterdTestCase):
         self.assertEqual(self.double.chat_requests(), [])
 
     def test_body_over_the_limit_is_413(self):
-        body = chat_body("r", "x" * (self.max_body_size + 1))
+        body = chat_body("r", "x" * (self.config.max_body_size + 1))
         self.assert_rejected(body, 413, "larger than")
 
     def test_unknown_model_is_ollamas_404(self):
@@ -222,15 +222,13 @@ class LLMChatRejectionTest(ChatterdTestCase):
 
 
 class OllamaUnreachableTest(ChatterdTestCase):
-    async def make_upstreams(self):
-        from upstreams.ollama import OllamaUpstream
-        from upstreams.router import Router
+    def upstream_specs(self):
         from tornado.testing import bind_unused_port
 
         sock, port = bind_unused_port()
         sock.close()  # nothing listens here now
         self.dead_url = f"http://127.0.0.1:{port}/api"
-        return Router([OllamaUpstream(self.dead_url)])
+        return self.dead_url
 
     def test_502_names_the_url_and_stores_nothing(self):
         response = self.post_json("/llmchat", chat_body("d", "hi"))

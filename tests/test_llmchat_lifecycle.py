@@ -58,7 +58,7 @@ class DisconnectTest(ChatterdTestCase):
 
 
 class UpstreamFailureTest(ChatterdTestCase):
-    idle_timeout = 1.0
+    settings_overrides = {"idle_timeout": 1.0}
 
     def run_chat(self, model, app_id="f"):
         response = self.post_json("/llmchat", chat_body(app_id, "hi", model=model), request_timeout=20)
@@ -98,7 +98,8 @@ class UpstreamFailureTest(ChatterdTestCase):
 
 
 class ResetTest(ChatterdTestCase):
-    idle_timeout = 30.0  # neither this nor request_timeout (60 s) may end the turn
+    # Neither this nor request_timeout (60 s) may end the turn.
+    settings_overrides = {"idle_timeout": 30.0}
     run_chat = UpstreamFailureTest.run_chat
 
     def test_reset_mid_body_ends_promptly(self):
@@ -108,8 +109,7 @@ class ResetTest(ChatterdTestCase):
 
 
 class HeartbeatTest(ChatterdTestCase):
-    status_grace = 0.2
-    heartbeat = 0.3
+    settings_overrides = {"status_grace": 0.2, "heartbeat": 0.3}
 
     def test_slow_model_load_gets_heartbeats_then_data(self):
         self.double.behave("cold", header_delay=1.5)

@@ -67,8 +67,10 @@ class ToolsTestCase(ChatterdTestCase):
 
     def get_app(self):
         self.meteo = FakeOpenMeteo()
-        self.weather_url = self.meteo.url if self.serve_weather else ""
         return super().get_app()
+
+    def make_config(self):
+        return super().make_config().replace(weather_url=self.meteo.url if self.serve_weather else "")
 
     def tearDown(self) -> None:
         self.meteo.server.stop()
@@ -310,7 +312,7 @@ class ResidentToolTest(ToolsTestCase):
 
 
 class BoundedRoundsTest(ToolsTestCase):
-    tool_rounds = 2
+    settings_overrides = {"tool_rounds": 2}
 
     def test_rounds_are_bounded(self):
         call = tool_call("get_weather", lat=42.28, lon=-83.74)

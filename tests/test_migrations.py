@@ -1,7 +1,7 @@
 """db/migrate.py: versioned migrations for the tables, one repeatable file per SQL function.
 
-Databases made by earlier releases (their own db/ taken from git and run as they ran it)
-upgrade to exactly what a new database gets, their data kept; a function file is applied
+Databases made by earlier releases (their own migrate.py and migrations, kept in
+tests/releases/, run as they ran them) upgrade to exactly what a new database gets, their data kept; a function file is applied
 again when its text changes, and only then; processes that start together migrate once.
 """
 
@@ -9,13 +9,10 @@ import asyncio
 import atexit
 import hashlib
 import importlib.util
-import io
 import json
 import re
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +23,7 @@ import asyncpg
 import pytest
 
 import jsonfmt
+import settings
 from db import conversations, migrate, pool as db_pool
 from db.conversations import Reply
 from tests.support import fresh_database
@@ -36,6 +34,7 @@ FIRST_RELEASE = "d6de548"  # the first commit with db/migrations: 0001 only, in 
 TURNS_IN_PUBLIC = "a72cc4f"  # 0001 and 0002, turn functions in `public`
 TEN_MIGRATIONS = "84d1182"  # 0001-0010 in the schema `chatterd`, functions defined in them
 
+RELEASES = Path(__file__).resolve().parent / "releases"
 _checkouts: dict[str, ModuleType] = {}
 
 
@@ -45,17 +44,14 @@ def after(version: int) -> list[int]:
 
 
 def release_migrate(commit: str) -> ModuleType:
-    """db/migrate.py as it was at *commit*, running that commit's db/migrations/."""
+    """db/migrate.py as it was at *commit*, running that commit's db/migrations/.
+
+    tests/releases/<commit>/ holds those files as they shipped (`git archive <commit>
+    db/migrate.py db/migrations`), so the tests need no git history (CI may clone shallow).
+    """
     if commit not in _checkouts:
-        archive = subprocess.run(["git", "archive", "--format=tar", commit, "db"], cwd=ROOT,
-                                 capture_output=True, check=False)
-        assert archive.returncode == 0, (
-            f"these tests read earlier releases from git history: {archive.stderr.decode()}")
-        root = Path(tempfile.mkdtemp(prefix=f"chatterd-{commit}-"))
-        atexit.register(shutil.rmtree, root, True)
-        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-            tar.extractall(root, filter="data")
-        spec = importlib.util.spec_from_file_location(f"migrate_{commit}", root / "db" / "migrate.py")
+        path = RELEASES / commit / "migrate.py"
+        spec = importlib.util.spec_from_file_location(f"migrate_{commit}", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -76,7 +72,7 @@ async def release_database(commit: str) -> str:
 
 
 async def upgrade(dsn: str) -> migrate.Migrated:
-    pool = await db_pool.create_pool(dsn, max_size=1)
+    pool = await db_pool.create_pool(dsn, settings.defaults(db_pool_size=1))
     try:
         return await migrate.migrate(pool)
     finally:
@@ -189,7 +185,7 @@ def test_a_database_of_the_ten_migrations_upgrades_with_its_data_kept():
         finally:
             await con.close()
 
-        pool = await db_pool.create_pool(dsn, max_size=2)
+        pool = await db_pool.create_pool(dsn, settings.defaults(db_pool_size=2))
         try:
             # The new code goes on with those conversations.
             turn, history, window, _ = await conversations.begin_turn(
@@ -267,7 +263,7 @@ def test_a_database_of_the_first_release_upgrades_with_its_data_kept():
         finally:
             await con.close()
 
-        pool = await db_pool.create_pool(dsn, max_size=2)
+        pool = await db_pool.create_pool(dsn, settings.defaults(db_pool_size=2))
         try:
             turn, history, window, _ = await conversations.begin_turn(
                 pool, "a", "new", 10, [{"role": "user", "content": "more"}], budget=100000)
@@ -453,10 +449,11 @@ def test_a_database_migrated_by_a_newer_chatterd_keeps_its_functions():
 
 MIGRATE_ONCE = """
 import asyncio, json, sys
+import settings
 from db import migrate, pool
 
 async def main():
-    p = await pool.create_pool(sys.argv[1], max_size=1, timeout=60)
+    p = await pool.create_pool(sys.argv[1], settings.defaults(db_pool_size=1, db_timeout=60))
     try:
         done = await migrate.migrate(p)
     finally:

@@ -4,13 +4,14 @@ import asyncio
 
 import pytest
 
+import settings
 from db import pool as db_pool
 from tests.support import database_url
 
 
 def test_pool_timeout_says_no_connection_within():
     async def run():
-        pool = await db_pool.create_pool(database_url(), max_size=1)
+        pool = await db_pool.create_pool(database_url(), settings.defaults(db_pool_size=1))
         try:
             async with db_pool.connection(pool, "hold"):
                 with pytest.raises(db_pool.DatabaseUnavailable) as caught:
@@ -26,7 +27,7 @@ def test_pool_timeout_says_no_connection_within():
 
 def test_a_slow_statement_is_not_called_a_missing_connection():
     async def run():
-        pool = await db_pool.create_pool(database_url(), max_size=1)
+        pool = await db_pool.create_pool(database_url(), settings.defaults(db_pool_size=1))
         try:
             with pytest.raises(db_pool.DatabaseUnavailable) as caught:
                 async with db_pool.connection(pool, "slow") as con:

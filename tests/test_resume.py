@@ -15,6 +15,7 @@ import asyncpg
 from tornado.testing import AsyncTestCase, bind_unused_port, gen_test
 
 import jsonfmt
+import settings
 from tests.ollama_double import OllamaDouble, split_tokens, tool_call
 from db import events as db_events, pool as db_pool
 from resume.reader import events_after
@@ -574,7 +575,7 @@ class CheckpointTest(AsyncTestCase):
     async def test_a_checkpoint_retried_after_an_ambiguous_failure_is_stored_once(self):
         # The first write committed, but its caller saw a failure and tries again with the
         # same events and newer ones: one row, the longer one, each event once.
-        pool = await db_pool.create_pool(database_url(), max_size=2)
+        pool = await db_pool.create_pool(database_url(), settings.defaults(db_pool_size=2))
         try:
             turn = -time.time_ns() % (1 << 62)
             first = b"id: %d:1\ndata: a\n\nid: %d:2\ndata: b\n\n" % (turn, turn)

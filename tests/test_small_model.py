@@ -18,7 +18,6 @@ from tests import small_model
 from tests.sse_parser import parse
 from tests.support import ChatterdTestCase, chat_and_leave, chat_body, streams_finished
 from tests.test_upstreams import closed_port
-from upstreams.router import Router, parse_upstreams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = small_model.MODEL_NAME
@@ -34,7 +33,7 @@ def get(url: str) -> bytes:
 class SmallModelTest(ChatterdTestCase):
     server: subprocess.Popen
     port: int
-    idle_timeout = 60.0
+    settings_overrides = {"idle_timeout": 60.0, "connect_timeout": 1.0}
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -65,12 +64,8 @@ class SmallModelTest(ChatterdTestCase):
             cls.server.wait()
         super().tearDownClass()
 
-    def specs(self) -> str:
+    def upstream_specs(self) -> str:
         return f"openai+http://127.0.0.1:{self.port}/v1,{self.double.url}"
-
-    async def make_upstreams(self):
-        return Router(parse_upstreams(self.specs(), "", idle_timeout=self.idle_timeout,
-                                      request_timeout=self.request_timeout, connect_timeout=1))
 
     def slots_busy(self) -> bool:
         return any(s.get("is_processing") for s in jsonfmt.loads(get(f"http://127.0.0.1:{self.port}/slots")))
@@ -129,7 +124,7 @@ class SmallModelTest(ChatterdTestCase):
 
 
 class SmallModelFailoverTest(SmallModelTest):
-    def specs(self) -> str:
+    def upstream_specs(self) -> str:
         return f"openai+http://127.0.0.1:{closed_port()}/v1,openai+http://127.0.0.1:{self.port}/v1"
 
     async def make_upstreams(self):

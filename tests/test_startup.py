@@ -3,19 +3,18 @@ and a connection that cannot be opened then is left for later, in one log line."
 
 import asyncio
 import logging
-import types
 import uuid
 
 import asyncpg
 
+import settings
 from db import conversations, embedded, migrate, pool as db_pool
 from db.startup import open_database, ready_pool
 from tests.support import database_url, read_conversation
 
 
-def _options(dsn: str, size: int) -> types.SimpleNamespace:
-    return types.SimpleNamespace(database_url=dsn, db_pool_size=size, db_timeout=10.0,
-                                 db_idle_timeout=600.0)
+def _options(dsn: str, size: int) -> settings.Settings:
+    return settings.defaults(database_url=dsn, db_pool_size=size)
 
 
 async def _fresh_database() -> str:
@@ -23,7 +22,7 @@ async def _fresh_database() -> str:
     name = f"startup_{uuid.uuid4().hex[:10]}"
     admin = database_url().replace("/chatterd_test?", "/postgres?", 1)
     dsn = await embedded.ensure_database(admin, name)
-    pool = await db_pool.create_pool(dsn, max_size=1)
+    pool = await db_pool.create_pool(dsn, settings.defaults(db_pool_size=1))
     try:
         await migrate.migrate(pool)
     finally:
@@ -94,7 +93,8 @@ def test_connections_that_cannot_be_opened_are_left_for_later_in_one_line(caplog
             await admin.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA chatterd TO {role}")
         finally:
             await admin.close()
-        pool = await db_pool.create_pool(dsn.replace("postgres:@", f"{role}:@", 1), max_size=4)
+        pool = await db_pool.create_pool(dsn.replace("postgres:@", f"{role}:@", 1),
+                                         settings.defaults(db_pool_size=4))
         try:
             ready = await ready_pool(pool, 4, 10.0)
             opened = pool.get_size()

@@ -8,6 +8,7 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.testing import AsyncTestCase, gen_test
 
 import jsonfmt
+import settings
 from turns import CUT_WARNING_EVERY, Turn, TurnKeeper
 from db import conversations
 from tests.ollama_double import default_reply
@@ -198,9 +199,8 @@ class LeaseTest(ChatterdTestCase):
 
 
 class QueuedTurnTest(ChatterdTestCase):
-    max_streams = 1
-    queue_timeout = 0.5
-    status_grace = 0.1  # shorter than the queue wait: the 503 must still be a real status
+    # status_grace is shorter than the queue wait: the 503 must still be a real status.
+    settings_overrides = {"max_streams": 1, "queue_timeout": 0.5, "status_grace": 0.1}
 
     @gen_test(timeout=20)
     async def test_a_turn_queued_past_max_streams_gets_a_real_503_and_is_rejected(self):
@@ -456,7 +456,8 @@ class CutWarningTest(AsyncTestCase):
 
     @gen_test
     async def test_warned_once_per_interval_with_the_count_since(self) -> None:
-        keeper = TurnKeeper(None)  # type: ignore[arg-type]  # warn_cut needs no database
+        # warn_cut needs no database
+        keeper = TurnKeeper(None, settings.defaults())  # type: ignore[arg-type]
         turn = Turn(keeper, "cut-app", 7, [])
         with self.assertLogs("chatterd", "WARNING") as logs:
             for _ in range(3):

@@ -6,6 +6,7 @@ import time
 from tornado.testing import AsyncTestCase, gen_test
 
 import jsonfmt
+import settings
 from upstreams.client import UpstreamClient, api_base
 from upstreams.errors import UpstreamAborted, UpstreamBroken, UpstreamBusy, UpstreamHTTPError, UpstreamTimeout
 from tests.ollama_double import OllamaDouble, default_reply
@@ -55,7 +56,7 @@ class UpstreamClientTest(AsyncTestCase):
         super().tearDown()
 
     def client(self, **kwargs):
-        self.clients.append(UpstreamClient(self.double.url + "/api", **kwargs))
+        self.clients.append(UpstreamClient(self.double.url + "/api", settings.defaults(**kwargs)))
         return self.clients[-1]
 
     @gen_test
@@ -271,7 +272,8 @@ class QueueTest(AsyncTestCase):
 
     @gen_test(timeout=20)
     async def test_a_request_past_the_slots_fails_with_503_after_the_queue_timeout(self):
-        client = UpstreamClient(self.double.url, max_streams=2, queue_timeout=0.5, connect_timeout=0.2)
+        client = UpstreamClient(self.double.url,
+                                settings.defaults(max_streams=2, queue_timeout=0.5, connect_timeout=0.2))
         try:
             started = time.monotonic()
             first, second, third = await self.three_slow_streams(client)
@@ -289,7 +291,8 @@ class QueueTest(AsyncTestCase):
 
     @gen_test(timeout=20)
     async def test_a_queued_request_runs_when_a_slot_frees(self):
-        client = UpstreamClient(self.double.url, max_streams=2, queue_timeout=10, connect_timeout=0.2)
+        client = UpstreamClient(self.double.url,
+                                settings.defaults(max_streams=2, queue_timeout=10, connect_timeout=0.2))
         try:
             first, second, third = await self.three_slow_streams(client)
             await asyncio.wait_for(self.double.wait_for_chats(2), 5)
@@ -303,7 +306,8 @@ class QueueTest(AsyncTestCase):
 
     @gen_test(timeout=20)
     async def test_a_queued_request_can_be_aborted(self):
-        client = UpstreamClient(self.double.url, max_streams=2, queue_timeout=10)
+        client = UpstreamClient(self.double.url,
+                                settings.defaults(max_streams=2, queue_timeout=10))
         try:
             first, second, third = await self.three_slow_streams(client)
             started = time.monotonic()

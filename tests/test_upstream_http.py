@@ -11,6 +11,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.netutil import DefaultLoopResolver
 from tornado.testing import AsyncTestCase, gen_test
 
+import settings
 import upstreams.http
 from upstreams.http import CachingResolver, http_client
 
@@ -454,7 +455,7 @@ class KeepAliveTest(AsyncTestCase):
     async def calls(self, server: KeepAliveServer, n: int, keepalive: int = 4) -> list:
         from upstreams.client import UpstreamClient
         port = await server.start()
-        client = UpstreamClient(f"http://127.0.0.1:{port}", keepalive=keepalive)
+        client = UpstreamClient(f"http://127.0.0.1:{port}", settings.defaults(upstream_keepalive=keepalive))
         got = []
         try:
             for _ in range(n):
@@ -551,7 +552,7 @@ class KeepAliveTest(AsyncTestCase):
         from upstreams.client import UpstreamClient
         server = KeepAliveServer(drop_second=True)  # any connection's 2nd request: dropped
         port = await server.start()
-        client = UpstreamClient(f"http://127.0.0.1:{port}", keepalive=4)
+        client = UpstreamClient(f"http://127.0.0.1:{port}", settings.defaults(upstream_keepalive=4))
         pool = client.http.tcp_client
 
         async def on_lines(new):
@@ -584,7 +585,7 @@ class KeepAliveTest(AsyncTestCase):
         from upstreams.errors import UpstreamAborted, UpstreamError
         server = KeepAliveServer(stall=True)
         port = await server.start()
-        client = UpstreamClient(f"http://127.0.0.1:{port}", keepalive=4)
+        client = UpstreamClient(f"http://127.0.0.1:{port}", settings.defaults(upstream_keepalive=4))
         try:
             lines_seen = asyncio.Event()
 
@@ -614,7 +615,7 @@ class KeepAliveTest(AsyncTestCase):
         from upstreams.client import UpstreamClient
         server = KeepAliveServer()
         port = await server.start()
-        client = UpstreamClient(f"http://127.0.0.1:{port}", keepalive=4)
+        client = UpstreamClient(f"http://127.0.0.1:{port}", settings.defaults(upstream_keepalive=4))
         try:
             await client.post("/api/chat", b"{}", None).finished()
             for idle in client.http.tcp_client.idle.values():

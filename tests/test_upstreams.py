@@ -6,11 +6,12 @@ import socket
 import pytest
 
 import jsonfmt
+import settings
 from tests.openai_double import OpenAIDouble
 from tests.sse_parser import parse
 from tests.support import ChatterdTestCase, chat_body, streams_finished
 from upstreams.openai import ChunkTranslator, ollama_to_openai_request, parse_openai_url
-from upstreams.router import Router, parse_upstreams
+from upstreams.router import parse_upstreams
 from upstreams.errors import UpstreamBroken
 
 
@@ -121,7 +122,7 @@ def test_api_key_is_kept_out_of_names():
     assert (base, name, key) == ("https://api.example.com/v1", "openai+https://api.example.com/v1",
                                  "sk-secret")
     with pytest.raises(ValueError) as caught:
-        parse_upstreams("openai+ftp://:sk-secret@x/v1", "http://localhost:11434")
+        parse_upstreams(settings.defaults(upstreams="openai+ftp://:sk-secret@x/v1"))
     assert "sk-secret" not in str(caught.value)
 
 
@@ -130,7 +131,7 @@ def test_api_key_is_kept_out_of_names():
 class UpstreamsTestCase(ChatterdTestCase):
     """chatterd with upstreams = what `upstream_specs()` returns (doubles started first)."""
 
-    cooldown = 10.0
+    settings_overrides = {"connect_timeout": 1.0, "upstream_cooldown": 10.0}
 
     def get_app(self):
         self.openai = OpenAIDouble()
@@ -141,11 +142,6 @@ class UpstreamsTestCase(ChatterdTestCase):
 
     def upstream_specs(self) -> str:
         return f"openai+http://:sk-test-KEY@127.0.0.1:{self.openai.port}/v1,{self.double.url}"
-
-    async def make_upstreams(self):
-        clients = parse_upstreams(self.upstream_specs(), "", idle_timeout=self.idle_timeout,
-                                  request_timeout=self.request_timeout, connect_timeout=1)
-        return Router(clients, cooldown=self.cooldown)
 
     def tearDown(self):
         self.io_loop.run_sync(self.openai.stop)
@@ -316,7 +312,7 @@ class NoOllamaTest(UpstreamsTestCase):
 
 
 class FailoverTest(UpstreamsTestCase):
-    cooldown = 30.0
+    settings_overrides = {"upstream_cooldown": 30.0}
 
     def upstream_specs(self):
         dead = closed_port()

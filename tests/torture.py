@@ -44,6 +44,7 @@ import asyncpg
 from tornado.testing import bind_unused_port
 
 import jsonfmt
+import settings
 from db import embedded, migrate, pool as db_pool
 from tests.ollama_double import Behavior, OllamaDouble, default_reply
 from tests.sse_parser import SSEError, parse
@@ -231,7 +232,7 @@ class PrivatePostgres:
 
     async def create(self) -> str:
         self.dsn = await embedded.ensure_database(self.admin, "chatterd_torture")
-        pool = await db_pool.create_pool(self.dsn, max_size=2)
+        pool = await db_pool.create_pool(self.dsn, settings.defaults(db_pool_size=2))
         await migrate.migrate(pool)
         await pool.close()
         return self.dsn

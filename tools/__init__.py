@@ -6,13 +6,15 @@ its JSON schema and an async function (`weather.py`: get_weather, backed by Open
 package peers.
 """
 
+from settings import Settings
 from tools import weather
 from tools.registry import Registry
 
 
-def resident(*, weather_url: str = "", timeout: float = 10.0) -> Registry:
-    """The registry this process offers: each tool whose setting turns it on."""
+def resident(config: Settings) -> Registry:
+    """The registry this process offers: each tool whose setting turns it on, none when
+    --tool-rounds is 0."""
     offered = []
-    if weather_url:
-        offered.append(weather.tool(weather_url, timeout))
-    return Registry(offered, timeout=timeout)
+    if config.weather_url and config.tool_rounds > 0:
+        offered.append(weather.tool(config.weather_url, config.tool_timeout))
+    return Registry(offered, timeout=config.tool_timeout)

@@ -1,6 +1,6 @@
 """The resident tools registry: name -> (Ollama tool schema, async function).
 
-    registry = tools.resident(weather_url="https://api.open-meteo.com/v1/forecast", timeout=10)
+    registry = tools.resident(config)       # the tools the settings turn on
     registry.schemas()                      # offered to the model with the client's tools
     text = await registry.call(call)        # one of the model's tool_calls, run here
 
@@ -101,7 +101,7 @@ def call_name(call: Any) -> Optional[str]:
 class Registry:
     """The resident tools of this process."""
 
-    def __init__(self, tools: list[Tool], *, timeout: float = 10.0) -> None:
+    def __init__(self, tools: list[Tool], *, timeout: float) -> None:
         self.tools = {t.name: t for t in tools}
         self.timeout = timeout
 

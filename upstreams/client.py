@@ -20,6 +20,7 @@ from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 import jsonfmt
 import metrics
 from runtime import coarse_timers, lean_streams
+from settings import Settings
 from upstreams.errors import (UpstreamAborted, UpstreamBroken, UpstreamError, UpstreamHTTPError,
                               UpstreamTimeout, UpstreamUnreachable)
 from upstreams.http import AbortableConnection, UpstreamRequest, forget_traceback, http_client
@@ -48,27 +49,25 @@ def api_base(url: str) -> str:
 class UpstreamClient:
     """Talks to one Ollama server.  Create it on the running IOLoop.
 
-    *slots* may be shared by several clients (upstreams/router.py does), so --max-streams
-    bounds the process, whatever the number of upstreams.
+    Its timeouts, --max-streams and --upstream-keepalive come from *config*.  *slots* may
+    be shared by several clients (upstreams/router.py does), so --max-streams bounds the
+    process, whatever the number of upstreams.
     """
 
     label = "Ollama"  # how errors name this upstream
     extra_headers: dict[str, str] = {}  # sent with every request (an API key, for instance)
 
-    def __init__(self, url: str, *, connect_timeout: float = 5.0, request_timeout: float = 1800.0,
-                 idle_timeout: float = 300.0, max_streams: int = 2048,
-                 queue_timeout: float = 30.0, slots: Optional["Slots"] = None,
-                 keepalive: int = 64) -> None:
+    def __init__(self, url: str, config: Settings, *, slots: Optional["Slots"] = None) -> None:
         self.base = self.base_url(url)
-        self.connect_timeout = connect_timeout
-        self.request_timeout = request_timeout
-        self.idle_timeout = idle_timeout
-        self.queue_timeout = queue_timeout
+        self.connect_timeout = config.connect_timeout
+        self.request_timeout = config.request_timeout
+        self.idle_timeout = config.idle_timeout
+        self.queue_timeout = config.queue_timeout
         # Requests queue here, explicitly, for at most queue_timeout; never in the HTTP client
         # (its max_clients queue would fail them after connect_timeout as a "timeout").
-        self.slots = slots if slots is not None else Slots(max_streams)
-        self.keepalive = keepalive
-        self.http = http_client(max_streams, max_idle=keepalive)
+        self.slots = slots if slots is not None else Slots(config.max_streams)
+        self.keepalive = config.upstream_keepalive
+        self.http = http_client(config.max_streams, max_idle=self.keepalive)
 
     @staticmethod
     def base_url(url: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jsonfmt
+from settings import Settings
 from upstreams.client import LinesCallback, UpstreamCall, UpstreamClient, api_base
 
 
@@ -20,8 +21,8 @@ class OllamaUpstream(UpstreamClient):
 
     dialect = "ollama"
 
-    def __init__(self, url: str, **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
+    def __init__(self, url: str, config: Settings, **kwargs: Any) -> None:
+        super().__init__(url, config, **kwargs)
         self.name = api_base(url)
 
     def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback],

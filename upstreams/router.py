@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import jsonfmt
 import metrics
+from settings import Settings
 from upstreams.client import LinesCallback, UpstreamClient
 from upstreams.errors import UpstreamAborted, UpstreamBroken, UpstreamError, UpstreamHTTPError, UpstreamUnreachable
 from upstreams.http import forget_traceback
@@ -38,17 +39,22 @@ MISS_REFRESH = 5.0  # seconds between listings triggered by an unknown model
 GENERATION_PATHS = ("/api/chat", "/api/generate")
 
 
-def parse_upstreams(spec: str, ollama_url: str, **kwargs: Any) -> list[UpstreamClient]:
+def from_settings(config: Settings) -> "Router":
+    """The Router of --upstreams (or --ollama-url alone)."""
+    return Router(parse_upstreams(config), config)
+
+
+def parse_upstreams(config: Settings) -> list[UpstreamClient]:
     """Clients for a comma-separated --upstreams (or --ollama-url alone), sharing one Slots."""
-    urls = [u.strip() for u in spec.split(",") if u.strip()] or [ollama_url]
-    slots = Slots(kwargs.pop("max_streams", 2048))
+    urls = [u.strip() for u in config.upstreams.split(",") if u.strip()] or [config.ollama_url]
+    slots = Slots(config.max_streams)
     clients: list[UpstreamClient] = []
     for url in urls:
         try:
             if url.startswith("openai+"):
-                clients.append(OpenAIClient(url, slots=slots, max_streams=slots.size, **kwargs))
+                clients.append(OpenAIClient(url, config, slots=slots))
             else:
-                clients.append(OllamaUpstream(url, slots=slots, max_streams=slots.size, **kwargs))
+                clients.append(OllamaUpstream(url, config, slots=slots))
         except ValueError as e:
             raise ValueError(f"--upstreams: {display_url(url)!r}: {e}") from None
     return clients
@@ -90,13 +96,12 @@ class Member:
 class Router:
     """The upstreams in order; `post()` returns a call that fails over transparently."""
 
-    def __init__(self, clients: list[UpstreamClient], *, cooldown: float = 10.0,
-                 refresh_every: float = 60.0) -> None:
+    def __init__(self, clients: list[UpstreamClient], config: Settings) -> None:
         if not clients:
             raise ValueError("no upstream configured")
         self.members = [Member(i, c) for i, c in enumerate(clients)]
-        self.cooldown = cooldown
-        self.refresh_every = refresh_every
+        self.cooldown = config.upstream_cooldown
+        self.refresh_every = config.models_refresh
         self._refreshing: Optional[asyncio.Future] = None
         self._last_refresh = -1e9
         self._refresher: Optional[asyncio.Task] = None

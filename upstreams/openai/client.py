@@ -8,6 +8,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit, unquote
 
 import jsonfmt
+from settings import Settings
 from upstreams.client import LinesCallback, UpstreamCall, UpstreamClient
 from upstreams.errors import UpstreamBroken, UpstreamError, UpstreamHTTPError
 from upstreams.openai.translate import (ChunkTranslator, gather, gathered_body,
@@ -39,11 +40,11 @@ class OpenAIClient(UpstreamClient):
 
     dialect = "openai"
 
-    def __init__(self, url: str, **kwargs: Any) -> None:
+    def __init__(self, url: str, config: Settings, **kwargs: Any) -> None:
         self.base, self.name, key = parse_openai_url(url)
         self.label = f"upstream {self.name}"
         self.extra_headers = {"Authorization": f"Bearer {key}"} if key else {}
-        super().__init__(url, **kwargs)
+        super().__init__(url, config, **kwargs)
 
     def base_url(self, url: str) -> str:  # type: ignore[override]
         return self.base

@@ -1,0 +1,1 @@
+"""People: password hashing, session ids and API tokens (the owners of conversations)."""

@@ -1,0 +1,184 @@
+-- chatterd's functions resolve their unqualified names in chatterd's schema whoever calls
+-- them (the migrations run with search_path set to it; FROM CURRENT keeps that value).
+ALTER FUNCTION conversation_of(text) SET search_path FROM CURRENT;
+ALTER FUNCTION begin_turn(text, text, double precision, jsonb, boolean) SET search_path FROM CURRENT;
+ALTER FUNCTION end_turn(bigint, text, text, text, jsonb, text, integer, boolean)
+    SET search_path FROM CURRENT;
+
+-- Tool schemas an app gave for its conversation (Ollama's `tools`), one set per appID.
+-- Filled by the course import (its `toolschemas` column) and kept for /llmtools.
+CREATE TABLE tool_schemas (
+    appid      text PRIMARY KEY CHECK (length(appid) BETWEEN 1 AND 155),
+    schemas    jsonb NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Imports of the course's chatts table (db/course_import.py): one row per run, with counts.
+CREATE TABLE course_imports (
+    id           integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    source       text NOT NULL,
+    imported_at  timestamptz NOT NULL DEFAULT now(),
+    board        integer NOT NULL DEFAULT 0,   -- board posts (NULL appID)
+    messages     integer NOT NULL DEFAULT 0,   -- conversation messages
+    appids       integer NOT NULL DEFAULT 0,   -- appIDs that got a turn
+    tool_schemas integer NOT NULL DEFAULT 0,   -- appIDs whose tool schemas were stored
+    skipped      jsonb NOT NULL DEFAULT '{}'   -- reason -> rows
+);
+
+-- Every course row seen, by its id, so no run imports a row twice (even after llmprep
+-- deleted what it became).  Rows without an id cannot be tracked and are skipped.
+CREATE TABLE course_rows (
+    course_id uuid PRIMARY KEY,
+    import_id integer NOT NULL REFERENCES course_imports (id),
+    outcome   text NOT NULL CHECK (outcome IN ('board', 'message', 'skipped'))
+);
+
+-- Text that should hold JSON, as jsonb; NULL when it does not parse.
+CREATE FUNCTION course_json(p_text text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE SET search_path FROM CURRENT AS $$
+BEGIN
+    RETURN p_text::jsonb;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END
+$$;
+
+-- The layout of a course chatts table, or NULL when p_table is not one: which column holds
+-- the role (`name`, or `username` in the course's older spelling) and which optional ones
+-- exist (appID, added by llmChat; toolcalls and toolschemas, added by llmTools).  A chatts
+-- with chatterd's own `seq` column is not the course's.
+CREATE FUNCTION course_layout(p_table regclass) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path FROM CURRENT AS $$
+    WITH cols AS (
+        SELECT attname::text AS name, atttypid AS type FROM pg_attribute
+         WHERE attrelid = p_table AND attnum > 0 AND NOT attisdropped)
+    SELECT jsonb_build_object(
+               'role', (SELECT name FROM cols WHERE name IN ('name', 'username')
+                         ORDER BY name = 'name' DESC LIMIT 1),
+               'appid', (SELECT name FROM cols WHERE lower(name) = 'appid' LIMIT 1),
+               'toolcalls', (SELECT name FROM cols WHERE lower(name) = 'toolcalls' LIMIT 1),
+               'toolschemas', (SELECT name FROM cols WHERE lower(name) = 'toolschemas' LIMIT 1))
+     WHERE EXISTS (SELECT 1 FROM cols WHERE name = 'message')
+       AND EXISTS (SELECT 1 FROM cols WHERE name = 'id' AND type = 'uuid'::regtype)
+       AND EXISTS (SELECT 1 FROM cols WHERE name = 'time')
+       AND EXISTS (SELECT 1 FROM cols WHERE name IN ('name', 'username'))
+       AND NOT EXISTS (SELECT 1 FROM cols WHERE name = 'seq')
+$$;
+
+-- Import the course rows of p_table not imported before, in the caller's transaction.
+-- Returns the counts as jsonb (also kept in course_imports).
+--
+-- Order: the course's own, `ORDER BY time`, and for rows whose times tie, physical order
+-- (ctid).  The course's timestamps tie whenever one request inserted several rows (now()
+-- is the transaction's start), and its ids are random uuids that say nothing about order.
+-- The table is append-only, so physical order is insertion order (bar space reused after
+-- a DELETE and VACUUM); it is also the order the course's own ORDER BY time returned
+-- ties in when it read through an index on time (btree ties are kept in heap order).
+--
+-- Rows with a NULL appID are board posts (chatts, same id and time).  Rows with an appID
+-- are that appID's conversation: one ended ('complete') turn per appID and run, appended
+-- after any turns it already has.  Skipped, counted by reason: rows without an id or
+-- repeating an earlier row's id; an empty or over-long appID; a role that is not one of
+-- Ollama's (system, user, assistant, tool), e.g. a model or user name on an appID row.
+-- toolcalls (JSON text) becomes the message's tool_calls; the last toolschemas of an
+-- appID becomes its tool_schemas row.  The course table is only read.
+CREATE FUNCTION course_import(p_table regclass) RETURNS jsonb
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    v_layout jsonb := course_layout(p_table);
+    v_import integer;
+    v_board integer;
+    v_messages integer;
+    v_appids integer;
+    v_schemas integer;
+    v_skipped jsonb;
+    v_dropped integer;
+BEGIN
+    IF v_layout IS NULL THEN
+        RAISE EXCEPTION '% is not the course''s chatts table', p_table;
+    END IF;
+    INSERT INTO course_imports (source) VALUES (p_table::text) RETURNING id INTO v_import;
+
+    DROP TABLE IF EXISTS pg_temp.course_batch;
+    CREATE TEMP TABLE course_batch (
+        ord bigint, id uuid, nth bigint, role text, message text, time timestamptz,
+        appid text, toolcalls text, toolschemas text, tool_calls jsonb, reason text
+    ) ON COMMIT DROP;
+    EXECUTE format(
+        'INSERT INTO pg_temp.course_batch (ord, id, nth, role, message, time, appid, toolcalls, toolschemas)'
+        ' SELECT row_number() OVER (ORDER BY c.time, c.ctid),'
+        '        c.id, row_number() OVER (PARTITION BY c.id ORDER BY c.time, c.ctid),'
+        '        c.%I::text, c.message::text, c.time::timestamptz, %s, %s, %s'
+        '   FROM %s c'
+        '  WHERE c.id IS NULL OR NOT EXISTS (SELECT 1 FROM course_rows r WHERE r.course_id = c.id)',
+        v_layout->>'role',
+        CASE WHEN v_layout->>'appid' IS NULL THEN 'NULL::text' ELSE format('c.%I::text', v_layout->>'appid') END,
+        CASE WHEN v_layout->>'toolcalls' IS NULL THEN 'NULL::text' ELSE format('c.%I::text', v_layout->>'toolcalls') END,
+        CASE WHEN v_layout->>'toolschemas' IS NULL THEN 'NULL::text' ELSE format('c.%I::text', v_layout->>'toolschemas') END,
+        p_table);
+
+    UPDATE pg_temp.course_batch SET reason = CASE
+        WHEN id IS NULL THEN 'no id'
+        WHEN nth > 1 THEN 'repeated id'
+        WHEN appid IS NULL THEN NULL
+        WHEN appid = '' THEN 'empty appID'
+        WHEN length(appid) > 155 THEN 'appID longer than 155 characters'
+        WHEN role IS NULL THEN 'no role'
+        WHEN role NOT IN ('system', 'user', 'assistant', 'tool') THEN format('role %L', role)
+    END;
+    UPDATE pg_temp.course_batch SET tool_calls = course_json(toolcalls)
+     WHERE reason IS NULL AND appid IS NOT NULL AND nullif(btrim(toolcalls), '') IS NOT NULL;
+
+    INSERT INTO chatts (id, name, message, time)
+    SELECT id, coalesce(role, ''), coalesce(message, ''), coalesce(time, now())
+      FROM pg_temp.course_batch WHERE reason IS NULL AND appid IS NULL ORDER BY ord;
+    GET DIAGNOSTICS v_board = ROW_COUNT;
+
+    WITH t AS (
+        INSERT INTO turns (appid, status, owner, started_at, ended_at)
+        SELECT appid, 'complete', 'course import ' || v_import, min(coalesce(time, now())), now()
+          FROM pg_temp.course_batch WHERE reason IS NULL AND appid IS NOT NULL
+         GROUP BY appid ORDER BY min(ord)
+        RETURNING id, appid)
+    INSERT INTO messages (appid, turn_id, role, content, extra, created_at)
+    SELECT b.appid, t.id, b.role, coalesce(b.message, ''),
+           CASE WHEN jsonb_typeof(b.tool_calls) = 'array' AND jsonb_array_length(b.tool_calls) > 0
+                THEN jsonb_build_object('tool_calls', b.tool_calls) END,
+           coalesce(b.time, now())
+      FROM pg_temp.course_batch b JOIN t ON t.appid = b.appid
+     WHERE b.reason IS NULL ORDER BY b.ord;
+    GET DIAGNOSTICS v_messages = ROW_COUNT;
+    SELECT count(DISTINCT appid) INTO v_appids
+      FROM pg_temp.course_batch WHERE reason IS NULL AND appid IS NOT NULL;
+
+    INSERT INTO tool_schemas AS s (appid, schemas)
+    SELECT DISTINCT ON (appid) appid, course_json(toolschemas)
+      FROM pg_temp.course_batch
+     WHERE reason IS NULL AND appid IS NOT NULL AND course_json(toolschemas) IS NOT NULL
+     ORDER BY appid, ord DESC
+    ON CONFLICT (appid) DO UPDATE SET schemas = EXCLUDED.schemas, updated_at = now();
+    GET DIAGNOSTICS v_schemas = ROW_COUNT;
+
+    INSERT INTO course_rows (course_id, import_id, outcome)
+    SELECT id, v_import, CASE WHEN reason IS NOT NULL THEN 'skipped'
+                              WHEN appid IS NULL THEN 'board' ELSE 'message' END
+      FROM pg_temp.course_batch WHERE id IS NOT NULL AND nth = 1;
+
+    SELECT coalesce(jsonb_object_agg(reason, n), '{}') INTO v_skipped
+      FROM (SELECT reason, count(*) AS n FROM pg_temp.course_batch
+             WHERE reason IS NOT NULL GROUP BY reason) r;
+    -- toolcalls that are not a JSON array: the message is kept, without them.
+    SELECT count(*) INTO v_dropped FROM pg_temp.course_batch
+     WHERE reason IS NULL AND appid IS NOT NULL AND nullif(btrim(toolcalls), '') IS NOT NULL
+       AND coalesce(jsonb_typeof(tool_calls), 'invalid') NOT IN ('array', 'null');
+
+    UPDATE course_imports SET board = v_board, messages = v_messages, appids = v_appids,
+                              tool_schemas = v_schemas, skipped = v_skipped
+     WHERE id = v_import;
+    DROP TABLE pg_temp.course_batch;
+    RETURN jsonb_build_object('import', v_import, 'source', p_table::text, 'board', v_board,
+                              'messages', v_messages, 'appids', v_appids,
+                              'tool_schemas', v_schemas, 'skipped', v_skipped,
+                              'toolcalls_dropped', v_dropped);
+END
+$$;
