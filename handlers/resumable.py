@@ -157,8 +157,8 @@ class ResumableTurn:
             record.number(self.frame_error(reason), last=True)
         events = getattr(self, "events", None)
         if events is not None and events.opened and not self._finished:
-            # The client's response ends now, not after the checkpoint below (which only
-            # keeps the request in flight, so a graceful shutdown waits for it).
+            # The client's response ends now, not after the checkpoint below (a graceful
+            # shutdown writes what is left: Resumption.close).
             try:
                 self.finish()
             except StreamClosedError:

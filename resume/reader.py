@@ -20,7 +20,10 @@ POLL = 1.0  # seconds between looks at the table when no notification comes
 LAST_EVENT_ID = re.compile(r"(\d{1,18}):(\d{1,9})")
 
 DIED = "the chatterd process generating this turn stopped before it ended; the turn is abandoned"
-LOST_END = "the turn ended, but the end of its stream was not saved"
+# Its process died between storing the turn and checkpointing the stream's last events (a
+# window of one statement): the reply is stored whole, and a resend of the turn gets it.
+LOST_END = ("the turn ended and is stored, but the end of its stream was lost with its "
+            "chatterd process; send the turn again to get the stored answer")
 
 
 class BadEventId(ValueError):
