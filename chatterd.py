@@ -27,6 +27,7 @@ from db.startup import describe_error, open_database
 from handlers.base import JSONBodyHandler, NotFoundHandler
 from handlers.board import GetChattsHandler, PostChattHandler, TopHandler
 from handlers.chat import LLMChatHandler
+from handlers.conversations import ConversationHandler, ConversationsHandler
 from handlers.limits import BodyTooLargeHandler
 from handlers.llm import LLMPrepHandler, LLMPromptHandler
 from handlers.llmtools import LLMToolsHandler
@@ -55,6 +56,9 @@ ROUTES = [
     (r"/v1/models/?", ModelsHandler),
     (r"/turns/([0-9]+)/events/?", TurnEventsHandler),
     (r"/turns/([0-9]+)/stop/?", TurnStopHandler),
+    (r"/conversations/?", ConversationsHandler),
+    # The appID URL-encoded (a "/" in it as %2F); Tornado decodes it for the handler.
+    (r"/conversations/([^/]+)/?", ConversationHandler),
     (r"/healthz/?", HealthHandler),
     (r"/readyz/?", ReadyHandler),
     (r"/metrics/?", MetricsHandler),
@@ -66,6 +70,7 @@ NO_BODY_LIMIT = 4096  # bytes of body accepted (and ignored) by an endpoint that
 # Metric labels come from fixed sets, so no client can add series (a random method or
 # path per request would otherwise grow /metrics without bound).
 ROUTE_NAMES = {handler: pattern.removesuffix("/?") for pattern, handler in ROUTES}
+ROUTE_NAMES[ConversationHandler] = "/conversations/{appID}"
 METRIC_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
 METRIC_STATUSES = frozenset(int(s) for s in HTTPStatus) | {499}
 

@@ -1,11 +1,14 @@
 """The life of a turn: one at a time per appID, entering the conversation whole when it ends.
 
-    turn = await app.turns.begin(app_id, messages, left=client_left)   # waits its turn
+    turn = await app.turns.begin(owner_id, app_id, messages, left=client_left)  # waits its turn
     ... relay the reply ...
     await turn.end("complete", reply)      # or "interrupted"/"failed"; turn.reject(reason)
 
+A conversation is (owner_id, appID) (db/conversations.py): every turn, lease, resend,
+wait and cached history here is keyed by both, so the same appID under two owners is two
+conversations that never wait for, read or extend each other.
 `begin` stores the incoming messages as pending and takes the appID's lease in
-PostgreSQL, so turns of one appID never overlap, across processes and machines.  A turn
+PostgreSQL, so turns of one conversation never overlap, across processes and machines.  A turn
 that finds the appID busy waits (a stop-then-type turn sees the interrupted reply
 first) for up to --turn-wait seconds, then gets 409.  This process renews its leases;
 when it dies, they expire after --turn-lease seconds and the next turn marks the dead
@@ -29,7 +32,7 @@ import asyncpg
 import metrics
 from settings import Settings
 from db import conversations
-from db.conversations import Reply, Window
+from db.conversations import Reply, TurnKey, Window
 from db.history_cache import HistoryCache
 from db.pool import DatabaseUnavailable
 
@@ -70,25 +73,28 @@ class TurnKeeper:
 
     def __init__(self, pool: asyncpg.Pool, config: Settings) -> None:
         self.pool = pool
-        self.history = HistoryCache(config.history_cache)  # conversations read, by appID
+        self.history = HistoryCache(config.history_cache)  # conversations read, by (owner, appID)
         self.resend_window = config.resend_window
         self.lease = config.turn_lease
         self.wait = config.turn_wait
         self.store_retry = config.store_retry
+        # This process, as turns and leases name the one running a turn (their `owner`).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.running: set[int] = set()  # this process's running turns (their leases renew)
-        self._ended: dict[str, asyncio.Event] = {}  # appID -> set when a turn of it ends here
+        self.running: set[TurnKey] = set()  # this process's running turns (their leases renew)
+        # (owner_id, appID) -> set when a turn of that conversation ends here
+        self._ended: dict[tuple[int, str], asyncio.Event] = {}
         self._renewer: Optional[asyncio.Task] = None
         # Turns whose end reached the client, not yet recorded: the next begin_turn records
         # them (no round trip of their own), or a flush DELIVERY_FLUSH seconds later.
-        self._delivered: list[int] = []
+        self._delivered: list[TurnKey] = []
         self._flush: Optional[asyncio.TimerHandle] = None
         self.delivery_flush = DELIVERY_FLUSH
         self._cut_warned_at: Optional[float] = None  # see warn_cut
         self._cut_unlogged = 0
-        # Called with (appID, the running turn's id) when a turn first finds its appID busy
-        # (resume/: a turn whose client left is stopped, so the new one need not wait).
-        self.on_busy: Optional[Callable[[str, int], Awaitable[None]]] = None
+        # Called with (owner, appID, the running turn's id) each time a turn finds its
+        # conversation busy (resume/: a turn whose client left is stopped, so the new one
+        # need not wait for it).
+        self.on_busy: Optional[Callable[[int, str, int], Awaitable[None]]] = None
 
     def _start_renewing(self) -> None:
         if self._renewer is None:
@@ -102,10 +108,11 @@ class TurnKeeper:
             self._renewer.cancel()
             self._renewer = None
 
-    async def begin(self, app_id: str, messages: list[dict], *,
+    async def begin(self, owner_id: int, app_id: str, messages: list[dict], *,
                     left: Optional["Signal"] = None, replace: bool = False,
                     budget: Optional[int] = None, context: Optional[int] = None) -> "Turn":
-        """Store *messages* as a pending turn of *app_id* once no other turn of it runs.
+        """Store *messages* as a pending turn of *owner_id*'s conversation *app_id* once no
+        other turn of it runs.
 
         The turn's history is its system prompts, the newest whole earlier turns that fit
         *budget* tokens with *messages*, and *messages* (budget None: everything);
@@ -123,8 +130,8 @@ class TurnKeeper:
         while True:
             delivered, self._delivered = self._delivered, []
             try:
-                begun = await conversations.begin_turn(self.pool, app_id, self.owner, self.lease,
-                                                       messages, replace=replace,
+                begun = await conversations.begin_turn(self.pool, owner_id, app_id, self.owner,
+                                                       self.lease, messages, replace=replace,
                                                        resend_seconds=self.resend_window,
                                                        budget=budget, context=context,
                                                        delivered=delivered,
@@ -139,24 +146,25 @@ class TurnKeeper:
                     metrics.TURN_WAITS.labels(outcome="started").inc()
                 if replay is not None:
                     metrics.RESENDS_REPLAYED.inc()
-                    turn = Turn(self, app_id, turn_id, [])
+                    turn = Turn(self, owner_id, app_id, turn_id, [])
                     turn.ended, turn.replay = True, replay
                     return turn
-                self.running.add(turn_id)
-                turn = Turn(self, app_id, turn_id, with_new_messages(history, messages))
+                self.running.add((owner_id, turn_id))
+                turn = Turn(self, owner_id, app_id, turn_id, with_new_messages(history, messages))
                 turn.window = window
                 return turn
             waited = True
             if waited_for is None:  # the turn this request arrived behind
                 waited_for = (replay or {}).get("waiting_for")
-                if waited_for is not None and self.on_busy is not None:
-                    await self.on_busy(app_id, waited_for)
+            if waited_for is not None and self.on_busy is not None:
+                # Asked at each try: its process may notice only now that its client left.
+                await self.on_busy(owner_id, app_id, waited_for)
             if loop.time() >= deadline:
                 metrics.TURN_WAITS.labels(outcome="busy").inc()
                 raise TurnBusy()
             # A turn ending in this process wakes us at once; one ending in another
             # process is seen at the next try (pauses grow to 0.25 s).
-            ended = self._ended.setdefault(app_id, asyncio.Event())
+            ended = self._ended.setdefault((owner_id, app_id), asyncio.Event())
             waits = [asyncio.ensure_future(ended.wait())]
             if left is not None:
                 waits.append(asyncio.ensure_future(left.wait()))
@@ -169,8 +177,12 @@ class TurnKeeper:
                 raise ClientLeft()
             pause = min(pause * 2, 0.25)
 
-    def note_delivered(self, turn_id: int) -> None:
-        self._delivered.append(turn_id)
+    def forget(self, owner_id: int, app_id: str) -> None:
+        """The conversation was deleted: let its cached history go."""
+        self.history.forget(owner_id, app_id)
+
+    def note_delivered(self, turn: TurnKey) -> None:
+        self._delivered.append(turn)
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(
                 self.delivery_flush, lambda: asyncio.ensure_future(self.flush_delivered()))
@@ -207,8 +219,8 @@ class TurnKeeper:
                     turn.window.describe(), since)
 
     def _turn_ended(self, turn: "Turn") -> None:
-        self.running.discard(turn.id)
-        ended = self._ended.pop(turn.app_id, None)
+        self.running.discard((turn.owner_id, turn.id))
+        ended = self._ended.pop((turn.owner_id, turn.app_id), None)
         if ended is not None:
             ended.set()
 
@@ -244,8 +256,10 @@ def with_new_messages(history: list[dict], messages: list[dict]) -> list[dict]:
 class Turn:
     """One running turn: its id, the messages the model is sent, and how it ends."""
 
-    def __init__(self, keeper: TurnKeeper, app_id: str, turn_id: int, history: list[dict]) -> None:
+    def __init__(self, keeper: TurnKeeper, owner_id: int, app_id: str, turn_id: int,
+                 history: list[dict]) -> None:
         self.keeper = keeper
+        self.owner_id = owner_id
         self.app_id = app_id
         self.id = turn_id
         self.history = history  # the conversation before this turn, and its own messages
@@ -289,7 +303,7 @@ class Turn:
         resend.  Recorded with this process's next begin_turn, or DELIVERY_FLUSH seconds
         later (so a repeat sent to another process within that time is answered from
         storage, which is still right)."""
-        self.keeper.note_delivered(self.id)
+        self.keeper.note_delivered((self.owner_id, self.id))
 
     async def reject(self, reason: str) -> None:
         """End a turn whose answer never started: it never enters the conversation.
@@ -309,7 +323,8 @@ class Turn:
         pause = 0.1
         while True:
             try:
-                return await conversations.end_turn(self.keeper.pool, self.id, status, error, reply)
+                return await conversations.end_turn(self.keeper.pool, self.owner_id, self.id,
+                                                    status, error, reply)
             except DatabaseUnavailable:
                 if loop.time() + pause > deadline:
                     raise

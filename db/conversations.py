@@ -1,10 +1,16 @@
 """SQL for LLM conversations: turns, their messages, and the per-appID lease.
 
+A conversation is (owner_id, appID): the owner is a user's id, or ANONYMOUS for requests
+without credentials, and the same appID under two owners is two conversations.  Every
+function here that reaches a conversation's rows takes the owner and every statement it
+sends names it, as the keys do (db/migrations/0021_owners.sql).  A turn is (owner_id, turn
+id) likewise.
+
 A turn's incoming messages are stored when it begins, as pending; the turn enters the
 conversation when it ends, with its reply, in one transaction (the SQL functions that do
 it: db/functions/begin_turn.sql and end_turn.sql).  Every function here takes
 the pool and holds a connection only for its own statement: never across an LLM stream.
-Call as `await begin_turn(pool, ...)`.
+Call as `await begin_turn(pool, owner_id, app_id, ...)`.
 """
 
 import uuid
@@ -15,6 +21,12 @@ import asyncpg
 
 from db.history_cache import HistoryCache
 from db.pool import connection
+
+# The owner of every conversation a request without credentials has (no user has id 0).
+ANONYMOUS = 0
+
+# A turn as this process keeps track of it: (owner_id, turn id).
+TurnKey = tuple[int, int]
 
 # Ollama message fields stored verbatim in `extra` and sent back upstream.
 EXTRA_FIELDS = ("images", "tool_calls", "tool_name", "tool_call_id", "thinking")
@@ -88,17 +100,25 @@ def _pending(messages: list[dict]) -> list[dict]:
 # the very same text, so asyncpg's per-connection statement cache holds them too).
 BEGIN_TURN = ("SELECT turn_id, history, sent_messages, sent_tokens, omitted_messages,"
               " omitted_tokens, replay, window_turns, history_turns"
-              " FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
-END_TURN = "SELECT end_turn($1, $2, $3, $4, $5, $6, $7, true, $8)"
+              " FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)")
+END_TURN = "SELECT end_turn($1, $2, $3, $4, $5, $6, $7, $8, true, $9)"
 
 
-async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds: float,
-                     messages: list[dict], *, replace: bool = False,
+def _split(turns: Optional[list[TurnKey]]) -> tuple[Optional[list[int]], Optional[list[int]]]:
+    """(owner ids, turn ids) of *turns*, as the statements take them; (None, None) for none."""
+    if not turns:
+        return None, None
+    return [owner_id for owner_id, _ in turns], [turn_id for _, turn_id in turns]
+
+
+async def begin_turn(pool: asyncpg.Pool, owner_id: int, app_id: str, process: str,
+                     lease_seconds: float, messages: list[dict], *, replace: bool = False,
                      resend_seconds: float = 0.0, budget: Optional[int] = None,
-                     context: Optional[int] = None, delivered: Optional[list[int]] = None,
+                     context: Optional[int] = None, delivered: Optional[list[TurnKey]] = None,
                      waited_for: Optional[int] = None, cache: Optional[HistoryCache] = None
                      ) -> tuple[Optional[int], Optional[list[dict]], Window, Optional[dict]]:
-    """Take the appID's lease and store *messages* as a pending turn, in one round trip.
+    """Take the lease of *owner_id*'s conversation *app_id* for this *process* and store
+    *messages* as a pending turn of it, in one round trip.
 
     Returns (turn id, the conversation before this turn that fits *budget* tokens with
     the new messages: system prompts and the newest whole turns, what was sent and left
@@ -108,22 +128,25 @@ async def begin_turn(pool: asyncpg.Pool, app_id: str, owner: str, lease_seconds:
     than *resend_seconds* ago but was never delivered, nothing is stored and the result
     is (that turn's id, None, an empty Window, its stored reply as {content, extra,
     model, tokens, status, error}).  *delivered*: turns whose end reached their client
-    since the last call (see mark_delivered), recorded first.  When the appID is busy the
+    since the last call, as (owner_id, turn id) (see mark_delivered), recorded first.  When
+    the appID is busy the
     turn id is None and the last item is {"waiting_for": the running turn's id}; pass that
     id back as *waited_for* on the next try, so that a double send of the same messages
     is answered from that turn's storage instead of being asked and stored twice.  With
     *cache* (db/history_cache.py), turns it holds are not read again.
     """
     if cache is not None and replace:
-        cache.forget(app_id)
-    known = cache.snapshot(app_id) if cache is not None else {}
+        cache.forget(owner_id, app_id)
+    known = cache.snapshot(owner_id, app_id) if cache is not None else {}
+    delivered_owners, delivered_ids = _split(delivered)
     async with connection(pool, "begin_turn") as con:
         row = await con.fetchrow(
-            BEGIN_TURN, app_id, owner, lease_seconds, _pending(messages), replace, resend_seconds,
-            budget, context, delivered or None, waited_for, list(known) or None)
+            BEGIN_TURN, owner_id, app_id, process, lease_seconds, _pending(messages), replace,
+            resend_seconds, budget, context, delivered_ids, delivered_owners, waited_for,
+            list(known) or None)
     history = row["history"]
     if history is not None and cache is not None:  # (without one, all was fetched, in order)
-        history = cache.assemble(app_id, known, history, row["history_turns"],
+        history = cache.assemble(owner_id, app_id, known, history, row["history_turns"],
                                  row["window_turns"])
     return row["turn_id"], history, Window(
         row["sent_messages"], row["sent_tokens"], row["omitted_messages"],
@@ -144,75 +167,87 @@ async def ready_connection(con: asyncpg.Connection) -> None:
     try:
         delivered = None
         for n in (1, 2):  # different words, so the second is not taken for a resend
-            row = await con.fetchrow(BEGIN_TURN, app_id, "chatterd-ready", 1.0,
+            row = await con.fetchrow(BEGIN_TURN, ANONYMOUS, app_id, "chatterd-ready", 1.0,
                                      _pending([{"role": "user", "content": f"ready {n}"}]),
-                                     False, 120.0, 8192, 8192, delivered, None, None)
-            await con.fetchval(END_TURN, row["turn_id"], "complete", None, "ready", None,
-                               "ready", 1, row["sent_tokens"] + 1)
+                                     False, 120.0, 8192, 8192, delivered, delivered and [ANONYMOUS],
+                                     None, None)
+            await con.fetchval(END_TURN, ANONYMOUS, row["turn_id"], "complete", None, "ready",
+                               None, "ready", 1, row["sent_tokens"] + 1)
             delivered = [row["turn_id"]]
     finally:
         await transaction.rollback()
 
 
-async def mark_delivered(pool: asyncpg.Pool, turn_ids: list[int]) -> None:
+async def mark_delivered(pool: asyncpg.Pool, turns: list[TurnKey]) -> None:
     """Record that these turns' ends reached their clients (so a resend is a new turn).
     begin_turn takes the same list, so this runs only when no turn begins for a while."""
+    owner_ids, turn_ids = _split(turns)
     async with connection(pool, "mark_delivered") as con:
-        await con.execute("UPDATE turns SET delivered = true WHERE id IN (SELECT id FROM turns"
-                          " WHERE id = ANY($1::bigint[]) AND NOT delivered"
-                          " FOR UPDATE SKIP LOCKED)", turn_ids)
+        await con.execute(
+            "UPDATE turns SET delivered = true WHERE (owner_id, id) IN ("
+            " SELECT t.owner_id, t.id FROM turns t"
+            " JOIN unnest($1::bigint[], $2::bigint[]) AS d(owner_id, id)"
+            " ON t.owner_id = d.owner_id AND t.id = d.id"
+            " WHERE NOT t.delivered FOR UPDATE OF t SKIP LOCKED)", owner_ids, turn_ids)
 
 
-async def end_turn(pool: asyncpg.Pool, turn_id: int, status: str, error: Optional[str],
-                   reply: Optional[Reply]) -> str:
-    """End the turn (with its reply, if any) and release the lease, in one transaction.
+async def end_turn(pool: asyncpg.Pool, owner_id: int, turn_id: int, status: str,
+                   error: Optional[str], reply: Optional[Reply]) -> str:
+    """End *owner_id*'s turn (with its reply, if any) and release the lease, in one
+    transaction.
 
     Idempotent.  Returns 'stored', 'stored-suspect' (stored, but Ollama counted fewer
     prompt tokens than are known to have been sent: it must have cut the prompt),
     'already' (an earlier call did it) or 'lost' (the turn was abandoned because its
-    lease was taken over).  The reply's prompt_tokens teaches the token counts of what
-    the turn sent (db/functions/learn_tokens.sql).
+    lease was taken over, or *owner_id* has no such turn).  The reply's prompt_tokens
+    teaches the token counts of what the turn sent (db/functions/learn_tokens.sql).
     """
     async with connection(pool, "end_turn") as con:
         if reply is None:
             return await con.fetchval(
-                "SELECT end_turn($1, $2, $3, NULL, NULL, NULL, NULL, false, NULL::integer)",
-                turn_id, status, error)
+                "SELECT end_turn($1, $2, $3, $4, NULL, NULL, NULL, NULL, false, NULL::integer)",
+                owner_id, turn_id, status, error)
         if reply.before or reply.after:
             return await con.fetchval(
-                "SELECT end_turn($1, $2, $3, $4, $5, $6, $7, true, $8, $9, $10)",
-                turn_id, status, error, reply.content, reply.extra or None, reply.model,
+                "SELECT end_turn($1, $2, $3, $4, $5, $6, $7, $8, true, $9, $10, $11)",
+                owner_id, turn_id, status, error, reply.content, reply.extra or None, reply.model,
                 reply.tokens, reply.prompt_tokens, reply.before, reply.after)
-        return await con.fetchval(END_TURN, turn_id, status, error, reply.content, reply.extra or None,
-                                  reply.model, reply.tokens, reply.prompt_tokens)
+        return await con.fetchval(END_TURN, owner_id, turn_id, status, error, reply.content,
+                                  reply.extra or None, reply.model, reply.tokens,
+                                  reply.prompt_tokens)
 
 
-async def tool_schemas(pool: asyncpg.Pool, app_id: str, replace: Optional[list] = None) -> list:
-    """The appID's client tool schemas (Ollama `tools`), kept with its conversation.
+async def tool_schemas(pool: asyncpg.Pool, owner_id: int, app_id: str,
+                       replace: Optional[list] = None) -> list:
+    """The client tool schemas (Ollama `tools`) kept with *owner_id*'s conversation *app_id*.
 
-    With *replace* (the client sent its tools), they become the appID's and are returned;
-    otherwise the ones kept (none: []).  One statement.
+    With *replace* (the client sent its tools), they become the conversation's and are
+    returned; otherwise the ones kept (none: []).  One statement.
     """
     async with connection(pool, "tool_schemas") as con:
         if replace is not None:
             await con.execute(
-                "INSERT INTO tool_schemas AS s (appid, schemas) VALUES ($1, $2)"
-                " ON CONFLICT (appid) DO UPDATE SET schemas = EXCLUDED.schemas, updated_at = now()",
-                app_id, replace)
+                "INSERT INTO tool_schemas AS s (owner_id, appid, schemas) VALUES ($1, $2, $3)"
+                " ON CONFLICT (owner_id, appid)"
+                " DO UPDATE SET schemas = EXCLUDED.schemas, updated_at = now()",
+                owner_id, app_id, replace)
             return replace
-        kept = await con.fetchval("SELECT schemas FROM tool_schemas WHERE appid = $1", app_id)
+        kept = await con.fetchval(
+            "SELECT schemas FROM tool_schemas WHERE owner_id = $1 AND appid = $2", owner_id, app_id)
     return kept if isinstance(kept, list) else []
 
 
-async def renew_leases(pool: asyncpg.Pool, owner: str, lease_seconds: float,
-                       turn_ids: list[int]) -> int:
-    """Extend the leases *owner* holds for its running turns *turn_ids*; return how many.
+async def renew_leases(pool: asyncpg.Pool, process: str, lease_seconds: float,
+                       turns: list[TurnKey]) -> int:
+    """Extend the leases *process* holds for its running *turns*; return how many.
     (A turn whose end could not be stored is not running: its lease is left to expire.)"""
+    owner_ids, turn_ids = _split(turns)
     async with connection(pool, "renew_leases") as con:
         result = await con.execute(
-            "UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => $2)"
-            " WHERE owner = $1 AND turn_id = ANY($3::bigint[])"
-            " AND expires_at > '-infinity'",  # never a released one
-            owner, lease_seconds, turn_ids)
+            "UPDATE leases l SET expires_at = clock_timestamp() + make_interval(secs => $2)"
+            " FROM unnest($3::bigint[], $4::bigint[]) AS r(owner_id, turn_id)"
+            " WHERE l.owner = $1 AND l.owner_id = r.owner_id AND l.turn_id = r.turn_id"
+            " AND l.expires_at > '-infinity'",  # never a released one
+            process, lease_seconds, owner_ids, turn_ids)
     return int(result.split()[-1])
 

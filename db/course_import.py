@@ -10,7 +10,9 @@ course_import() in db/functions/course_import.sql):
   server added since: only rows never seen before are imported.
 
 Each import is one transaction, under the migrations' advisory lock, so processes
-starting together import once.  The course table is only read.
+starting together import once.  The course table is only read.  The conversations go to
+the anonymous namespace: the course's apps send no credentials, so that is where they
+find them again.
 """
 
 import logging
@@ -18,6 +20,7 @@ from typing import Any, Optional
 
 import asyncpg
 
+from db.conversations import ANONYMOUS
 from db.migrate import LOCK_KEY
 
 COURSE_TABLE = "public.chatts"
@@ -54,8 +57,8 @@ async def _import(pool: asyncpg.Pool, *, first_start: bool) -> Optional[dict[str
                                     f" {COURSE_TABLE} (name or username, message, id uuid, time)")
             if first_start and await con.fetchval("SELECT EXISTS (SELECT 1 FROM course_imports)"):
                 return None
-            result = await con.fetchval("SELECT course_import($1::regclass)", COURSE_TABLE,
-                                        timeout=IMPORT_TIMEOUT)
+            result = await con.fetchval("SELECT course_import($1::regclass, $2)", COURSE_TABLE,
+                                        ANONYMOUS, timeout=IMPORT_TIMEOUT)
     log.info("%s", describe(result))
     return result
 

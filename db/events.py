@@ -22,13 +22,13 @@ NOTIFY_MAX = 7000  # bytes per NOTIFY payload (PostgreSQL's limit is 8000)
 # never its stored reply.
 WRITE_CHECKPOINT = """
 WITH s AS (
-    INSERT INTO turn_streams AS s (turn_id, appid, owner, last_n, finished_at, keep_until,
+    INSERT INTO turn_streams AS s (owner_id, turn_id, appid, last_n, finished_at, keep_until,
                                    detached)
-    SELECT u.t, u.a, u.o, u.n, CASE WHEN u.f THEN clock_timestamp() END,
+    SELECT u.o, u.t, u.a, u.n, CASE WHEN u.f THEN clock_timestamp() END,
            clock_timestamp() + make_interval(secs => u.k), coalesce(u.d, false)
-      FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::integer[], $5::boolean[],
-                  $6::double precision[], $7::boolean[]) AS u(t, a, o, n, f, k, d)
-    ON CONFLICT (turn_id) DO UPDATE
+      FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::integer[], $5::boolean[],
+                  $6::double precision[], $7::boolean[]) AS u(o, t, a, n, f, k, d)
+    ON CONFLICT (owner_id, turn_id) DO UPDATE
        SET last_n = greatest(s.last_n, EXCLUDED.last_n),
            finished_at = coalesce(s.finished_at, EXCLUDED.finished_at),
            keep_until = greatest(s.keep_until, EXCLUDED.keep_until),
@@ -36,15 +36,15 @@ WITH s AS (
 ), c AS (
     -- A checkpoint retried after a failure whose commit went through anyway holds the same
     -- events from the same first one, and maybe more: it replaces the row it repeats.
-    INSERT INTO turn_event_chunks AS c (turn_id, first_n, last_n, final, body)
-    SELECT * FROM unnest($8::bigint[], $9::integer[], $10::integer[], $11::boolean[],
-                         $12::bytea[])
-    ON CONFLICT (turn_id, first_n) DO UPDATE
+    INSERT INTO turn_event_chunks AS c (owner_id, turn_id, first_n, last_n, final, body)
+    SELECT * FROM unnest($8::bigint[], $9::bigint[], $10::integer[], $11::integer[],
+                         $12::boolean[], $13::bytea[])
+    ON CONFLICT (owner_id, turn_id, first_n) DO UPDATE
        SET last_n = EXCLUDED.last_n, final = EXCLUDED.final, body = EXCLUDED.body
        WHERE EXCLUDED.last_n > c.last_n
 )
 SELECT set_config('synchronous_commit', 'off', true),
-       (SELECT count(pg_notify('""" + EVENTS_CHANNEL + """', p)) FROM unnest($13::text[]) p)
+       (SELECT count(pg_notify('""" + EVENTS_CHANNEL + """', p)) FROM unnest($14::text[]) p)
 """
 
 
@@ -64,64 +64,72 @@ def notify_payloads(turn_ids: list[int]) -> list[str]:
 
 
 async def write_checkpoint(pool: asyncpg.Pool, streams: list[tuple], chunks: list[tuple]) -> None:
-    """Store *chunks* (turn_id, first_n, last_n, final, body) and upsert *streams*
-    (turn_id, appid, owner, last_n, finished, keep_seconds or None, detached), then notify
+    """Store *chunks* (owner_id, turn_id, first_n, last_n, final, body) and upsert *streams*
+    (owner_id, turn_id, appid, last_n, finished, keep_seconds or None, detached), then notify
     readers of those turns; one round trip."""
     s = list(zip(*streams)) if streams else [()] * 7
-    c = list(zip(*chunks)) if chunks else [()] * 5
+    c = list(zip(*chunks)) if chunks else [()] * 6
     async with connection(pool, "checkpoint") as con:
         await con.execute(WRITE_CHECKPOINT, *[list(col) for col in s], *[list(col) for col in c],
-                          notify_payloads(sorted({row[0] for row in streams})))
+                          notify_payloads(sorted({row[1] for row in streams})))
 
 
-async def stream_of(pool: asyncpg.Pool, turn_id: int, retention: float) -> Optional[asyncpg.Record]:
-    """The turn's stream row: appid, owner, last_n, finished, expired (finished more than
-    *retention* seconds ago), detached, keep_left (seconds, or None); None if none."""
+async def stream_of(pool: asyncpg.Pool, owner_id: int, turn_id: int,
+                    retention: float) -> Optional[asyncpg.Record]:
+    """The stream row of *owner_id*'s turn: appid, last_n, finished, expired (finished more
+    than *retention* seconds ago), detached, keep_left (seconds, or None); None if there is
+    none, or its turn is gone (its conversation was deleted)."""
     async with connection(pool, "turn_stream") as con:
         return await con.fetchrow(
-            "SELECT appid, owner, last_n, finished_at IS NOT NULL AS finished,"
-            " coalesce(finished_at < clock_timestamp() - make_interval(secs => $2), false) AS expired,"
-            " detached, extract(epoch FROM keep_until - clock_timestamp())::float8 AS keep_left"
-            " FROM turn_streams WHERE turn_id = $1", turn_id, retention)
+            "SELECT s.appid, s.last_n, s.finished_at IS NOT NULL AS finished,"
+            " coalesce(s.finished_at < clock_timestamp() - make_interval(secs => $3), false)"
+            " AS expired, s.detached,"
+            " extract(epoch FROM s.keep_until - clock_timestamp())::float8 AS keep_left"
+            " FROM turn_streams s JOIN turns t ON t.owner_id = s.owner_id AND t.id = s.turn_id"
+            " WHERE s.owner_id = $1 AND s.turn_id = $2", owner_id, turn_id, retention)
 
 
-async def turn_state(pool: asyncpg.Pool, turn_id: int,
+async def turn_state(pool: asyncpg.Pool, owner_id: int, turn_id: int,
                      recent: float = 10.0) -> Optional[asyncpg.Record]:
     """The turn's appid and status, whether a process holds its lease now, and whether it
     is running or ended less than *recent* seconds ago; None if no such turn."""
     async with connection(pool, "turn_state") as con:
         return await con.fetchrow(
-            "SELECT t.appid, t.status, EXISTS (SELECT 1 FROM leases l WHERE l.appid = t.appid"
-            " AND l.turn_id = t.id AND l.expires_at > clock_timestamp()) AS leased,"
-            " coalesce(t.ended_at > clock_timestamp() - make_interval(secs => $2), true) AS recent"
-            " FROM turns t WHERE t.id = $1", turn_id, recent)
+            "SELECT t.appid, t.status, EXISTS (SELECT 1 FROM leases l"
+            " WHERE l.owner_id = t.owner_id AND l.appid = t.appid AND l.turn_id = t.id"
+            " AND l.expires_at > clock_timestamp()) AS leased,"
+            " coalesce(t.ended_at > clock_timestamp() - make_interval(secs => $3), true) AS recent"
+            " FROM turns t WHERE t.owner_id = $1 AND t.id = $2", owner_id, turn_id, recent)
 
 
-async def chunks_after(pool: asyncpg.Pool, turn_id: int, after: int, limit: int) -> list[asyncpg.Record]:
+async def chunks_after(pool: asyncpg.Pool, owner_id: int, turn_id: int, after: int,
+                       limit: int) -> list[asyncpg.Record]:
     """Up to *limit* chunks holding events after number *after*, in order; and the final
     chunk when *after* is the terminal event (nothing follows it: the reader is done)."""
     async with connection(pool, "turn_events") as con:
         return await con.fetch(
             "SELECT first_n, last_n, final, body FROM turn_event_chunks"
-            " WHERE turn_id = $1 AND (last_n > $2 OR (last_n = $2 AND final))"
-            " ORDER BY first_n LIMIT $3", turn_id, after, limit)
+            " WHERE owner_id = $1 AND turn_id = $2 AND (last_n > $3 OR (last_n = $3 AND final))"
+            " ORDER BY first_n LIMIT $4", owner_id, turn_id, after, limit)
 
 
-async def extend_keep(pool: asyncpg.Pool, turn_id: int, seconds: float) -> None:
+async def extend_keep(pool: asyncpg.Pool, owner_id: int, turn_id: int, seconds: float) -> None:
     """A reader is attached: a detached turn keeps generating at least *seconds* more."""
     async with connection(pool, "turn_keep") as con:
         await con.execute(
-            "UPDATE turn_streams SET keep_until = clock_timestamp() + make_interval(secs => $2)"
-            " WHERE turn_id = $1 AND keep_until < clock_timestamp() + make_interval(secs => $2)",
-            turn_id, seconds)
+            "UPDATE turn_streams SET keep_until = clock_timestamp() + make_interval(secs => $3)"
+            " WHERE owner_id = $1 AND turn_id = $2"
+            " AND keep_until < clock_timestamp() + make_interval(secs => $3)",
+            owner_id, turn_id, seconds)
 
 
-async def detached_turn(pool: asyncpg.Pool, turn_id: int, app_id: str) -> bool:
-    """Whether the running turn *turn_id* of *app_id* has lost the client that started it."""
+async def detached_turn(pool: asyncpg.Pool, owner_id: int, app_id: str, turn_id: int) -> bool:
+    """Whether the running turn *turn_id* of (*owner_id*, *app_id*) has lost the client that
+    started it."""
     async with connection(pool, "turn_detached") as con:
         return bool(await con.fetchval(
             "SELECT detached AND finished_at IS NULL FROM turn_streams"
-            " WHERE turn_id = $1 AND appid = $2", turn_id, app_id))
+            " WHERE owner_id = $1 AND turn_id = $2 AND appid = $3", owner_id, turn_id, app_id))
 
 
 async def notify_stop(pool: asyncpg.Pool, turn_id: int) -> None:
@@ -136,7 +144,8 @@ async def purge(pool: asyncpg.Pool, retention: float, forget_after: float) -> in
     async with connection(pool, "turn_events_purge") as con:
         async with con.transaction():
             deleted = await con.execute(
-                "DELETE FROM turn_event_chunks c USING turn_streams s WHERE c.turn_id = s.turn_id"
+                "DELETE FROM turn_event_chunks c USING turn_streams s"
+                " WHERE c.owner_id = s.owner_id AND c.turn_id = s.turn_id"
                 " AND (s.finished_at < clock_timestamp() - make_interval(secs => $1)"
                 "      OR (s.finished_at IS NULL"
                 "          AND s.started_at < clock_timestamp() - make_interval(secs => $2)))",

@@ -138,6 +138,12 @@ class BaseHandler(RequestHandler):
     app_id: Optional[str] = None
     tokens: Optional[int] = None
 
+    # MERGE: a placeholder until accounts (branch people-accounts) land; take theirs, which
+    # sets it per request.  The owner of the conversations this request reaches: the
+    # user's id, or 0 (db.conversations.ANONYMOUS) for a request without credentials.  A
+    # class attribute, not a property, so that their prepare() can assign it.
+    owner_id = 0
+
     _registered = False
 
     def prepare(self) -> None:

@@ -63,7 +63,7 @@ async def begin_turn(handler: UpstreamHandler, request: LLMRequest, replace: boo
         request.context_budget(handler.config.context_tokens)
     try:
         return await handler.application.turns.begin(
-            request.app_id, request.messages, left=handler.left, replace=replace,
+            handler.owner_id, request.app_id, request.messages, left=handler.left, replace=replace,
             budget=budget, context=context)
     except TurnBusy:
         raise ClientError(409, f"another turn of appID {request.app_id!r} is still running "

@@ -90,18 +90,25 @@ def _message(m: Any, where: str) -> dict:
     return {**m, "role": role}
 
 
+def valid_app_id(value: Any) -> str:
+    """*value* if it is an appID chatterd keeps (a non-empty storable string of at most
+    MAX_APPID characters), else ClientError(422) saying why."""
+    if value is None:
+        raise invalid("appID is required")
+    app_id = valid_text(value, "appID")
+    if not app_id:
+        raise invalid("appID must not be empty")
+    if len(app_id) > MAX_APPID:
+        raise invalid(f"appID is longer than {MAX_APPID} characters")
+    return app_id
+
+
 def parse_llm_request(body: dict, *, max_messages: int, allow_empty_messages: bool = False,
                       default_stream: bool = True) -> LLMRequest:
     """Validate an llmchat/llmprep body of at most *max_messages* (--max-messages) messages;
     raise ClientError(422) naming the bad field."""
     check_json(body)
-    if "appID" not in body or body["appID"] is None:
-        raise invalid("appID is required")
-    app_id = valid_text(body["appID"], "appID")
-    if not app_id:
-        raise invalid("appID must not be empty")
-    if len(app_id) > MAX_APPID:
-        raise invalid(f"appID is longer than {MAX_APPID} characters")
+    app_id = valid_app_id(body.get("appID"))
     model = _model(body.get("model"))
     messages = body.get("messages")
     if not isinstance(messages, list):

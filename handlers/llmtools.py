@@ -116,7 +116,7 @@ class LLMToolsHandler(LLMChatHandler):
             return turn
         try:  # the turn holds the appID's lease: no other turn changes the schemas meanwhile
             self.client_tools = await conversations.tool_schemas(
-                self.pool, request.app_id, self.client_tools)
+                self.pool, self.owner_id, request.app_id, self.client_tools)
         except BaseException:
             await turn.reject("its tool schemas could not be read or stored")
             raise

@@ -50,8 +50,7 @@ class ResumableTurn:
             return
         self.set_header("X-Chatterd-Turn", str(turn_id))
         if stream:
-            self.record = self.application.resume.record(
-                turn_id, self.app_id, int(getattr(self, "owner_id", 0) or 0), keep)
+            self.record = self.application.resume.record(turn_id, self.app_id, self.owner_id, keep)
 
     def open_record(self: Any) -> None:
         """The stream is committed (200): it can be resumed and stopped from now on."""
@@ -122,7 +121,7 @@ class ResumableTurn:
         if record is None or record.final or self.turn.ended:
             return
         try:  # a reader attached meanwhile (on any process) has pushed the end back
-            stream = await events.stream_of(self.pool, record.turn_id, 0)
+            stream = await events.stream_of(self.pool, record.owner, record.turn_id, 0)
         except DatabaseUnavailable:
             stream = None
         left = stream["keep_left"] if stream is not None else None

@@ -30,9 +30,6 @@ class TurnHandler(BaseHandler):
 
     turn_id = 0
 
-    def owner(self) -> int:
-        return int(getattr(self, "owner_id", 0) or 0)
-
     async def find(self, turn_id: str) -> Any:
         """The turn's stream row, or ClientError 404/410.  A turn running for a moment whose
         first checkpoint is not in yet is waited for (briefly)."""
@@ -45,15 +42,16 @@ class TurnHandler(BaseHandler):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + APPEAR_WAIT
         while True:
-            stream = await events.stream_of(self.pool, self.turn_id, resume.retention)
+            stream = await events.stream_of(self.pool, self.owner_id, self.turn_id,
+                                            resume.retention)
             if stream is not None:
                 break
-            state = await events.turn_state(self.pool, self.turn_id)
+            state = await events.turn_state(self.pool, self.owner_id, self.turn_id)
             if state is None or state["appid"] != app_id or not state["recent"] \
                     or loop.time() >= deadline:
                 raise self.not_found()
             await resume.hub.wait(self.turn_id, 0.05)
-        if stream["appid"] != app_id or stream["owner"] != self.owner():
+        if stream["appid"] != app_id:
             raise self.not_found()
         if stream["expired"]:
             raise ClientError(410, f"turn {self.turn_id}'s events were kept "
@@ -87,8 +85,8 @@ class TurnEventsHandler(TurnHandler):
         self.outcome = "resumed"
         try:
             await self.events.open()
-            async for data in reader.read(self.application.resume, self.turn_id, after,
-                                          self._left):
+            async for data in reader.read(self.application.resume, self.owner_id, self.turn_id,
+                                          after, self._left):
                 await self.events.send(data)
         except StreamClosedError:
             self.outcome = "client_left"
@@ -110,7 +108,8 @@ class TurnEventsHandler(TurnHandler):
         deadline = loop.time() + BEYOND_WAIT
         while not stream["finished"] and loop.time() < deadline:
             await resume.hub.wait(self.turn_id, max(0.01, min(0.2, deadline - loop.time())))
-            stream = await events.stream_of(self.pool, self.turn_id, resume.retention)
+            stream = await events.stream_of(self.pool, self.owner_id, self.turn_id,
+                                            resume.retention)
             if after <= stream["last_n"]:
                 return
         raise ClientError(416, f"Last-Event-ID names event {after} of turn {self.turn_id}, "
@@ -148,10 +147,11 @@ class TurnStopHandler(TurnHandler):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.STOP_WAIT
             while loop.time() < deadline:
-                stream = await events.stream_of(self.pool, self.turn_id, resume.retention)
+                stream = await events.stream_of(self.pool, self.owner_id, self.turn_id,
+                                                resume.retention)
                 if stream is None or stream["finished"]:
                     break
-                state = await events.turn_state(self.pool, self.turn_id)
+                state = await events.turn_state(self.pool, self.owner_id, self.turn_id)
                 if state is None or state["status"] != "running" or not state["leased"]:
                     break
                 await resume.hub.wait(self.turn_id, min(0.25, max(deadline - loop.time(), 0.01)))

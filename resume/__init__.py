@@ -70,10 +70,11 @@ class Resumption:
             return
         await events.notify_stop(self.pool, turn_id)
 
-    async def stop_if_detached(self, app_id: str, turn_id: int) -> None:
-        """A new turn of *app_id* waits behind *turn_id*: stop it if its client left."""
+    async def stop_if_detached(self, owner_id: int, app_id: str, turn_id: int) -> None:
+        """A new turn of (*owner_id*, *app_id*) waits behind *turn_id*: stop it if its client
+        left."""
         try:
-            if await events.detached_turn(self.pool, turn_id, app_id):
+            if await events.detached_turn(self.pool, owner_id, app_id, turn_id):
                 await self.stop(turn_id)
         except DatabaseUnavailable as e:
             log.warning("could not check whether turn %d is detached: %s", turn_id, e)

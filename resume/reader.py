@@ -58,10 +58,10 @@ def error_event(turn_id: int, n: int, message: str) -> bytes:
     return b"id: %d:%d\nevent: error\ndata: %s\n\n" % (turn_id, n, jsonfmt.dumpb({"error": message}))
 
 
-async def read(resume: Resumption, turn_id: int, after: int,
+async def read(resume: Resumption, owner_id: int, turn_id: int, after: int,
                left: "asyncio.Future[object]") -> AsyncIterator[bytes]:
-    """Yield the turn's events after number *after*, in order, up to and with its terminal
-    event; stops early when *left* is done (the client went away)."""
+    """Yield the events of *owner_id*'s turn after number *after*, in order, up to and with
+    its terminal event; stops early when *left* is done (the client went away)."""
     pool = resume.pool
     sent = after
     next_keep = 0.0
@@ -69,7 +69,7 @@ async def read(resume: Resumption, turn_id: int, after: int,
     resume.hub.ensure()
     quiet_unleased = 0
     while True:
-        rows = await events.chunks_after(pool, turn_id, sent, PAGE)
+        rows = await events.chunks_after(pool, owner_id, turn_id, sent, PAGE)
         for row in rows:
             data = events_after(row["body"], row["first_n"], sent)
             sent = row["last_n"]
@@ -85,13 +85,13 @@ async def read(resume: Resumption, turn_id: int, after: int,
             return
         # Live: while a reader is here, a turn whose client left keeps generating.
         if resume.window > 0 and loop.time() >= next_keep:
-            await events.extend_keep(pool, turn_id, resume.window)
+            await events.extend_keep(pool, owner_id, turn_id, resume.window)
             next_keep = loop.time() + resume.window / 3
         if await resume.hub.wait(turn_id, POLL, left):
             continue
         if left.done():
             return
-        state = await events.turn_state(pool, turn_id)
+        state = await events.turn_state(pool, owner_id, turn_id)
         if state is not None and state["leased"]:
             quiet_unleased = 0
             continue
@@ -99,7 +99,7 @@ async def read(resume: Resumption, turn_id: int, after: int,
         # running lost its process; one that ended gets a moment for its last checkpoint.
         quiet_unleased += 1
         if state is None or state["status"] in ("running", "abandoned") or quiet_unleased > 2:
-            rows = await events.chunks_after(pool, turn_id, sent, PAGE)
+            rows = await events.chunks_after(pool, owner_id, turn_id, sent, PAGE)
             if rows:
                 continue
             yield error_event(turn_id, sent + 1, DIED if state is None or state["status"] in (

@@ -81,11 +81,11 @@ class TurnRecord:
         chunk = None
         if self.unsaved:
             body = self.unsaved[0] if len(self.unsaved) == 1 else b"".join(self.unsaved)
-            chunk = (self.turn_id, self.unsaved_first, self.n, self.final, body)
+            chunk = (self.owner, self.turn_id, self.unsaved_first, self.n, self.final, body)
             self.unsaved_first = self.n + 1
             self.unsaved, self.unsaved_bytes = [], 0
-        stream = (self.turn_id, self.app_id, self.owner, self.n, self.final and chunk is not None,
-                  self.keep_seconds, self.detached)
+        stream = (self.owner, self.turn_id, self.app_id, self.n,
+                  self.final and chunk is not None, self.keep_seconds, self.detached)
         self.keep_seconds = None
         return stream, chunk
 
@@ -94,12 +94,12 @@ class TurnRecord:
         if stream[5] is not None and self.keep_seconds is None:
             self.keep_seconds = stream[5]
         if chunk is not None:
-            self.unsaved.insert(0, chunk[4])
-            self.unsaved_bytes += len(chunk[4])
-            self.unsaved_first = chunk[1]
+            self.unsaved.insert(0, chunk[5])
+            self.unsaved_bytes += len(chunk[5])
+            self.unsaved_first = chunk[2]
 
     def saved(self, taken: tuple) -> None:
-        if taken[1] is not None and taken[1][3]:
+        if taken[1] is not None and taken[1][4]:
             self.saved_final = True
 
     @property

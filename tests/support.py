@@ -16,6 +16,7 @@ import jsonfmt
 import settings
 from chatterd import Application
 from db import embedded, migrate, pool as db_pool
+from db.conversations import ANONYMOUS
 from upstreams import router
 from upstreams.router import Router
 from tests.ollama_double import OllamaDouble
@@ -57,37 +58,41 @@ async def fresh_database(prefix: str, ddl: list[str] = ()) -> str:
 # How a turn can end and belong to the conversation.
 ENDED = ("complete", "interrupted", "failed")
 
-# An appID's conversation as the model is sent it all (no context budget): every appID
+# A conversation as the model is sent it all (no context budget): every (owner_id, appid)
 # that has turns, with the Ollama messages of its ended turns, system prompts first, then
 # turn by turn in order; a reply that ended with neither text nor tool calls left out.
 CONVERSATIONS_AS_SENT = """
-    SELECT a.appid, coalesce((
+    SELECT a.owner_id, a.appid, coalesce((
         SELECT jsonb_agg(jsonb_build_object('role', m.role, 'content', m.content)
                          || coalesce(m.extra, '{}'::jsonb)
                          ORDER BY m.role <> 'system', m.turn_id, m.seq)
-          FROM chatterd.messages m JOIN chatterd.turns t ON t.id = m.turn_id
-         WHERE m.appid = a.appid AND t.appid = a.appid
+          FROM chatterd.messages m
+          JOIN chatterd.turns t ON t.owner_id = m.owner_id AND t.id = m.turn_id
+         WHERE m.owner_id = a.owner_id AND m.appid = a.appid
+           AND t.owner_id = a.owner_id AND t.appid = a.appid
            AND t.status IN ('complete', 'interrupted', 'failed')
            AND (m.status = 'complete' OR m.content <> '' OR m.extra ? 'tool_calls')),
         '[]'::jsonb)::text AS conversation
-      FROM (SELECT DISTINCT appid FROM chatterd.turns) a"""
+      FROM (SELECT DISTINCT owner_id, appid FROM chatterd.turns) a"""
 
 
-async def read_conversation(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
-    """The stored conversation of the appID, every row of its ended turns in order
+async def read_conversation(pool: asyncpg.Pool, app_id: str,
+                            owner_id: int = ANONYMOUS) -> list[asyncpg.Record]:
+    """The stored conversation of the owner's appID, every row of its ended turns in order
     (replies with no text included)."""
     return await pool.fetch(
         "SELECT m.seq, m.turn_id, m.role, m.content, m.extra, m.status, m.error, m.model,"
         " m.tokens, m.ntokens, m.ntokens_from FROM chatterd.messages m"
-        " JOIN chatterd.turns t ON t.id = m.turn_id"
-        " WHERE m.appid = $1 AND t.status = ANY($2::text[])"
-        " ORDER BY m.role <> 'system', m.turn_id, m.seq", app_id, list(ENDED))
+        " JOIN chatterd.turns t ON t.owner_id = m.owner_id AND t.id = m.turn_id"
+        " WHERE m.owner_id = $1 AND m.appid = $2 AND t.status = ANY($3::text[])"
+        " ORDER BY m.role <> 'system', m.turn_id, m.seq", owner_id, app_id, list(ENDED))
 
 
-async def read_turns(pool: asyncpg.Pool, app_id: str) -> list[asyncpg.Record]:
-    """Every turn of the appID, ended or not, in order."""
+async def read_turns(pool: asyncpg.Pool, app_id: str,
+                     owner_id: int = ANONYMOUS) -> list[asyncpg.Record]:
+    """Every turn of the owner's appID, ended or not, in order."""
     return await pool.fetch("SELECT id, status, owner, error FROM chatterd.turns"
-                            " WHERE appid = $1 ORDER BY id", app_id)
+                            " WHERE owner_id = $1 AND appid = $2 ORDER BY id", owner_id, app_id)
 
 
 class ChatterdTestCase(AsyncHTTPTestCase):

@@ -10,7 +10,7 @@ import asyncpg
 
 import jsonfmt
 from db import conversations
-from db.conversations import Reply
+from db.conversations import ANONYMOUS, Reply
 from tests.ollama_double import message_tokens, prompt_tokens
 from tests.sse_parser import parse
 from tests.support import ChatterdTestCase, chat_body
@@ -177,10 +177,10 @@ class ContextTest(ChatterdTestCase):
 
         async def tool_call_turn():  # the turn that ended with a call of the client's tool
             turn_id, _, _, _ = await conversations.begin_turn(
-                pool, app, owner, 10, [{"role": "user", "content": "Weather in Tokyo?"}],
+                pool, ANONYMOUS, app, owner, 10, [{"role": "user", "content": "Weather in Tokyo?"}],
                 budget=BUDGET, context=CONTEXT)
             call = [{"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}}]
-            await conversations.end_turn(pool, turn_id, "complete", None,
+            await conversations.end_turn(pool, ANONYMOUS, turn_id, "complete", None,
                                          Reply("", extra={"tool_calls": call}, tokens=12))
 
         self.io_loop.run_sync(tool_call_turn)
@@ -296,7 +296,7 @@ class BoundedReadTest(ChatterdTestCase):
                 tx = con.transaction()
                 await tx.start()
                 plan = await con.fetchval(
-                    "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM begin_turn($1, 'x',"
+                    "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM begin_turn(0, $1, 'x',"
                     " 10, '[{\"role\": \"user\", \"content\": \"hi\"}]'::jsonb, false, 6144,"
                     " 8192)", app_id)
                 await tx.rollback()
@@ -324,12 +324,12 @@ class BoundedReadTest(ChatterdTestCase):
             try:
                 await con.execute("ANALYZE turns; ANALYZE messages")
                 walk = await con.fetch(
-                    "EXPLAIN SELECT t.id, t.tokens FROM turns t WHERE t.appid = 'big'"
+                    "EXPLAIN SELECT t.id, t.tokens FROM turns t WHERE t.owner_id = 0 AND t.appid = 'big'"
                     " AND t.id < 9223372036854775807"
                     " AND t.status IN ('complete', 'interrupted', 'failed') ORDER BY t.id DESC"
                     " LIMIT 32")
                 system = await con.fetch(
-                    "EXPLAIN SELECT m.seq FROM messages m WHERE m.appid = 'big'"
+                    "EXPLAIN SELECT m.seq FROM messages m WHERE m.owner_id = 0 AND m.appid = 'big'"
                     " AND m.role = 'system' AND m.turn_id < 9223372036854775807")
                 return "\n".join(r[0] for r in walk), "\n".join(r[0] for r in system)
             finally:
@@ -380,6 +380,7 @@ async def seed_conversation(con, app_id: str, messages: int) -> None:
     await con.execute("""
         INSERT INTO conversation_sizes (appid, messages, tokens)
         SELECT $1, count(*), sum(ntokens) FROM messages WHERE appid = $1
-        ON CONFLICT (appid) DO UPDATE SET messages = EXCLUDED.messages, tokens = EXCLUDED.tokens""",
+        ON CONFLICT (owner_id, appid)
+        DO UPDATE SET messages = EXCLUDED.messages, tokens = EXCLUDED.tokens""",
                       app_id)
     await con.execute("ANALYZE turns; ANALYZE messages")  # as autovacuum would, after a load

@@ -8,7 +8,7 @@ from typing import Optional
 from tornado.testing import gen_test
 
 from db import conversations
-from db.conversations import Reply
+from db.conversations import ANONYMOUS, Reply
 from db.history_cache import HistoryCache
 from tests.support import ChatterdTestCase
 
@@ -19,32 +19,32 @@ def msg(role: str, content: str) -> dict:
 
 def cached_turns(cache: HistoryCache, app_id: str) -> Optional[list[int]]:
     """The turn ids the cache holds for the appID, as begin_turn is told them; None: none."""
-    return list(cache.snapshot(app_id)) or None
+    return list(cache.snapshot(ANONYMOUS, app_id)) or None
 
 
 class AssembleTest(unittest.TestCase):
     def test_system_prompts_first_then_window_turns_in_order_from_fetch_or_cache(self) -> None:
         cache = HistoryCache(10)
-        first = cache.assemble("a", cache.snapshot("a"), [msg("system", "S"), msg("user", "q1"), msg("assistant", "r1")],
+        first = cache.assemble(ANONYMOUS, "a", cache.snapshot(ANONYMOUS, "a"), [msg("system", "S"), msg("user", "q1"), msg("assistant", "r1")],
                                [1, 1, 1], [1])
         self.assertEqual([m["content"] for m in first], ["S", "q1", "r1"])
         self.assertEqual(cached_turns(cache, "a"), [1])
         # Turn 1 cached, turn 2 fetched, turn 3 in the window but with nothing to send.
-        second = cache.assemble("a", cache.snapshot("a"), [msg("system", "S"), msg("user", "q2"), msg("assistant", "r2")],
+        second = cache.assemble(ANONYMOUS, "a", cache.snapshot(ANONYMOUS, "a"), [msg("system", "S"), msg("user", "q2"), msg("assistant", "r2")],
                                 [1, 2, 2], [3, 2, 1])
         self.assertEqual([m["content"] for m in second], ["S", "q1", "r1", "q2", "r2"])
         self.assertEqual(sorted(cached_turns(cache, "a")), [1, 2, 3])
         # The window moved on: turn 1 left it, so the cache lets it go.
-        cache.assemble("a", cache.snapshot("a"), [], [], [2, 3])
+        cache.assemble(ANONYMOUS, "a", cache.snapshot(ANONYMOUS, "a"), [], [], [2, 3])
         self.assertEqual(sorted(cached_turns(cache, "a")), [2, 3])
 
     def test_least_recently_used_appids_are_let_go(self) -> None:
         cache = HistoryCache(2)
         for app in ("a", "b", "c"):
-            cache.assemble(app, cache.snapshot(app), [msg("user", app)], [1], [1])
+            cache.assemble(ANONYMOUS, app, cache.snapshot(ANONYMOUS, app), [msg("user", app)], [1], [1])
         self.assertIsNone(cached_turns(cache, "a"))
         self.assertEqual(cached_turns(cache, "c"), [1])
-        cache.forget("c")
+        cache.forget(ANONYMOUS, "c")
         self.assertIsNone(cached_turns(cache, "c"))
 
     def test_an_appid_evicted_or_forgotten_while_its_turn_begins_loses_nothing(self) -> None:
@@ -52,17 +52,17 @@ class AssembleTest(unittest.TestCase):
         # came, other appIDs pushed this one out, or /llmprep forgot it.  The snapshot still
         # supplies the turns the database did not send.
         cache = HistoryCache(1)
-        cache.assemble("x", {}, [msg("user", "q1"), msg("assistant", "r1")], [1, 1], [1])
-        for lose in (lambda: cache.assemble("y", {}, [], [], []), lambda: cache.forget("x")):
-            known = cache.snapshot("x") or {1: (msg("user", "q1"), msg("assistant", "r1"))}
+        cache.assemble(ANONYMOUS, "x", {}, [msg("user", "q1"), msg("assistant", "r1")], [1, 1], [1])
+        for lose in (lambda: cache.assemble(ANONYMOUS, "y", {}, [], [], []), lambda: cache.forget(ANONYMOUS, "x")):
+            known = cache.snapshot(ANONYMOUS, "x") or {1: (msg("user", "q1"), msg("assistant", "r1"))}
             lose()
-            history = cache.assemble("x", known, [msg("user", "q2"), msg("assistant", "r2")],
+            history = cache.assemble(ANONYMOUS, "x", known, [msg("user", "q2"), msg("assistant", "r2")],
                                      [2, 2], [1, 2])
             self.assertEqual([m["content"] for m in history], ["q1", "r1", "q2", "r2"])
 
     def test_size_zero_keeps_nothing(self) -> None:
         cache = HistoryCache(0)
-        history = cache.assemble("a", {}, [msg("user", "q")], [1], [1])
+        history = cache.assemble(ANONYMOUS, "a", {}, [msg("user", "q")], [1], [1])
         self.assertEqual(history, [msg("user", "q")])
         self.assertIsNone(cached_turns(cache, "a"))
 
@@ -70,8 +70,9 @@ class AssembleTest(unittest.TestCase):
 class TwoProcessesTest(ChatterdTestCase):
     async def turn(self, cache, app_id, messages, reply, status="complete"):  # type: ignore[no-untyped-def]
         turn_id, history, _, _ = await conversations.begin_turn(
-            self.pool, app_id, "test", 10, messages, budget=None, cache=cache)
-        await conversations.end_turn(self.pool, turn_id, status, None, Reply(content=reply))
+            self.pool, ANONYMOUS, app_id, "test", 10, messages, budget=None, cache=cache)
+        await conversations.end_turn(self.pool, ANONYMOUS, turn_id, status, None,
+                                     Reply(content=reply))
         return history
 
     @gen_test(timeout=30)
@@ -101,7 +102,7 @@ class TwoProcessesTest(ChatterdTestCase):
         self.assertEqual(len(cached), 3)
         async with self.pool.acquire() as con:
             row = await con.fetchrow(
-                "SELECT history, history_turns, window_turns FROM begin_turn('once', 'test', 10,"
+                "SELECT history, history_turns, window_turns FROM begin_turn(0, 'once', 'test', 10,"
                 " '[{\"role\": \"user\", \"content\": \"q4\"}]'::jsonb, p_cached => $1)", cached)
         self.assertEqual(len(row["window_turns"]), 4)
         self.assertEqual([m["content"] for m in row["history"]], ["q3", "r3"])  # only the new one
@@ -113,8 +114,9 @@ class TwoProcessesTest(ChatterdTestCase):
         await self.turn(cache, "prep", [msg("user", "old")], "old reply")
         await self.turn(cache, "prep", [msg("user", "q")], "r")
         turn_id, history, _, _ = await conversations.begin_turn(
-            self.pool, "prep", "test", 10, [msg("system", "new")], replace=True, cache=cache)
+            self.pool, ANONYMOUS, "prep", "test", 10, [msg("system", "new")], replace=True,
+            cache=cache)
         self.assertEqual(history, [])
-        await conversations.end_turn(self.pool, turn_id, "complete", None, None)
+        await conversations.end_turn(self.pool, ANONYMOUS, turn_id, "complete", None, None)
         history = await self.turn(cache, "prep", [msg("user", "q2")], "r2")
         self.assertEqual(history, [msg("system", "new")])

@@ -25,7 +25,7 @@ import pytest
 import jsonfmt
 import settings
 from db import conversations, migrate, pool as db_pool
-from db.conversations import Reply
+from db.conversations import ANONYMOUS, Reply
 from tests.support import fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,13 +131,29 @@ async def catalog(dsn: str) -> dict[str, Any]:
         await con.close()
 
 
-async def table_rows(con: asyncpg.Connection, schema: str) -> dict[str, list[tuple]]:
-    """Every row of every table of *schema* (bar the migrations' own), in a fixed order."""
+async def table_rows(con: asyncpg.Connection, schema: str,
+                     columns: dict[str, list[str]] | None = None) -> dict[str, list[tuple]]:
+    """Every row of every table of *schema* (bar the migrations' own), in a fixed order;
+    with *columns* (table -> its columns, see table_columns), only those tables and columns."""
     tables = [r[0] for r in await con.fetch(
         "SELECT relname FROM pg_class WHERE relnamespace = $1::regnamespace AND relkind = 'r'"
         " AND relname NOT IN ('schema_migrations', 'schema_functions') ORDER BY 1", schema)]
-    return {t: sorted((tuple(map(str, r)) for r in await con.fetch(f"SELECT * FROM {schema}.{t}")))
+    if columns is not None:
+        tables = [t for t in tables if t in columns]
+    return {t: sorted((tuple(map(str, r)) for r in await con.fetch(
+                f"SELECT {', '.join(columns[t]) if columns else '*'} FROM {schema}.{t}")))
             for t in tables}
+
+
+async def table_columns(con: asyncpg.Connection, schema: str) -> dict[str, list[str]]:
+    """The columns of every table of *schema*, in order."""
+    columns: dict[str, list[str]] = {}
+    for r in await con.fetch(
+            "SELECT c.relname, a.attname FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid"
+            " WHERE c.relnamespace = $1::regnamespace AND c.relkind = 'r' AND a.attnum > 0"
+            " AND NOT a.attisdropped ORDER BY c.relname, a.attnum", schema):
+        columns.setdefault(r["relname"], []).append(r["attname"])
+    return columns
 
 
 def run(coroutine: Any) -> Any:
@@ -175,12 +191,15 @@ def test_a_database_of_the_ten_migrations_upgrades_with_its_data_kept():
             running = await con.fetchval("SELECT turn_id FROM begin_turn('c', 'old', 600, $1::jsonb)",
                                          USER % '"still running"')
             before = await table_rows(con, "chatterd")
+            columns = await table_columns(con, "chatterd")
             applied = await upgrade(dsn)
             assert applied.versions == after(10)
             assert applied.functions == [name for name, _ in migrate.function_files()]
-            now = await table_rows(con, "chatterd")
-            assert {t: now[t] for t in before} == before
-            assert not any(now[t] for t in now.keys() - before.keys())  # new tables start empty
+            assert await table_rows(con, "chatterd", columns) == before
+            # Every conversation stayed where it was: the anonymous namespace (0021).
+            for table in ("turns", "messages", "leases", "tool_schemas", "conversation_sizes"):
+                assert await con.fetchval(f"SELECT count(*) FILTER (WHERE owner_id <> 0)"
+                                          f" FROM {table}") == 0, table
             assert await con.fetchval("SELECT to_regprocedure('chatterd.conversation_of(text)')") is None
         finally:
             await con.close()
@@ -189,16 +208,16 @@ def test_a_database_of_the_ten_migrations_upgrades_with_its_data_kept():
         try:
             # The new code goes on with those conversations.
             turn, history, window, _ = await conversations.begin_turn(
-                pool, "a", "new", 10, [{"role": "user", "content": "q3"}], budget=8192)
+                pool, ANONYMOUS, "a", "new", 10, [{"role": "user", "content": "q3"}], budget=8192)
             assert [m["content"] for m in history] == ["q0", "r0", "q1", "r1", "q2", "r2"]
             assert window.omitted_messages == 0
-            assert await conversations.end_turn(pool, turn, "complete", None,
+            assert await conversations.end_turn(pool, ANONYMOUS, turn, "complete", None,
                                                 Reply(content="r3", prompt_tokens=60)) == "stored"
             _, history, _, _ = await conversations.begin_turn(
-                pool, "b", "new", 10, [{"role": "user", "content": "and now?"}])
+                pool, ANONYMOUS, "b", "new", 10, [{"role": "user", "content": "and now?"}])
             assert [m["content"] for m in history] == ["weather?", "", "21", "warm"]
             busy, _, _, waiting = await conversations.begin_turn(
-                pool, "c", "new", 10, [{"role": "user", "content": "again"}])
+                pool, ANONYMOUS, "c", "new", 10, [{"role": "user", "content": "again"}])
             assert busy is None and waiting == {"waiting_for": running}
         finally:
             await pool.close()
@@ -241,7 +260,8 @@ def test_a_database_of_the_first_release_upgrades_with_its_data_kept():
             await con.execute("SET search_path = chatterd")  # (turn_size has no SET clause)
             turns = await con.fetch("SELECT t.appid, t.status, t.tokens, t.nmessages,"
                                     " s.tokens AS size_tokens, s.nmessages AS size_n"
-                                    " FROM chatterd.turns t, chatterd.turn_size(t.id) s ORDER BY 1")
+                                    " FROM chatterd.turns t, chatterd.turn_size(t.owner_id, t.id) s"
+                                    " ORDER BY 1")
             assert [(t["appid"], t["status"]) for t in turns] == [("a", "complete"), ("b", "complete")]
             assert all((t["tokens"], t["nmessages"]) == (t["size_tokens"], t["size_n"]) for t in turns)
             assert [t["nmessages"] for t in turns] == [5, 2]  # a: bar the system and the empty reply
@@ -266,7 +286,8 @@ def test_a_database_of_the_first_release_upgrades_with_its_data_kept():
         pool = await db_pool.create_pool(dsn, settings.defaults(db_pool_size=2))
         try:
             turn, history, window, _ = await conversations.begin_turn(
-                pool, "a", "new", 10, [{"role": "user", "content": "more"}], budget=100000)
+                pool, ANONYMOUS, "a", "new", 10, [{"role": "user", "content": "more"}],
+                budget=100000)
             assert [(m["role"], m["content"]) for m in history] == [
                 ("system", "Be brief."), ("user", "hi ✓"), ("assistant", "hello"), ("user", "look"),
                 ("user", "weather?"), ("assistant", "")]
@@ -296,8 +317,8 @@ def test_a_database_with_turn_functions_in_public_moves_into_the_schema():
                                       " WHERE pronamespace = 'public'::regnamespace") == 0
             assert await con.fetchval("SELECT name || ' ' || message FROM chatterd.chatts") == "old post"
             # The functions find their tables whatever the caller's search_path (here: public).
-            row = await con.fetchrow("SELECT turn_id, history FROM chatterd.begin_turn('a', 'n', 10,"
-                                     " $1::jsonb)", USER % '"again"')
+            row = await con.fetchrow("SELECT turn_id, history FROM chatterd.begin_turn(0, 'a', 'n',"
+                                     " 10, $1::jsonb)", USER % '"again"')
             assert jsonfmt.loads(row["history"]) == [{"role": "user", "content": "hi"},
                                                      {"role": "assistant", "content": "hello"}]
             assert row["turn_id"] > turn  # the turn sequence moved with its table

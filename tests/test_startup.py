@@ -9,6 +9,7 @@ import asyncpg
 
 import settings
 from db import conversations, embedded, migrate, pool as db_pool
+from db.conversations import ANONYMOUS
 from db.startup import open_database, ready_pool
 from tests.support import database_url, read_conversation
 
@@ -67,9 +68,9 @@ def test_the_readied_connections_serve_turns_as_usual():
         pool = await open_database(_options(dsn, 2), import_course=False)
         try:
             turn, history, _, _ = await conversations.begin_turn(
-                pool, "after-ready", "test", 10.0, [{"role": "user", "content": "hi"}])
+                pool, ANONYMOUS, "after-ready", "test", 10.0, [{"role": "user", "content": "hi"}])
             stored = await conversations.end_turn(
-                pool, turn, "complete", None, conversations.Reply(content="hello"))
+                pool, ANONYMOUS, turn, "complete", None, conversations.Reply(content="hello"))
             rows = await read_conversation(pool, "after-ready")
         finally:
             await pool.close()

@@ -11,6 +11,7 @@ import jsonfmt
 import settings
 from turns import CUT_WARNING_EVERY, Turn, TurnKeeper
 from db import conversations
+from db.conversations import ANONYMOUS
 from tests.ollama_double import default_reply
 from tests.sse_parser import parse
 from tests.support import ChatterdTestCase, chat_and_leave, chat_body, streams_finished
@@ -140,7 +141,7 @@ class RejectedTurnTest(ChatterdTestCase):
 class LeaseTest(ChatterdTestCase):
     async def dead_process_holds(self, app_id: str, seconds: float) -> int:
         """What a SIGKILLed process leaves: a running turn with pending messages, a lease."""
-        got = await conversations.begin_turn(self.pool, app_id, "dead-host:1:x", seconds,
+        got = await conversations.begin_turn(self.pool, ANONYMOUS, app_id, "dead-host:1:x", seconds,
                                              [{"role": "user", "content": "orphan"}])
         assert got[0] is not None
         return got[0]
@@ -162,7 +163,7 @@ class LeaseTest(ChatterdTestCase):
         self.assertEqual([(t["id"], t["status"]) for t in turns][0], (dead, "abandoned"))
         self.assertEqual(turns[1]["status"], "complete")
         # The dead process's late end (it was only paused, say) cannot enter it any more.
-        outcome = await conversations.end_turn(self.pool, dead, "complete", None,
+        outcome = await conversations.end_turn(self.pool, ANONYMOUS, dead, "complete", None,
                                                conversations.Reply(content="late"))
         self.assertEqual(outcome, "lost")
         self.assertNotIn("late", [r["content"] for r in await self.conversation("lz")])
@@ -178,7 +179,7 @@ class LeaseTest(ChatterdTestCase):
         try:
             # Another process tries to take the appID over while the lease should be alive.
             for _ in range(10):
-                got = await con.fetchrow("SELECT * FROM chatterd.begin_turn('rn', 'other', 5, '[]')")
+                got = await con.fetchrow("SELECT * FROM chatterd.begin_turn(0, 'rn', 'other', 5, '[]')")
                 self.assertIsNone(got["turn_id"])  # busy
                 await asyncio.sleep(0.15)
         finally:
@@ -188,12 +189,12 @@ class LeaseTest(ChatterdTestCase):
 
     @gen_test(timeout=20)
     async def test_ending_a_turn_twice_stores_the_reply_once(self):
-        got = await conversations.begin_turn(self.pool, "twice", "me", 10,
+        got = await conversations.begin_turn(self.pool, ANONYMOUS, "twice", "me", 10,
                                              [{"role": "user", "content": "u"}])
         reply = conversations.Reply(content="a")
-        self.assertEqual(await conversations.end_turn(self.pool, got[0], "complete", None, reply),
+        self.assertEqual(await conversations.end_turn(self.pool, ANONYMOUS, got[0], "complete", None, reply),
                          "stored")
-        self.assertEqual(await conversations.end_turn(self.pool, got[0], "complete", None, reply),
+        self.assertEqual(await conversations.end_turn(self.pool, ANONYMOUS, got[0], "complete", None, reply),
                          "already")
         self.assertEqual(contents(await self.conversation("twice")), [("user", "u"), ("assistant", "a")])
 
@@ -318,9 +319,9 @@ class DeliveredMarksTest(ChatterdTestCase):
     async def ended_turns(self, n: int, prefix: str) -> list[int]:
         ids = []
         for k in range(n):
-            turn = (await conversations.begin_turn(self.pool, f"{prefix}-{k}", "me", 10,
+            turn = (await conversations.begin_turn(self.pool, ANONYMOUS, f"{prefix}-{k}", "me", 10,
                                                    [{"role": "user", "content": "u"}]))[0]
-            await conversations.end_turn(self.pool, turn, "complete", None,
+            await conversations.end_turn(self.pool, ANONYMOUS, turn, "complete", None,
                                          conversations.Reply(content="a"))
             ids.append(turn)
         return ids
@@ -332,9 +333,9 @@ class DeliveredMarksTest(ChatterdTestCase):
 
     async def begin_with(self, app_id: str, delivered: list[int]) -> None:
         turn = (await asyncio.wait_for(conversations.begin_turn(
-            self.pool, app_id, "me", 10, [{"role": "user", "content": "next"}],
-            delivered=delivered), 5))[0]  # a wait on the held row would time out here
-        await conversations.end_turn(self.pool, turn, "complete", None,
+            self.pool, ANONYMOUS, app_id, "me", 10, [{"role": "user", "content": "next"}],
+            delivered=[(ANONYMOUS, i) for i in delivered]), 5))[0]  # a wait on a held row times out
+        await conversations.end_turn(self.pool, ANONYMOUS, turn, "complete", None,
                                      conversations.Reply(content="b"))
 
     @gen_test(timeout=30)
@@ -361,9 +362,11 @@ class DeliveredMarksTest(ChatterdTestCase):
         for n, handed in enumerate(([], [None], [ids[0], ids[0], None],  # one by one
                                     [None, ids[1], ids[1], ids[2], None, ids[2]])):  # as a set
             turn = await self.pool.fetchval(
-                "SELECT turn_id FROM begin_turn($1, 'me', 10, $2::jsonb, p_delivered => $3)",
-                f"dm-odd-next{n}", [{"role": "user", "content": "next"}], handed)
-            await conversations.end_turn(self.pool, turn, "complete", None,
+                "SELECT turn_id FROM begin_turn(0, $1, 'me', 10, $2::jsonb, p_delivered => $3,"
+                " p_delivered_owners => $4)",
+                f"dm-odd-next{n}", [{"role": "user", "content": "next"}], handed,
+                [ANONYMOUS] * len(handed))
+            await conversations.end_turn(self.pool, ANONYMOUS, turn, "complete", None,
                                          conversations.Reply(content="b"))
         self.assertEqual(await self.delivered(ids), [True] * 3 + [False] * 4)
 
@@ -371,18 +374,19 @@ class DeliveredMarksTest(ChatterdTestCase):
 class ReleasedLeaseTest(ChatterdTestCase):
     @gen_test(timeout=20)
     async def test_renewing_never_revives_a_released_lease(self):
-        done = await conversations.begin_turn(self.pool, "rel", "me", 10,
+        done = await conversations.begin_turn(self.pool, ANONYMOUS, "rel", "me", 10,
                                               [{"role": "user", "content": "u"}])
-        await conversations.end_turn(self.pool, done[0], "complete", None,
+        await conversations.end_turn(self.pool, ANONYMOUS, done[0], "complete", None,
                                      conversations.Reply(content="a"))
-        running = await conversations.begin_turn(self.pool, "other", "me", 10,
+        running = await conversations.begin_turn(self.pool, ANONYMOUS, "other", "me", 10,
                                                  [{"role": "user", "content": "u"}])
-        self.assertEqual(await conversations.renew_leases(self.pool, "me", 10, [running[0]]), 1)
+        self.assertEqual(await conversations.renew_leases(self.pool, "me", 10,
+                                                          [(ANONYMOUS, running[0])]), 1)
         # Another process can take "rel" at once: its lease was released, not renewed.
-        taken = await conversations.begin_turn(self.pool, "rel", "them", 10,
+        taken = await conversations.begin_turn(self.pool, ANONYMOUS, "rel", "them", 10,
                                                [{"role": "user", "content": "v"}])
         self.assertIsNotNone(taken[0])
-        await conversations.end_turn(self.pool, running[0], "complete", None,
+        await conversations.end_turn(self.pool, ANONYMOUS, running[0], "complete", None,
                                      conversations.Reply(content="b"))
 
 
@@ -392,8 +396,8 @@ class LeaseOfAFailedEndTest(ChatterdTestCase):
         """Its end could not be stored (the database was away): it is no longer running
         here, so its lease is left to expire even while other turns keep renewing."""
         keeper = self._app.turns
-        stuck = await keeper.begin("stuck", [{"role": "user", "content": "u"}])
-        live = await keeper.begin("live", [{"role": "user", "content": "u"}])
+        stuck = await keeper.begin(ANONYMOUS, "stuck", [{"role": "user", "content": "u"}])
+        live = await keeper.begin(ANONYMOUS, "live", [{"role": "user", "content": "u"}])
         keeper._turn_ended(stuck)  # what Turn.end does however the store went
 
         async def expiry(app_id):
@@ -405,7 +409,7 @@ class LeaseOfAFailedEndTest(ChatterdTestCase):
                 await con.close()
 
         before = {app: await expiry(app) for app in ("stuck", "live")}
-        self.assertEqual(keeper.running, {live.id})
+        self.assertEqual(keeper.running, {(ANONYMOUS, live.id)})
         self.assertEqual(await conversations.renew_leases(self.pool, keeper.owner, 10,
                                                           list(keeper.running)), 1)
         self.assertEqual(await expiry("stuck"), before["stuck"])
@@ -458,7 +462,7 @@ class CutWarningTest(AsyncTestCase):
     async def test_warned_once_per_interval_with_the_count_since(self) -> None:
         # warn_cut needs no database
         keeper = TurnKeeper(None, settings.defaults())  # type: ignore[arg-type]
-        turn = Turn(keeper, "cut-app", 7, [])
+        turn = Turn(keeper, ANONYMOUS, "cut-app", 7, [])
         with self.assertLogs("chatterd", "WARNING") as logs:
             for _ in range(3):
                 keeper.warn_cut(turn, 3)

@@ -1,5 +1,8 @@
--- Start a turn of an appID's conversation, in one round trip (db/conversations.py
--- begin_turn and ready_connection call it).
+-- Start a turn of an owner's conversation (p_owner_id, p_appid), in one round trip
+-- (db/conversations.py begin_turn and ready_connection call it).  Every statement names the
+-- owner: the same appID under another owner is another conversation, with its own lease,
+-- turns, resends and size (db/migrations/0021_owners.sql).  p_process is the chatterd
+-- process running the turn (the `owner` column of turns and leases).
 --
 -- It takes the appID's lease: one turn at a time per appID, across processes.  A lease is
 -- renewed by its process while the turn runs; one that expired (its process is gone) is
@@ -14,8 +17,8 @@
 --
 -- * Busy (another live turn holds the lease): one row, turn_id NULL and
 --   replay = {"waiting_for": the running turn's id}.
--- * p_replace (/llmprep): the appID's earlier turns, its size and its kept tool schemas
---   are deleted first.
+-- * p_replace (/llmprep): the appID's earlier turns and its kept tool schemas are deleted
+--   first, and its size is zero again (its row, with the title its owner gave it, stays).
 -- * A resend is answered from storage: when the appID's last ended turn is complete or
 --   failed, ended less than p_resend_seconds ago, had exactly these incoming messages (its
 --   first nincoming: tool rounds add more), and its end never reached its client (not
@@ -23,8 +26,9 @@
 --   the same messages sent again while that turn ran), nothing is stored, the lease is
 --   released, and the row is that turn's id with replay = its stored reply {content,
 --   extra, model, tokens, status, error}.
--- * p_delivered: the turns whose end reached their client since the process's last call,
---   marked delivered first, so marking costs no round trip of its own.
+-- * p_delivered, p_delivered_owners: the turns (ids, and the owner of each) whose end
+--   reached their client since the process's last call, marked delivered first, so
+--   marking costs no round trip of its own.
 -- * p_cached: the turns whose messages the caller holds already (db/history_cache.py):
 --   `history` then holds the system prompts and the messages of the window's other turns
 --   only, `history_turns` the turn of each, and `window_turns` every turn of the window
@@ -35,11 +39,15 @@
 -- only): a pending turn lost with a crash of PostgreSQL itself was never part of the
 -- conversation, and its end then reports the turn lost.  A released lease keeps its row,
 -- expired at -infinity, so the next turn's upsert updates it in place.
-CREATE OR REPLACE FUNCTION begin_turn(p_appid text, p_owner text, p_lease_seconds double precision,
+DROP FUNCTION IF EXISTS begin_turn(text, text, double precision, jsonb, boolean, double precision,
+                                   integer, integer, bigint[], bigint, bigint[]);
+CREATE OR REPLACE FUNCTION begin_turn(p_owner_id bigint, p_appid text, p_process text,
+                                      p_lease_seconds double precision,
                                       p_messages jsonb, p_replace boolean DEFAULT false,
                                       p_resend_seconds double precision DEFAULT 0,
                                       p_budget integer DEFAULT NULL, p_context integer DEFAULT NULL,
                                       p_delivered bigint[] DEFAULT NULL,
+                                      p_delivered_owners bigint[] DEFAULT NULL,
                                       p_waited_for bigint DEFAULT NULL,
                                       p_cached bigint[] DEFAULT NULL)
 RETURNS TABLE (turn_id bigint, history jsonb, sent_messages integer, sent_tokens integer,
@@ -71,6 +79,8 @@ DECLARE
     v_below bigint := v_turn;
     v_batch integer;
     v_id bigint;
+    v_owner_id bigint;
+    v_i integer;
     r record;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
@@ -81,40 +91,50 @@ BEGIN
     -- The set form is planned anew on every call (a custom plan for a short array always
     -- looks cheaper than the generic one), so it is kept for longer lists.
     IF cardinality(p_delivered) <= 4 THEN
-        FOREACH v_id IN ARRAY p_delivered LOOP
+        FOR v_i IN 1 .. cardinality(p_delivered) LOOP
+            v_id := p_delivered[v_i];
+            v_owner_id := p_delivered_owners[v_i];
             UPDATE turns SET delivered = true
-             WHERE id = (SELECT t.id FROM turns t WHERE t.id = v_id AND NOT t.delivered
+             WHERE owner_id = v_owner_id
+               AND id = (SELECT t.id FROM turns t
+                          WHERE t.owner_id = v_owner_id AND t.id = v_id AND NOT t.delivered
                          FOR UPDATE SKIP LOCKED);
         END LOOP;
     ELSIF p_delivered IS NOT NULL THEN
         UPDATE turns SET delivered = true
-         WHERE id IN (SELECT id FROM turns WHERE id = ANY(p_delivered) AND NOT delivered
-                      FOR UPDATE SKIP LOCKED);
+         WHERE (owner_id, id) IN (
+               SELECT t.owner_id, t.id
+                 FROM turns t JOIN unnest(p_delivered_owners, p_delivered) AS d(owner_id, id)
+                      ON t.owner_id = d.owner_id AND t.id = d.id
+                WHERE NOT t.delivered FOR UPDATE OF t SKIP LOCKED);
     END IF;
-    INSERT INTO leases AS l (appid, turn_id, owner, expires_at)
-    VALUES (p_appid, v_turn, p_owner, clock_timestamp() + make_interval(secs => p_lease_seconds))
-    ON CONFLICT (appid) DO UPDATE
+    INSERT INTO leases AS l (owner_id, appid, turn_id, owner, expires_at)
+    VALUES (p_owner_id, p_appid, v_turn, p_process,
+            clock_timestamp() + make_interval(secs => p_lease_seconds))
+    ON CONFLICT (owner_id, appid) DO UPDATE
         SET turn_id = EXCLUDED.turn_id, owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
         WHERE l.expires_at <= clock_timestamp();
     IF NOT FOUND THEN  -- busy: say which turn holds the appID (turn_id NULL)
         RETURN QUERY SELECT NULL::bigint, NULL::jsonb, 0, 0, 0::bigint, 0::bigint,
-            jsonb_build_object('waiting_for', (SELECT l.turn_id FROM leases l WHERE l.appid = p_appid)),
+            jsonb_build_object('waiting_for', (SELECT l.turn_id FROM leases l
+                                                WHERE l.owner_id = p_owner_id AND l.appid = p_appid)),
             NULL::bigint[], NULL::bigint[];
         RETURN;
     END IF;
     -- The first turn of an appID (every conversation starts so) has nothing before it:
     -- no turn left running to abandon, no last turn to resend, nothing to read.
-    v_fresh := NOT EXISTS (SELECT 1 FROM turns t WHERE t.appid = p_appid);
+    v_fresh := NOT EXISTS (SELECT 1 FROM turns t WHERE t.owner_id = p_owner_id AND t.appid = p_appid);
     IF NOT v_fresh THEN
         UPDATE turns SET status = 'abandoned', ended_at = now(),
                          error = 'its chatterd process stopped before the turn ended'
-         WHERE appid = p_appid AND status = 'running';
+         WHERE owner_id = p_owner_id AND appid = p_appid AND status = 'running';
     END IF;
 
     -- A resend of the last turn, ended but never delivered.
     IF p_resend_seconds > 0 AND NOT p_replace AND NOT v_fresh THEN
         SELECT * INTO v_last FROM turns
-         WHERE appid = p_appid AND status IN ('complete', 'interrupted', 'failed')
+         WHERE owner_id = p_owner_id AND appid = p_appid
+           AND status IN ('complete', 'interrupted', 'failed')
          ORDER BY id DESC LIMIT 1;
         -- A resend: the last turn's end never reached its client; or a double send: this
         -- request arrived while that very turn was running (p_waited_for) with the same
@@ -126,7 +146,8 @@ BEGIN
            AND (SELECT jsonb_agg(jsonb_build_object('role', i.role, 'content', i.content,
                                                     'extra', i.extra) ORDER BY i.seq)
                   FROM (SELECT m.seq, m.role, m.content, m.extra FROM messages m
-                         WHERE m.turn_id = v_last.id ORDER BY m.seq LIMIT v_last.nincoming) i)
+                         WHERE m.owner_id = p_owner_id AND m.turn_id = v_last.id
+                         ORDER BY m.seq LIMIT v_last.nincoming) i)
                = (SELECT jsonb_agg(jsonb_build_object('role', e.m->'role', 'content', e.m->'content',
                                                       'extra', nullif(e.m->'extra', 'null'::jsonb))
                                    ORDER BY e.i)
@@ -135,9 +156,10 @@ BEGIN
                                       'tokens', m.tokens, 'status', v_last.status,
                                       'error', v_last.error)
               INTO v_reply FROM messages m
-             WHERE m.turn_id = v_last.id AND m.role = 'assistant' ORDER BY m.seq DESC LIMIT 1;
+             WHERE m.owner_id = p_owner_id AND m.turn_id = v_last.id AND m.role = 'assistant'
+             ORDER BY m.seq DESC LIMIT 1;
             UPDATE leases SET expires_at = '-infinity'
-             WHERE appid = p_appid AND leases.turn_id = v_turn;
+             WHERE owner_id = p_owner_id AND appid = p_appid AND leases.turn_id = v_turn;
             RETURN QUERY SELECT v_last.id, NULL::jsonb, 0, 0, 0::bigint, 0::bigint,
                 coalesce(v_reply, jsonb_build_object('status', v_last.status, 'error', v_last.error)),
                 NULL::bigint[], NULL::bigint[];
@@ -153,9 +175,12 @@ BEGIN
       FROM jsonb_array_elements(p_messages) WITH ORDINALITY AS e(m, i);
 
     IF p_replace THEN
-        DELETE FROM turns WHERE appid = p_appid;  -- messages go with them (cascade)
-        DELETE FROM conversation_sizes WHERE appid = p_appid;
-        DELETE FROM tool_schemas WHERE appid = p_appid;  -- kept with the conversation
+        DELETE FROM turns WHERE owner_id = p_owner_id AND appid = p_appid;  -- messages go too
+        DELETE FROM tool_schemas WHERE owner_id = p_owner_id AND appid = p_appid;  -- kept with it
+        -- Its row stays, with its title: an app sets its system prompt with /llmprep each
+        -- time it starts, and the name its owner gave the conversation must survive that.
+        UPDATE conversation_sizes SET messages = 0, tokens = 0, model = NULL
+         WHERE owner_id = p_owner_id AND appid = p_appid;
         v_fresh := true;
     END IF;
 
@@ -163,9 +188,9 @@ BEGIN
         -- The system prompts: always sent (index messages_system).
         SELECT count(*), coalesce(sum(coalesce(m.ntokens, estimate_tokens(m.content, m.extra))), 0)
           INTO v_sys_n, v_sys_tokens
-          FROM messages m JOIN turns t ON t.id = m.turn_id
-         WHERE m.appid = p_appid AND m.role = 'system' AND m.turn_id < v_turn
-           AND t.status IN ('complete', 'interrupted', 'failed');
+          FROM messages m JOIN turns t ON t.owner_id = m.owner_id AND t.id = m.turn_id
+         WHERE m.owner_id = p_owner_id AND m.appid = p_appid AND m.role = 'system'
+           AND m.turn_id < v_turn AND t.status IN ('complete', 'interrupted', 'failed');
 
         -- The newest whole turns that fit, walking back from the newest (index turns_appid,
         -- backwards); the first that does not fit ends the walk, so what is sent is
@@ -178,7 +203,7 @@ BEGIN
         LOOP
             v_batch := 0;
             FOR r IN SELECT t.id, t.tokens, t.nmessages, t.continues FROM turns t
-                      WHERE t.appid = p_appid AND t.id < v_below
+                      WHERE t.owner_id = p_owner_id AND t.appid = p_appid AND t.id < v_below
                         AND t.status IN ('complete', 'interrupted', 'failed')
                       ORDER BY t.id DESC LIMIT 32 LOOP
                 v_batch := v_batch + 1;
@@ -186,7 +211,8 @@ BEGIN
                 v_t_tokens := r.tokens;
                 v_t_n := r.nmessages;
                 IF v_t_tokens IS NULL THEN  -- a turn stored by other means
-                    SELECT s.tokens, s.nmessages INTO v_t_tokens, v_t_n FROM turn_size(r.id) s;
+                    SELECT s.tokens, s.nmessages INTO v_t_tokens, v_t_n
+                      FROM turn_size(p_owner_id, r.id) s;
                 END IF;
                 v_pend_ids := v_pend_ids || r.id;
                 v_pend_n := v_pend_n + v_t_n;
@@ -207,34 +233,36 @@ BEGIN
     END IF;
 
     -- The turn, written once, then its messages.
-    INSERT INTO turns (id, appid, owner, context_tokens, continues, window_from, window_turns,
-                       sent_tokens, nincoming)
-    VALUES (v_turn, p_appid, p_owner, p_context, v_continues, v_from, v_ids,
+    INSERT INTO turns (owner_id, id, appid, owner, context_tokens, continues, window_from,
+                       window_turns, sent_tokens, nincoming)
+    VALUES (p_owner_id, v_turn, p_appid, p_process, p_context, v_continues, v_from, v_ids,
             v_sys_tokens + v_win_tokens + v_new_tokens, v_new_n);
-    INSERT INTO messages (appid, turn_id, role, content, extra, ntokens)
-    SELECT p_appid, v_turn, e.m->>'role', e.m->>'content', nullif(e.m->'extra', 'null'::jsonb),
+    INSERT INTO messages (owner_id, appid, turn_id, role, content, extra, ntokens)
+    SELECT p_owner_id, p_appid, v_turn, e.m->>'role', e.m->>'content', nullif(e.m->'extra', 'null'::jsonb),
            estimate_tokens(e.m->>'content', nullif(e.m->'extra', 'null'::jsonb))
       FROM jsonb_array_elements(p_messages) WITH ORDINALITY AS e(m, i) ORDER BY e.i;
 
     IF v_fresh THEN
-        INSERT INTO conversation_sizes (appid, messages, tokens) VALUES (p_appid, 0, 0)
-        ON CONFLICT (appid) DO NOTHING;
+        INSERT INTO conversation_sizes (owner_id, appid, messages, tokens)
+        VALUES (p_owner_id, p_appid, 0, 0) ON CONFLICT (owner_id, appid) DO NOTHING;
         RETURN QUERY SELECT v_turn, '[]'::jsonb, v_new_n, v_new_tokens, 0::bigint, 0::bigint,
             NULL::jsonb, '{}'::bigint[], '{}'::bigint[];
         RETURN;
     END IF;
 
     SELECT s.messages, s.tokens INTO v_size_n, v_size_tokens
-      FROM conversation_sizes s WHERE s.appid = p_appid;
+      FROM conversation_sizes s WHERE s.owner_id = p_owner_id AND s.appid = p_appid;
     IF NOT FOUND THEN  -- a conversation stored by other means: counted once, then kept
         SELECT count(*), coalesce(sum(coalesce(m.ntokens, estimate_tokens(m.content, m.extra))), 0)
           INTO v_size_n, v_size_tokens
-          FROM messages m JOIN turns t ON t.id = m.turn_id
-         WHERE m.appid = p_appid AND t.appid = p_appid AND t.id < v_turn
+          FROM messages m JOIN turns t ON t.owner_id = m.owner_id AND t.id = m.turn_id
+         WHERE m.owner_id = p_owner_id AND m.appid = p_appid
+           AND t.owner_id = p_owner_id AND t.appid = p_appid AND t.id < v_turn
            AND t.status IN ('complete', 'interrupted', 'failed')
            AND is_sent(m.status, m.content, m.extra);
-        INSERT INTO conversation_sizes (appid, messages, tokens)
-        VALUES (p_appid, v_size_n, v_size_tokens) ON CONFLICT (appid) DO NOTHING;
+        INSERT INTO conversation_sizes (owner_id, appid, messages, tokens)
+        VALUES (p_owner_id, p_appid, v_size_n, v_size_tokens)
+        ON CONFLICT (owner_id, appid) DO NOTHING;
     END IF;
 
     RETURN QUERY
@@ -247,13 +275,13 @@ BEGIN
                                       ORDER BY h.sys DESC, h.turn_id, h.seq), '[]'::jsonb) AS history,
                    coalesce(array_agg(h.turn_id ORDER BY h.sys DESC, h.turn_id, h.seq), '{}') AS turns
               FROM (SELECT true AS sys, m.turn_id, m.seq, m.role, m.content, m.extra
-                      FROM messages m JOIN turns t ON t.id = m.turn_id
-                     WHERE m.appid = p_appid AND m.role = 'system' AND m.turn_id < v_turn
-                       AND t.status IN ('complete', 'interrupted', 'failed')
+                      FROM messages m JOIN turns t ON t.owner_id = m.owner_id AND t.id = m.turn_id
+                     WHERE m.owner_id = p_owner_id AND m.appid = p_appid AND m.role = 'system'
+                       AND m.turn_id < v_turn AND t.status IN ('complete', 'interrupted', 'failed')
                     UNION ALL
                     SELECT false, m.turn_id, m.seq, m.role, m.content, m.extra
                       FROM messages m
-                     WHERE m.appid = p_appid AND m.turn_id = ANY(v_ids)
+                     WHERE m.owner_id = p_owner_id AND m.appid = p_appid AND m.turn_id = ANY(v_ids)
                        AND NOT m.turn_id = ANY(coalesce(p_cached, '{}'))
                        AND m.role <> 'system' AND is_sent(m.status, m.content, m.extra)) h) agg;
 END

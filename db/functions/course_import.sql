@@ -11,13 +11,15 @@
 -- ties in when it read through an index on time (btree ties are kept in heap order).
 --
 -- Rows with a NULL appID are board posts (chatts, same id and time).  Rows with an appID
--- are that appID's conversation: one ended ('complete') turn per appID and run, appended
+-- are that appID's conversation, under owner p_owner_id (db/course_import.py: the anonymous
+-- namespace, where the course's clients, which send no credentials, find them): one ended ('complete') turn per appID and run, appended
 -- after any turns it already has.  Skipped, counted by reason: rows without an id or
 -- repeating an earlier row's id; an empty or over-long appID; a role that is not one of
 -- Ollama's (system, user, assistant, tool), e.g. a model or user name on an appID row.
 -- toolcalls (JSON text) becomes the message's tool_calls; the last toolschemas of an
 -- appID becomes its tool_schemas row.  The course table is only read.
-CREATE OR REPLACE FUNCTION course_import(p_table regclass) RETURNS jsonb
+DROP FUNCTION IF EXISTS course_import(regclass);
+CREATE OR REPLACE FUNCTION course_import(p_table regclass, p_owner_id bigint) RETURNS jsonb
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     v_layout jsonb := course_layout(p_table);
@@ -70,13 +72,13 @@ BEGIN
     GET DIAGNOSTICS v_board = ROW_COUNT;
 
     WITH t AS (
-        INSERT INTO turns (appid, status, owner, started_at, ended_at)
-        SELECT appid, 'complete', 'course import ' || v_import, min(coalesce(time, now())), now()
+        INSERT INTO turns (owner_id, appid, status, owner, started_at, ended_at)
+        SELECT p_owner_id, appid, 'complete', 'course import ' || v_import, min(coalesce(time, now())), now()
           FROM pg_temp.course_batch WHERE reason IS NULL AND appid IS NOT NULL
          GROUP BY appid ORDER BY min(ord)
         RETURNING id, appid)
-    INSERT INTO messages (appid, turn_id, role, content, extra, created_at)
-    SELECT b.appid, t.id, b.role, coalesce(b.message, ''),
+    INSERT INTO messages (owner_id, appid, turn_id, role, content, extra, created_at)
+    SELECT p_owner_id, b.appid, t.id, b.role, coalesce(b.message, ''),
            CASE WHEN jsonb_typeof(b.tool_calls) = 'array' AND jsonb_array_length(b.tool_calls) > 0
                 THEN jsonb_build_object('tool_calls', b.tool_calls) END,
            coalesce(b.time, now())
@@ -86,12 +88,12 @@ BEGIN
     SELECT count(DISTINCT appid) INTO v_appids
       FROM pg_temp.course_batch WHERE reason IS NULL AND appid IS NOT NULL;
 
-    INSERT INTO tool_schemas AS s (appid, schemas)
-    SELECT DISTINCT ON (appid) appid, course_json(toolschemas)
+    INSERT INTO tool_schemas AS s (owner_id, appid, schemas)
+    SELECT DISTINCT ON (appid) p_owner_id, appid, course_json(toolschemas)
       FROM pg_temp.course_batch
      WHERE reason IS NULL AND appid IS NOT NULL AND course_json(toolschemas) IS NOT NULL
      ORDER BY appid, ord DESC
-    ON CONFLICT (appid) DO UPDATE SET schemas = EXCLUDED.schemas, updated_at = now();
+    ON CONFLICT (owner_id, appid) DO UPDATE SET schemas = EXCLUDED.schemas, updated_at = now();
     GET DIAGNOSTICS v_schemas = ROW_COUNT;
 
     INSERT INTO course_rows (course_id, import_id, outcome)

@@ -1,20 +1,23 @@
 -- Resumable streams (docs/api.md, "Resuming a stream"): the events of a turn's SSE stream,
 -- kept so a client that lost its connection can fetch the rest from any chatterd process.
+-- Keyed, like every row of a conversation, by its owner first (0021): a turn's events are
+-- read with its owner and appID, never by turn id alone.
 --
--- turn_streams: one row per streamed turn, written with its first checkpoint.  appid and
--- owner say who may resume or stop it; last_n is the newest event stored; finished_at is
--- set with the stream's terminal event (the final line or an error), and retention counts
--- from it.  keep_until: how long a turn whose client left keeps generating (a resumer
--- extends it while attached); detached: the client that started it has left.
+-- turn_streams: one row per streamed turn, written with its first checkpoint.  appid says
+-- whose conversation it is; last_n is the newest event stored; finished_at is set with the
+-- stream's terminal event (the final line or an error), and retention counts from it.
+-- keep_until: how long a turn whose client left keeps generating (a reader extends it while
+-- attached); detached: the client that started it has left.
 CREATE TABLE turn_streams (
-    turn_id     bigint PRIMARY KEY,
+    owner_id    bigint NOT NULL,
+    turn_id     bigint NOT NULL,
     appid       text NOT NULL,
-    owner       bigint NOT NULL DEFAULT 0,
     started_at  timestamptz NOT NULL DEFAULT now(),
     last_n      integer NOT NULL DEFAULT 0,
     finished_at timestamptz,
     keep_until  timestamptz,
-    detached    boolean NOT NULL DEFAULT false
+    detached    boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (owner_id, turn_id)
 );
 CREATE INDEX turn_streams_finished ON turn_streams (finished_at);
 CREATE INDEX turn_streams_started ON turn_streams (started_at) WHERE finished_at IS NULL;
@@ -24,10 +27,11 @@ CREATE INDEX turn_streams_started ON turn_streams (started_at) WHERE finished_at
 -- statement every --resume-checkpoint seconds, never a row per token.  final: the chunk
 -- ends with the stream's terminal event.
 CREATE TABLE turn_event_chunks (
-    turn_id bigint NOT NULL,
-    first_n integer NOT NULL,
-    last_n  integer NOT NULL,
-    final   boolean NOT NULL DEFAULT false,
-    body    bytea NOT NULL,
-    PRIMARY KEY (turn_id, first_n)
+    owner_id bigint NOT NULL,
+    turn_id  bigint NOT NULL,
+    first_n  integer NOT NULL,
+    last_n   integer NOT NULL,
+    final    boolean NOT NULL DEFAULT false,
+    body     bytea NOT NULL,
+    PRIMARY KEY (owner_id, turn_id, first_n)
 );
