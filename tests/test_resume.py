@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import asyncpg
+from tornado.httpclient import AsyncHTTPClient
 from tornado.testing import AsyncTestCase, bind_unused_port, gen_test
 
 import jsonfmt
@@ -19,7 +20,9 @@ import settings
 from tests.ollama_double import OllamaDouble, split_tokens, tool_call
 from db import events as db_events, pool as db_pool
 from resume.reader import events_after
-from tests.support import database_url
+from handlers.chat import LLMChatHandler
+from handlers.resume import TurnEventsHandler, TurnStopHandler
+from tests.support import ChatterdTestCase, database_url
 
 ROOT = Path(__file__).resolve().parent.parent
 TURN_LEASE = 2.0
@@ -596,3 +599,64 @@ class CheckpointTest(AsyncTestCase):
             self.assertEqual((row["last_n"], row["finished"]), (3, True))
         finally:
             await pool.close()
+
+
+ALICE, BOB = 1001, 2002  # owner ids, as accounts give them (see tests/test_ownership.py)
+
+
+def owned(handler: type, owner_id: int) -> type:
+    """*handler* acting for *owner_id*, as for a request with that user's credentials."""
+    return type(f"{handler.__name__}For{owner_id}", (handler,), {"owner_id": owner_id})
+
+
+class OwnerTest(ChatterdTestCase):
+    """Only the conversation's owner may resume or stop its turn: the same appID under
+    another owner (or anonymous) is another conversation, and its turn ids are 404."""
+
+    def get_app(self):  # type: ignore[no-untyped-def]
+        app = super().get_app()
+        rules = []
+        for owner in (ALICE, BOB):
+            rules += [(rf"/u{owner}/llmchat/?", owned(LLMChatHandler, owner)),
+                      (rf"/u{owner}/turns/([0-9]+)/events/?", owned(TurnEventsHandler, owner)),
+                      (rf"/u{owner}/turns/([0-9]+)/stop/?", owned(TurnStopHandler, owner))]
+        app.add_handlers(r".*$", rules)
+        return app
+
+    @gen_test(timeout=60)
+    async def test_another_owner_gets_404_for_the_same_appid_and_turn(self):
+        self.double.behave("slow", reply=REPLY, token_delay=0.05)
+        app_id = "edu.umich.shared"
+        client = AsyncHTTPClient()
+        first = []
+        done = asyncio.get_running_loop().create_future()
+
+        def chunk(data: bytes) -> None:
+            first.append(data)
+            if not done.done():
+                done.set_result(None)
+
+        chat_of_alice = client.fetch(self.get_url(f"/u{ALICE}/llmchat"), method="POST",
+                                     body=jsonfmt.dumps(chat(app_id, "secret", "slow")),
+                                     streaming_callback=chunk, raise_error=False,
+                                     request_timeout=30)
+        await done  # Alice's turn is running
+        turn = int(re.search(rb"id: (\d+):", b"".join(first)).group(1))
+        for prefix in (f"/u{BOB}", ""):  # Bob, and the anonymous namespace, same appID
+            for method, path in (("GET", f"/turns/{turn}/events?appID={app_id}"),
+                                 ("POST", f"/turns/{turn}/stop?appID={app_id}")):
+                response = await client.fetch(self.get_url(prefix + path), method=method,
+                                              body=b"" if method == "POST" else None,
+                                              raise_error=False)
+                self.assertEqual(response.code, 404, (prefix, method, path))
+                self.assertNotIn(b"secret", response.body)
+        # Alice's own resume works, and her turn was never stopped.
+        resumed = await client.fetch(self.get_url(f"/u{ALICE}/turns/{turn}/events?appID={app_id}"),
+                                     raise_error=False, request_timeout=30)
+        self.assertEqual(resumed.code, 200)
+        self.assertTrue(resumed.body.rstrip().endswith(b"}"))
+        self.assertIn(b'"done":true', resumed.body)
+        response = await chat_of_alice
+        self.assertEqual(response.code, 200)
+        self.assertEqual(text_of([e + b"\n\n" for e in b"".join(first).split(b"\n\n")
+                                  if e.startswith(b"id:")]), REPLY)
