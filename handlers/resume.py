@@ -146,7 +146,11 @@ class TurnStopHandler(TurnHandler):
             # for only so long (its lease expires, and the next turn abandons it).
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.STOP_WAIT
+            asked = loop.time()
             while loop.time() < deadline:
+                if loop.time() - asked >= 1.0:  # a process LISTENing again missed the first
+                    await resume.stop(self.turn_id)
+                    asked = loop.time()
                 stream = await events.stream_of(self.pool, self.owner_id, self.turn_id,
                                                 resume.retention)
                 if stream is None or stream["finished"]:

@@ -16,6 +16,8 @@ from db import events
 
 log = logging.getLogger("chatterd")
 
+RETRY = 2.0  # seconds between attempts to LISTEN again after the connection was lost
+
 
 class Hub:
     def __init__(self, pool: asyncpg.Pool) -> None:
@@ -31,12 +33,6 @@ class Hub:
         """Start listening, if not yet (without waiting)."""
         if self._con is None and self._connecting is None and not self._closed:
             self._connecting = asyncio.ensure_future(self._connect())
-
-    async def ready(self) -> None:
-        """Listen, and wait until it does (a failure is logged: readers then poll)."""
-        self.ensure()
-        if self._connecting is not None:
-            await asyncio.shield(self._connecting)
 
     async def _connect(self) -> None:
         con = None
@@ -55,6 +51,7 @@ class Hub:
                 self._warned = True
             if con is not None:
                 con.terminate()
+            self._retry_soon()
         else:
             if self._warned:
                 log.info("listening for stream events again")
@@ -65,6 +62,12 @@ class Hub:
     def _on_lost(self, con: Any) -> None:
         if self._con is con:
             self._con = None
+            self._retry_soon()
+
+    def _retry_soon(self) -> None:
+        """Listen again shortly: this process's running turns must hear a stop."""
+        if not self._closed:
+            asyncio.get_running_loop().call_later(RETRY, self.ensure)
 
     def _on_events(self, con: Any, pid: int, channel: str, payload: str) -> None:
         for part in payload.split(","):
