@@ -89,7 +89,7 @@ class Checkpointer:
         ok = True
         try:
             await events.write_checkpoint(self.pool, [t[0] for t in taken],
-                                          [t[1] for t in taken if t[1] is not None])
+                                          [c for t in taken for c in t[1]])
             self.written += 1
             for record, t in zip(batch, taken):
                 record.saved(t)

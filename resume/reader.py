@@ -15,7 +15,7 @@ import jsonfmt
 from db import events
 from resume import Resumption
 
-PAGE = 8  # chunks per read (a chunk holds about one checkpoint interval of events)
+PAGE = 8  # chunks per read: a chunk holds at most about 64 KiB of events (resume/record.py)
 POLL = 1.0  # seconds between looks at the table when no notification comes
 LAST_EVENT_ID = re.compile(r"(\d{1,18}):(\d{1,9})")
 

@@ -10,12 +10,14 @@ from typing import Any, Optional
 
 import sse
 
+CHUNK_BYTES = 64 * 1024  # a stored chunk holds about this much (a reader's page is 8 of them)
+
 
 class TurnRecord:
     """The events of one turn's stream not yet checkpointed, and where numbering is."""
 
-    __slots__ = ("turn_id", "app_id", "owner", "_prefix", "n", "unsaved", "unsaved_first",
-                 "unsaved_bytes", "final", "keep", "keep_seconds", "detached", "opened",
+    __slots__ = ("turn_id", "app_id", "owner", "_prefix", "n", "unsaved", "unsaved_last",
+                 "unsaved_first", "unsaved_bytes", "final", "keep", "keep_seconds", "detached", "opened",
                  "_checkpointer", "saved_final")
 
     def __init__(self, checkpointer: Any, turn_id: int, app_id: str, owner: int = 0,
@@ -26,7 +28,8 @@ class TurnRecord:
         self.owner = owner
         self._prefix = b"id: %d:" % turn_id
         self.n = 0  # events numbered so far
-        self.unsaved: list[bytes] = []  # numbered events not checkpointed yet
+        self.unsaved: list[bytes] = []  # numbered events not checkpointed yet, as written
+        self.unsaved_last: list[int] = []  # the number of each one's last event
         self.unsaved_first = 1  # the number of unsaved[0]'s first event
         self.unsaved_bytes = 0
         self.final = False  # the terminal event is numbered
@@ -64,6 +67,7 @@ class TurnRecord:
 
     def _keep(self, data: bytes, last: bool) -> None:
         self.unsaved.append(data)
+        self.unsaved_last.append(self.n)
         self.unsaved_bytes += len(data)
         if last:
             self.final = True
@@ -77,29 +81,37 @@ class TurnRecord:
         self._checkpointer.mark(self, at_once=True)
 
     def take(self) -> tuple:
-        """(stream row, chunk or None) for a checkpoint; put back with untake() if it fails."""
-        chunk = None
-        if self.unsaved:
-            body = self.unsaved[0] if len(self.unsaved) == 1 else b"".join(self.unsaved)
-            chunk = (self.owner, self.turn_id, self.unsaved_first, self.n, self.final, body)
-            self.unsaved_first = self.n + 1
-            self.unsaved, self.unsaved_bytes = [], 0
-        stream = (self.owner, self.turn_id, self.app_id, self.n,
-                  self.final and chunk is not None, self.keep_seconds, self.detached)
+        """(stream row, chunks) for a checkpoint, the chunks about CHUNK_BYTES each; put
+        back with untake() if it fails."""
+        chunks = []
+        first, parts, size = self.unsaved_first, [], 0
+        for data, last in zip(self.unsaved, self.unsaved_last):
+            parts.append(data)
+            size += len(data)
+            if size >= CHUNK_BYTES or last == self.n:
+                body = parts[0] if len(parts) == 1 else b"".join(parts)
+                chunks.append((self.owner, self.turn_id, first, last,
+                               self.final and last == self.n, body))
+                first, parts, size = last + 1, [], 0
+        self.unsaved_first = self.n + 1
+        self.unsaved, self.unsaved_last, self.unsaved_bytes = [], [], 0
+        stream = (self.owner, self.turn_id, self.app_id, self.n, self.final and bool(chunks),
+                  self.keep_seconds, self.detached)
         self.keep_seconds = None
-        return stream, chunk
+        return stream, chunks
 
     def untake(self, taken: tuple) -> None:
-        stream, chunk = taken
+        stream, chunks = taken
         if stream[5] is not None and self.keep_seconds is None:
             self.keep_seconds = stream[5]
-        if chunk is not None:
-            self.unsaved.insert(0, chunk[5])
-            self.unsaved_bytes += len(chunk[5])
-            self.unsaved_first = chunk[2]
+        if chunks:
+            self.unsaved[:0] = [c[5] for c in chunks]
+            self.unsaved_last[:0] = [c[3] for c in chunks]
+            self.unsaved_bytes += sum(len(c[5]) for c in chunks)
+            self.unsaved_first = chunks[0][2]
 
     def saved(self, taken: tuple) -> None:
-        if taken[1] is not None and taken[1][4]:
+        if any(c[4] for c in taken[1]):
             self.saved_final = True
 
     @property

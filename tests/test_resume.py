@@ -660,3 +660,29 @@ class OwnerTest(ChatterdTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(text_of([e + b"\n\n" for e in b"".join(first).split(b"\n\n")
                                   if e.startswith(b"id:")]), REPLY)
+
+
+class LongReplyTest(ChatterdTestCase):
+    @gen_test(timeout=60)
+    async def test_a_long_reply_is_stored_in_chunks_and_resumed_a_page_at_a_time(self):
+        text = "".join(f" word{i}" for i in range(6000))
+        self.double.behave("long", reply=text)
+        app_id = "long-reply"
+        cut = await request(self.get_http_port(), "POST", "/llmchat", chat(app_id, "go", "long"),
+                            {"X-Chatterd-Keep-Generating": "30"})
+        turn = int(cut.headers["x-chatterd-turn"])
+        seen = [await cut.event() for _ in range(2500)]
+        cut.close()
+        resumed = await request(self.get_http_port(), "GET",
+                                f"/turns/{turn}/events?appID={app_id}",
+                                headers={"Last-Event-ID": f"{turn}:2500"})
+        rest = await resumed.rest()
+        self.assertEqual([event_id(e)[1] for e in seen + rest], list(range(1, 6002)))
+        self.assertEqual(text_of(seen + rest), text)
+        # Stored in chunks of about 64 KiB, more than one reader's page of them.
+        chunks = await self.pool.fetch(
+            "SELECT first_n, last_n, length(body) AS size FROM turn_event_chunks"
+            " WHERE owner_id = 0 AND turn_id = $1 ORDER BY first_n", turn)
+        self.assertGreater(len(chunks), 8)
+        self.assertTrue(all(c["size"] < 140 * 1024 for c in chunks), [c["size"] for c in chunks])
+        self.assertEqual([c["first_n"] for c in chunks[1:]], [c["last_n"] + 1 for c in chunks[:-1]])

@@ -23,7 +23,7 @@ CREATE INDEX turn_streams_finished ON turn_streams (finished_at);
 CREATE INDEX turn_streams_started ON turn_streams (started_at) WHERE finished_at IS NULL;
 
 -- turn_event_chunks: the events first_n..last_n of a turn, as sent (each with its `id:`
--- line), one row per checkpoint: a process writes every running turn's new events in one
+-- line), up to about 64 KiB a row: a process writes every running turn's new events in one
 -- statement every --resume-checkpoint seconds, never a row per token.  final: the chunk
 -- ends with the stream's terminal event.
 CREATE TABLE turn_event_chunks (
