@@ -110,6 +110,8 @@ class TurnEventsHandler(TurnHandler):
             await resume.hub.wait(self.turn_id, max(0.01, min(0.2, deadline - loop.time())))
             stream = await events.stream_of(self.pool, self.owner_id, self.turn_id,
                                             resume.retention)
+            if stream is None:  # its conversation was deleted meanwhile
+                raise self.not_found()
             if after <= stream["last_n"]:
                 return
         raise ClientError(416, f"Last-Event-ID names event {after} of turn {self.turn_id}, "
