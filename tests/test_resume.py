@@ -514,6 +514,11 @@ class ResumeTest(AsyncTestCase):
             stop = await request(self.a.port, "POST", f"/turns/{other_turn}/stop?appID={app_id}")
             self.assertEqual(stop.status, 404)
             stop.close()
+            for bad in ("soon", "-5", "nan", "inf"):
+                r = await request(self.a.port, "POST", "/llmchat", chat(self.app("bad"), "hi"),
+                                  {"X-Chatterd-Keep-Generating": bad})
+                self.assertEqual(r.status, 400, bad)
+                self.assertIn("X-Chatterd-Keep-Generating", jsonfmt.loads(await r.body())["error"])
             # Expired: b keeps finished turns' events 1 s; a, 300 s.
             deadline = time.monotonic() + 10
             while (code := (await status(self.b.port, turn, app_id))[0]) == 200:
