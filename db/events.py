@@ -23,28 +23,31 @@ NOTIFY_MAX = 7000  # bytes per NOTIFY payload (PostgreSQL's limit is 8000)
 WRITE_CHECKPOINT = """
 WITH s AS (
     INSERT INTO turn_streams AS s (owner_id, turn_id, appid, last_n, finished_at, keep_until,
-                                   detached)
+                                   detached, end_status, end_event)
     SELECT u.o, u.t, u.a, u.n, CASE WHEN u.f THEN clock_timestamp() END,
-           clock_timestamp() + make_interval(secs => u.k), coalesce(u.d, false)
+           clock_timestamp() + make_interval(secs => u.k), coalesce(u.d, false), u.es, u.ee
       FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::integer[], $5::boolean[],
-                  $6::double precision[], $7::boolean[]) AS u(o, t, a, n, f, k, d)
+                  $6::double precision[], $7::boolean[], $8::text[], $9::bytea[])
+           AS u(o, t, a, n, f, k, d, es, ee)
     ON CONFLICT (owner_id, turn_id) DO UPDATE
        SET last_n = greatest(s.last_n, EXCLUDED.last_n),
            finished_at = coalesce(s.finished_at, EXCLUDED.finished_at),
            keep_until = greatest(s.keep_until, EXCLUDED.keep_until),
-           detached = s.detached OR EXCLUDED.detached
+           detached = s.detached OR EXCLUDED.detached,
+           end_status = coalesce(EXCLUDED.end_status, s.end_status),
+           end_event = coalesce(EXCLUDED.end_event, s.end_event)
 ), c AS (
     -- A checkpoint retried after a failure whose commit went through anyway holds the same
     -- events from the same first one, and maybe more: it replaces the row it repeats.
     INSERT INTO turn_event_chunks AS c (owner_id, turn_id, first_n, last_n, final, body)
-    SELECT * FROM unnest($8::bigint[], $9::bigint[], $10::integer[], $11::integer[],
-                         $12::boolean[], $13::bytea[])
+    SELECT * FROM unnest($10::bigint[], $11::bigint[], $12::integer[], $13::integer[],
+                         $14::boolean[], $15::bytea[])
     ON CONFLICT (owner_id, turn_id, first_n) DO UPDATE
        SET last_n = EXCLUDED.last_n, final = EXCLUDED.final, body = EXCLUDED.body
        WHERE EXCLUDED.last_n > c.last_n
 )
 SELECT set_config('synchronous_commit', 'off', true),
-       (SELECT count(pg_notify('""" + EVENTS_CHANNEL + """', p)) FROM unnest($14::text[]) p)
+       (SELECT count(pg_notify('""" + EVENTS_CHANNEL + """', p)) FROM unnest($16::text[]) p)
 """
 
 
@@ -65,9 +68,9 @@ def notify_payloads(turn_ids: list[int]) -> list[str]:
 
 async def write_checkpoint(pool: asyncpg.Pool, streams: list[tuple], chunks: list[tuple]) -> None:
     """Store *chunks* (owner_id, turn_id, first_n, last_n, final, body) and upsert *streams*
-    (owner_id, turn_id, appid, last_n, finished, keep_seconds or None, detached), then notify
-    readers of those turns; one round trip."""
-    s = list(zip(*streams)) if streams else [()] * 7
+    (owner_id, turn_id, appid, last_n, finished, keep_seconds or None, detached, end_status
+    or None, end_event or None), then notify readers of those turns; one round trip."""
+    s = list(zip(*streams)) if streams else [()] * 9
     c = list(zip(*chunks)) if chunks else [()] * 6
     async with connection(pool, "checkpoint") as con:
         await con.execute(WRITE_CHECKPOINT, *[list(col) for col in s], *[list(col) for col in c],
@@ -111,6 +114,14 @@ async def chunks_after(pool: asyncpg.Pool, owner_id: int, turn_id: int, after: i
             "SELECT first_n, last_n, final, body FROM turn_event_chunks"
             " WHERE owner_id = $1 AND turn_id = $2 AND (last_n > $3 OR (last_n = $3 AND final))"
             " ORDER BY first_n LIMIT $4", owner_id, turn_id, after, limit)
+
+
+async def staged_end(pool: asyncpg.Pool, owner_id: int, turn_id: int) -> Optional[asyncpg.Record]:
+    """The turn's staged terminal event (end_status, end_event) and last_n."""
+    async with connection(pool, "turn_staged_end") as con:
+        return await con.fetchrow(
+            "SELECT end_status, end_event, last_n FROM turn_streams"
+            " WHERE owner_id = $1 AND turn_id = $2", owner_id, turn_id)
 
 
 async def extend_keep(pool: asyncpg.Pool, owner_id: int, turn_id: int, seconds: float) -> None:

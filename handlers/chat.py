@@ -261,6 +261,9 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
             await self.turn.reject("the client left before the answer started")
             reply.status = "rejected"
             return
+        # The stream's last event, framed (once) before the turn is stored, for a resume.
+        end = self.stage_end(self.frame([self.done_line]), "complete") if reply.status == "complete" \
+            else self.stage_end(self.frame_error(reply.error), reply.status) if reply.error else b""
         try:
             await self.turn.end(reply.status, reply)
         except (DatabaseUnavailable, TurnNotStored, asyncpg.PostgresError) as e:
@@ -270,10 +273,8 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
             await self._send(self.numbered(self.frame_error(f"the reply could not be stored: {e}"),
                                            last=True))
             return
-        if reply.status == "complete":
-            await self._send(self.numbered(self.frame([self.done_line]), last=True))
-        elif reply.error:
-            await self._send(self.numbered(self.frame_error(reply.error), last=True))
+        if end:
+            await self._send(self.numbered(end, last=True))
         if not self.client_gone and reply.status != "interrupted":
             await self.turn.delivered()
 

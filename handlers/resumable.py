@@ -101,6 +101,14 @@ class ResumableTurn:
             await pending
         await checkpointer.sync(record)
 
+    def stage_end(self: Any, framed: bytes, status: str) -> bytes:
+        """*framed*, the terminal event the stream gets if the turn is stored as *status*,
+        staged for a resume (resume/record.py, stage_end); returned for sending."""
+        record = self.record
+        if record is not None and record.opened:
+            record.stage_end(framed, status)
+        return framed
+
     def keeps_generating(self: Any) -> bool:
         """The client left: True when the turn goes on without it (see the module)."""
         record = getattr(self, "record", None)

@@ -102,6 +102,16 @@ async def read(resume: Resumption, owner_id: int, turn_id: int, after: int,
             rows = await events.chunks_after(pool, owner_id, turn_id, sent, PAGE)
             if rows:
                 continue
-            yield error_event(turn_id, sent + 1, DIED if state is None or state["status"] in (
-                "running", "abandoned") else LOST_END)
+            if state is None or state["status"] in ("running", "abandoned"):
+                yield error_event(turn_id, sent + 1, DIED)
+                return
+            # Stored, but its process died before checkpointing the end: the end staged
+            # for that status, if every event before it was checkpointed.
+            staged = await events.staged_end(pool, owner_id, turn_id)
+            if staged is not None and staged["end_status"] == state["status"] \
+                    and staged["last_n"] == sent and staged["end_event"] is not None \
+                    and staged["end_event"].startswith(b"id: %d:%d\n" % (turn_id, sent + 1)):
+                yield staged["end_event"]
+            else:
+                yield error_event(turn_id, sent + 1, LOST_END)
             return

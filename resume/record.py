@@ -18,7 +18,7 @@ class TurnRecord:
 
     __slots__ = ("turn_id", "app_id", "owner", "_prefix", "n", "unsaved", "unsaved_last",
                  "unsaved_first", "unsaved_bytes", "final", "keep", "keep_seconds", "detached", "opened",
-                 "_checkpointer", "saved_final")
+                 "_checkpointer", "saved_final", "end_status", "end_event")
 
     def __init__(self, checkpointer: Any, turn_id: int, app_id: str, owner: int = 0,
                  keep: float = 0.0) -> None:
@@ -38,6 +38,9 @@ class TurnRecord:
         self.keep_seconds: Optional[float] = None  # to store with the next checkpoint
         self.detached = False
         self.opened = False
+        # The terminal event staged for the next checkpoint (see stage_end), and its status.
+        self.end_status: Optional[str] = None
+        self.end_event: Optional[bytes] = None
 
     def open(self) -> None:
         """The stream started (200 sent): its row is written at once, so a resume that
@@ -73,6 +76,16 @@ class TurnRecord:
             self.final = True
         self._checkpointer.mark(self, at_once=last or self.unsaved_bytes > self._checkpointer.max_bytes)
 
+    def stage_end(self, framed: bytes, status: str) -> None:
+        """*framed*, the stream's terminal event if the turn is stored as *status*, written
+        with the next checkpoint (started at once, ahead of storing the turn): should this
+        process die after storing the turn but before checkpointing the end, a reader still
+        ends the stream as the original would.  Numbered as number() will, not counted."""
+        if self.final:
+            return
+        self.end_status, self.end_event = status, sse.with_ids(framed, self._prefix, self.n)
+        self._checkpointer.mark(self, at_once=True)
+
     def detach(self) -> None:
         """The client left; the turn keeps generating for `keep` seconds (stored with the
         next checkpoint, made at once)."""
@@ -96,14 +109,17 @@ class TurnRecord:
         self.unsaved_first = self.n + 1
         self.unsaved, self.unsaved_last, self.unsaved_bytes = [], [], 0
         stream = (self.owner, self.turn_id, self.app_id, self.n, self.final and bool(chunks),
-                  self.keep_seconds, self.detached)
+                  self.keep_seconds, self.detached, self.end_status, self.end_event)
         self.keep_seconds = None
+        self.end_status = self.end_event = None
         return stream, chunks
 
     def untake(self, taken: tuple) -> None:
         stream, chunks = taken
         if stream[5] is not None and self.keep_seconds is None:
             self.keep_seconds = stream[5]
+        if stream[7] is not None and self.end_status is None:
+            self.end_status, self.end_event = stream[7], stream[8]
         if chunks:
             self.unsaved[:0] = [c[5] for c in chunks]
             self.unsaved_last[:0] = [c[3] for c in chunks]
@@ -116,4 +132,4 @@ class TurnRecord:
 
     @property
     def dirty(self) -> bool:
-        return bool(self.unsaved) or self.keep_seconds is not None
+        return bool(self.unsaved) or self.keep_seconds is not None or self.end_status is not None

@@ -19,6 +19,9 @@ import jsonfmt
 import settings
 from tests.ollama_double import OllamaDouble, split_tokens, tool_call
 from db import events as db_events, pool as db_pool
+from db import conversations
+from db.conversations import Reply
+from resume import Resumption, reader
 from resume.reader import events_after
 from handlers.chat import LLMChatHandler
 from handlers.resume import TurnEventsHandler, TurnStopHandler
@@ -588,7 +591,7 @@ class CheckpointTest(AsyncTestCase):
             turn = -time.time_ns() % (1 << 62)
             first = b"id: %d:1\ndata: a\n\nid: %d:2\ndata: b\n\n" % (turn, turn)
             more = first + b"id: %d:3\ndata: c\n\n" % turn
-            stream = (0, turn, "ckpt", 2, False, None, False)
+            stream = (0, turn, "ckpt", 2, False, None, False, None, None)
             await db_events.write_checkpoint(pool, [stream], [(0, turn, 1, 2, False, first)])
             await db_events.write_checkpoint(pool, [stream[:3] + (3, True) + stream[5:]],
                                              [(0, turn, 1, 3, True, more)])
@@ -691,3 +694,29 @@ class LongReplyTest(ChatterdTestCase):
         self.assertGreater(len(chunks), 8)
         self.assertTrue(all(c["size"] < 140 * 1024 for c in chunks), [c["size"] for c in chunks])
         self.assertEqual([c["first_n"] for c in chunks[1:]], [c["last_n"] + 1 for c in chunks[:-1]])
+
+    @gen_test(timeout=30)
+    async def test_a_turn_stored_before_its_end_was_checkpointed_ends_with_the_staged_end(self):
+        # Its process died after storing the turn complete but before checkpointing the
+        # stream's end: a reader sends the end staged for "complete" (not an error), after
+        # every event before it, once.
+        config = settings.defaults(db_pool_size=3)
+        pool = await db_pool.create_pool(database_url(), config)
+        resume = Resumption(pool, config)
+        try:
+            app_id = f"staged-{time.time_ns()}"
+            turn, *_ = await conversations.begin_turn(pool, 0, app_id, "test", 5.0,
+                                                      [{"role": "user", "content": "hi"}])
+            body = b"id: %d:1\ndata: a\n\nid: %d:2\ndata: b\n\n" % (turn, turn)
+            end = b"id: %d:3\ndata: {\"done\":true}\n\n" % turn
+            await db_events.write_checkpoint(
+                pool, [(0, turn, app_id, 2, False, None, False, "complete", end)],
+                [(0, turn, 1, 2, False, body)])
+            await conversations.end_turn(pool, 0, turn, "complete", None,
+                                         Reply(content="ab", model="m"))
+            left = asyncio.get_running_loop().create_future()
+            got = [data async for data in reader.read(resume, 0, turn, 1, left)]
+            self.assertEqual(b"".join(got), b"id: %d:2\ndata: b\n\n" % turn + end)
+        finally:
+            await resume.close()
+            await pool.close()

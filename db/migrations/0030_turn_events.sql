@@ -7,7 +7,10 @@
 -- whose conversation it is; last_n is the newest event stored; finished_at is set with the
 -- stream's terminal event (the final line or an error), and retention counts from it.
 -- keep_until: how long a turn whose client left keeps generating (a reader extends it while
--- attached); detached: the client that started it has left.
+-- attached); detached: the client that started it has left.  end_event: the stream's
+-- terminal event, staged just before the turn is stored, for the status end_status: a reader
+-- sends it only if the turn was stored with that status and its process died before
+-- checkpointing the end (otherwise the checkpointed terminal event is the one).
 CREATE TABLE turn_streams (
     owner_id    bigint NOT NULL,
     turn_id     bigint NOT NULL,
@@ -17,6 +20,8 @@ CREATE TABLE turn_streams (
     finished_at timestamptz,
     keep_until  timestamptz,
     detached    boolean NOT NULL DEFAULT false,
+    end_status  text,
+    end_event   bytea,
     PRIMARY KEY (owner_id, turn_id)
 );
 CREATE INDEX turn_streams_finished ON turn_streams (finished_at);
