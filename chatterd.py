@@ -7,6 +7,7 @@ Run `python chatterd.py --help` for every setting.
 
 import asyncio
 from datetime import timedelta
+import getpass
 from http import HTTPStatus
 import logging
 import os
@@ -22,8 +23,14 @@ from tornado.httpserver import HTTPServer
 import metrics
 import settings
 import tools
-from db import course_import
+from accounts import redact, rules
+from accounts.limits import CallerLimits
+from accounts.passwords import HasherError, PasswordHasher
+from accounts.policy import AuthPolicy
+from db import accounts, course_import
 from db.startup import describe_error, open_database
+from handlers.auth import (LoginHandler, LogoutHandler, MeHandler, PasswordHandler, SignupHandler,
+                           TokenHandler, TokensHandler)
 from handlers.base import JSONBodyHandler, NotFoundHandler
 from handlers.board import GetChattsHandler, PostChattHandler, TopHandler
 from handlers.chat import LLMChatHandler
@@ -62,6 +69,13 @@ ROUTES = [
     (r"/healthz/?", HealthHandler),
     (r"/readyz/?", ReadyHandler),
     (r"/metrics/?", MetricsHandler),
+    (r"/auth/signup/?", SignupHandler),
+    (r"/auth/login/?", LoginHandler),
+    (r"/auth/logout/?", LogoutHandler),
+    (r"/auth/me/?", MeHandler),
+    (r"/auth/password/?", PasswordHandler),
+    (r"/auth/tokens/?", TokensHandler),
+    (r"/auth/tokens/([0-9]{1,18})/?", TokenHandler),
 ]
 
 
@@ -71,6 +85,7 @@ NO_BODY_LIMIT = 4096  # bytes of body accepted (and ignored) by an endpoint that
 # path per request would otherwise grow /metrics without bound).
 ROUTE_NAMES = {handler: pattern.removesuffix("/?") for pattern, handler in ROUTES}
 ROUTE_NAMES[ConversationHandler] = "/conversations/{appID}"
+ROUTE_NAMES[TokenHandler] = "/auth/tokens/{id}"
 METRIC_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
 METRIC_STATUSES = frozenset(int(s) for s in HTTPStatus) | {499}
 
@@ -91,12 +106,17 @@ def metric_labels(handler: tornado.web.RequestHandler) -> dict[str, str]:
 
 class Application(tornado.web.Application):
     """The routes plus what handlers share: the settings (`config`, read by handlers as
-    `self.config`), the pool, the upstreams, the turns, the resident tools, the live streams."""
+    `self.config`), the pool, the upstreams, the turns, the resident tools, the password
+    hasher, the per-caller limits, the live streams."""
 
-    def __init__(self, pool: Any, upstreams: Router, config: settings.Settings) -> None:
+    def __init__(self, pool: Any, upstreams: Router, config: settings.Settings,
+                 hasher: PasswordHasher | None = None) -> None:
         self.config = config
         self.pool = pool
         self.upstreams = upstreams
+        self.auth = auth_policy(config)
+        self.hasher = hasher  # None: the account endpoints answer 503
+        self.caller_limits = CallerLimits(streams=config.user_streams, rate=config.user_rate)
         self.turns = TurnKeeper(pool, config)
         # Resumable streams (resume/): ids, checkpoints, LISTEN/NOTIFY, stop.
         self.resume = Resumption(pool, config)
@@ -186,13 +206,17 @@ def make_server(app: Application) -> HTTPServer:
         body_timeout=config.body_timeout)
 
 
-async def main(config: settings.Settings) -> None:
+async def main(config: settings.Settings, new_password: str | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The format uses none of these, and finding them costs every log line (one per request):
     # the logging HOWTO's "Optimization" section.
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    redact.install()  # no credential in any line, Tornado's and tracebacks included
     raise_open_file_limit()
+    if config.add_user:
+        await add_user(config, new_password or "")
+        return
     pool = await open_database(config, import_course=not config.import_course,
                                ready=not config.import_course)
     if config.import_course:
@@ -210,12 +234,19 @@ async def main(config: settings.Settings) -> None:
     except ValueError as e:
         pool.terminate()
         raise SystemExit(f"chatterd: {e} (see --help)") from None
+    hasher = PasswordHasher(workers=config.hash_workers)
+    try:
+        await hasher.start()
+    except HasherError as e:
+        pool.terminate()
+        raise SystemExit(f"chatterd: {e}") from None
     upstreams.start()
-    app = Application(pool, upstreams, config)
+    app = Application(pool, upstreams, config, hasher)
     server = make_server(app)
     try:
         server.listen(config.port, config.address)
     except OSError as e:
+        await hasher.close()
         pool.terminate()
         raise SystemExit(f"chatterd: cannot listen on {config.address}:{config.port}: "
                          f"{describe_error(e)}") from None
@@ -232,6 +263,7 @@ async def main(config: settings.Settings) -> None:
     server.stop()
     await app.drain(config.shutdown_grace)
     await asyncio.wait_for(server.close_all_connections(), 10)
+    await hasher.close()
     upstreams.close()
     await app.turns.flush_delivered()
     app.turns.close()
@@ -239,6 +271,59 @@ async def main(config: settings.Settings) -> None:
     await asyncio.wait_for(pool.close(), 10)
     full_collections.stop()
     log.info("stopped")
+
+
+def auth_policy(config: settings.Settings) -> AuthPolicy:
+    return AuthPolicy(required=config.auth == "required", signup_open=config.signup == "open",
+                      session_idle=config.session_idle, session_max_age=config.session_max_age,
+                      login_attempts=config.login_attempts, login_window=config.login_window)
+
+
+def check_account_settings(config: settings.Settings) -> None:
+    """One line and exit code 1 for an account setting out of range."""
+    for name in ("session_idle", "session_max_age", "login_window"):
+        if not getattr(config, name) > 0:
+            raise SystemExit(f"chatterd: --{name.replace('_', '-')} must be more than 0 seconds")
+    for name in ("login_attempts", "hash_workers"):
+        if getattr(config, name) < 1:
+            raise SystemExit(f"chatterd: --{name.replace('_', '-')} must be at least 1")
+    for name in ("user_streams", "user_rate"):
+        if getattr(config, name) < 0:
+            raise SystemExit(f"chatterd: --{name.replace('_', '-')} must be 0 (no limit) or more")
+
+
+def read_new_password() -> str:
+    """The new account's password: one line of standard input (asked for, unechoed, on a
+    terminal), never the command line, where every user of the machine could read it."""
+    if sys.stdin is None:
+        raise SystemExit("chatterd: --add-user reads the password from standard input, which is closed")
+    if sys.stdin.isatty():
+        return getpass.getpass("password: ")
+    line = sys.stdin.readline()
+    return line[:-1] if line.endswith("\n") else line
+
+
+async def add_user(config: settings.Settings, password: str) -> None:
+    """--add-user NAME: validate, hash (in a worker process), store; one line either way."""
+    try:
+        name = rules.username(config.add_user)
+        password = rules.password(password)
+    except rules.RuleError as e:
+        raise SystemExit(f"chatterd: cannot add the user: {e}") from None
+    pool = await open_database(config, import_course=False, ready=False)
+    try:
+        async with PasswordHasher(workers=1) as hasher:
+            password_hash = await hasher.hash(password)
+        user = await accounts.create_user(pool, name, rules.username_key(name), password_hash)
+    except HasherError as e:
+        raise SystemExit(f"chatterd: cannot add the user: {e}") from None
+    except Exception as e:
+        raise SystemExit(f"chatterd: cannot add the user: {describe_error(e)}") from None
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    if user is None:
+        raise SystemExit(f"chatterd: cannot add the user: the username {name!r} is taken")
+    print(f"chatterd: added user {user.username!r} (id {user.id})")
 
 
 def run() -> None:
@@ -251,11 +336,13 @@ def run() -> None:
         config = settings.parse(args, os.environ)
     except settings.Error as e:
         raise SystemExit(f"chatterd: {e} (see --help)") from None
+    check_account_settings(config)
+    new_password = read_new_password() if config.add_user else None
     if config.event_loop == "uvloop":  # (the only other choice: asyncio's own loop)
         import uvloop  # measured: less CPU per event and per turn (docs/benchmarks.md)
 
         uvloop.install()
-    asyncio.run(main(config))
+    asyncio.run(main(config, new_password))
 
 
 if __name__ == "__main__":

@@ -154,6 +154,33 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "Seconds a resident tool may take (the weather request included); then its "
                 "result is an error text for the model"),
     )),
+    ("People", (
+        Setting("auth", str, "open",
+                "open: a request without credentials acts in the anonymous namespace (the "
+                "course's apps); required: every endpoint but /, /healthz, /readyz, /auth/signup, "
+                "/auth/login and the page's static files needs a login session or an API token "
+                "(401 otherwise)", choices=("open", "required")),
+        Setting("signup", str, "open",
+                "open: anyone may make an account (POST /auth/signup); closed: 403, and accounts "
+                "are added with --add-user", choices=("open", "closed")),
+        Setting("session-idle", float, 86400.0,
+                "Seconds a login session may go unused before it ends"),
+        Setting("session-max-age", float, 604800.0,
+                "Seconds after login at which a session ends however much it is used"),
+        Setting("login-attempts", int, 5,
+                "Login attempts (and password checks) one username may get from one client "
+                "address per --login-window before 429; other addresses are not affected"),
+        Setting("login-window", float, 300.0, "Seconds over which --login-attempts are counted"),
+        Setting("user-streams", int, 0,
+                "Concurrent model requests per user (per client address for anonymous callers) "
+                "before 429 (0: no limit)"),
+        Setting("user-rate", int, 0,
+                "Model requests per minute per user (per client address for anonymous callers) "
+                "before 429 (0: no limit)"),
+        Setting("hash-workers", int, 2,
+                "Processes that hash and check passwords (Argon2id, 19 MiB each), so that no "
+                "login stalls a stream"),
+    )),
     ("Runtime", (
         Setting("event-loop", str, "uvloop",
                 "The asyncio event loop: uvloop (less CPU per event) or asyncio (the standard "
@@ -171,6 +198,9 @@ SETTINGS: tuple[Setting, ...] = tuple(s for _, group in SECTIONS for s in group)
 ACTIONS: tuple[Setting, ...] = (
     Setting("import-course", bool, False,
             "Import the rows of the course's public.chatts table not imported yet, then exit"),
+    Setting("add-user", str, "",
+            "Add the account NAME (its password read from standard input, one line), then exit; "
+            "works with --signup closed"),
 )
 
 _BY_ATTR = {s.attr: s for s in SETTINGS + ACTIONS}

@@ -1,13 +1,18 @@
 """SQL for the public board.  Call as `await post_chatt(pool, ...)`."""
 
+from typing import Optional
+
 import asyncpg
 
 from db.pool import connection
 
 
-async def post_chatt(pool: asyncpg.Pool, name: str, message: str) -> None:
+async def post_chatt(pool: asyncpg.Pool, name: str, message: str,
+                     user_id: Optional[int] = None) -> None:
+    """Post a chatt; *user_id*: the account that posted it (None: anonymous)."""
     async with connection(pool, "post_chatt") as con:
-        await con.execute("INSERT INTO chatts (name, message) VALUES ($1, $2)", name, message)
+        await con.execute("INSERT INTO chatts (name, message, user_id) VALUES ($1, $2, $3)",
+                          name, message, user_id)
 
 
 async def get_chatts(pool: asyncpg.Pool) -> list[list[str]]:

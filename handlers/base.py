@@ -1,15 +1,21 @@
-"""What every chatterd handler shares: JSON errors, bounded JSON bodies, access to the app."""
+"""What every chatterd handler shares: JSON errors, bounded JSON bodies, access to the app,
+and who the request acts for (its credentials, resolved once in prepare())."""
 
 import asyncio
 import json
 import math
 import re
-from typing import Any, Optional
+from typing import Any, Awaitable, Optional
 
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 import jsonfmt
+from accounts.credentials import credential_hash, looks_like_session_id, looks_like_token
+from accounts.limits import Limited
+from accounts.policy import SESSION_COOKIE
+from db import accounts
 from db.pool import DatabaseUnavailable
+from handlers.credentials import STATE_CHANGING, bearer_token, cross_site
 from settings import Settings
 from upstreams.errors import UpstreamAborted
 from upstreams.http import forget_frames
@@ -18,9 +24,14 @@ from upstreams.http import forget_frames
 class ClientError(HTTPError):
     """Raise to answer `status` with {"error": message}; logged as one line, no traceback."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Optional[dict[str, str]] = None) -> None:
         super().__init__(status)
         self.message = message
+        self.headers = headers  # sent with the error answer (Retry-After, WWW-Authenticate)
+
+
+INVALID_TOKEN = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+NO_CREDENTIALS = {"WWW-Authenticate": 'Bearer realm="chatterd"'}
 
 
 def text_problem(value: str) -> Optional[str]:
@@ -138,15 +149,22 @@ class BaseHandler(RequestHandler):
     app_id: Optional[str] = None
     tokens: Optional[int] = None
 
-    # MERGE: a placeholder until accounts (branch people-accounts) land; take theirs, which
-    # sets it per request.  The owner of the conversations this request reaches: the
-    # user's id, or 0 (db.conversations.ANONYMOUS) for a request without credentials.  A
-    # class attribute, not a property, so that their prepare() can assign it.
+    # Who the request acts for, set by prepare(): current_user (Tornado's; a db.accounts.User)
+    # and owner_id, the user's id, or 0 for the anonymous namespace.  Class defaults, so an
+    # anonymous request sets no attribute at all.
+    _current_user = None
     owner_id = 0
+    credential: Optional[str] = None  # "session" or "token"
+    session_hash: Optional[bytes] = None  # the session's id_hash when credential is "session"
+    # Endpoints open to anonymous callers when --auth is required (/, /healthz, /readyz, login).
+    public = False
+    # Endpoints under the per-caller limits (--user-streams, --user-rate): the model's.
+    limited = False
+    _limit_key: Any = None
 
     _registered = False
 
-    def prepare(self) -> None:
+    def prepare(self) -> Optional[Awaitable[None]]:
         # Registered until the request ends (see _release), so a graceful shutdown waits for it.
         self._registered = True
         self.application.request_started(self)
@@ -154,6 +172,102 @@ class BaseHandler(RequestHandler):
             # Close each connection after its answer, so a proxy's next request opens a
             # connection to a process that is staying.  (No public switch for this in Tornado.)
             self.request.connection._disconnect_on_finish = True
+        self.check_headers()
+        return self.identify()
+
+    def check_headers(self) -> None:
+        """Refusals that need nothing but the request line and headers (before credentials)."""
+
+    # -- who the request acts for -----------------------------------------------------------
+
+    def identify(self) -> Optional[Awaitable[None]]:
+        """Resolve the request's credentials: a coroutine when it carries a session cookie or
+        a chd_ token (they are looked up in PostgreSQL), else None at once: an anonymous
+        request costs no query and no await."""
+        headers = self.request.headers
+        token = bearer_token(headers.get("Authorization"))
+        session_id = self.get_cookie(SESSION_COOKIE) if "Cookie" in headers else None
+        if session_id or self.sets_session:
+            self.check_same_origin(cookie=bool(session_id))
+        if token is None and not session_id:
+            self.admit(None)
+            return None
+        return self._authenticate(token, session_id)
+
+    # Login and signup start a session: a cross-site page must not log a browser in either.
+    sets_session = False
+    # Login, signup and logout take a session cookie that is no longer valid as no session
+    # (and clear it) instead of answering 401.
+    replaces_session = False
+
+    def check_same_origin(self, cookie: bool) -> None:
+        """403 for a state-changing request that rides on the session cookie (or would set
+        one) unless the browser says it comes from this origin: Sec-Fetch-Site same-origin or
+        none, or else an Origin equal to scheme://Host (scheme from X-Forwarded-Proto with
+        --xheaders).  With the cookie, a request that says neither is refused too; login and
+        signup without it are refused only on a browser's evidence of another site."""
+        request = self.request
+        if request.method not in STATE_CHANGING:
+            return
+        verdict = cross_site(request.headers.get("Sec-Fetch-Site"), request.headers.get("Origin"),
+                             request.protocol, request.host)
+        if verdict or (verdict is None and cookie):
+            raise ClientError(403, "cross-site request refused: a request authenticated by the "
+                                   "session cookie must come from this server's own pages "
+                                   "(Sec-Fetch-Site or Origin); scripts use an API token")
+
+    async def _authenticate(self, token: Optional[str], session_id: Optional[str]) -> None:
+        policy = self.application.auth
+        if token is not None:
+            # A chd_ value is a claim to be someone: never a silent fall-back to anonymous.
+            user = None
+            if looks_like_token(token):
+                user = await accounts.token_user(self.pool, credential_hash(token), policy.touch_after)
+            if user is None:
+                raise ClientError(401, "invalid API token (unknown, revoked, expired or malformed)",
+                                  INVALID_TOKEN)
+            self.credential = "token"
+        else:
+            user = None
+            id_hash = None
+            if looks_like_session_id(session_id):
+                id_hash = credential_hash(session_id)  # type: ignore[arg-type]
+                user = await accounts.session_user(self.pool, id_hash, policy.session_idle,
+                                                   policy.touch_after)
+            if user is None:
+                self.clear_session_cookie()
+                if self.replaces_session:
+                    self.admit(None)  # logging in again (or out) is what a stale cookie calls for
+                    return
+                raise ClientError(401, "login session expired or unknown: log in again",
+                                  NO_CREDENTIALS)
+            self.credential, self.session_hash = "session", id_hash
+        self.current_user = user
+        self.owner_id = user.id
+        self.admit(user)
+
+    def admit(self, user: Any) -> None:
+        """401 when --auth is required and nobody is logged in; 429 over the caller's limits."""
+        if user is None and self.application.auth.required and not self.public:
+            raise ClientError(401, "this server requires a user: log in (POST /auth/login) or "
+                                   "send Authorization: Bearer chd_...", NO_CREDENTIALS)
+        limits = self.application.caller_limits
+        if self.limited and limits.active:
+            caller = ("user", user.id) if user is not None else ("address", self.request.remote_ip)
+            try:
+                self._limit_key = limits.admit(caller)
+            except Limited as e:
+                raise ClientError(429, e.message, {"Retry-After": str(e.retry_after)}) from None
+
+    def set_session_cookie(self, session_id: str) -> None:
+        """The session cookie: HttpOnly (no script reads it), Secure and __Host- (sent over
+        HTTPS only, to this host only, for every path), SameSite=Lax (not on cross-site
+        subrequests and form posts).  No Max-Age: the server ends sessions (idle, absolute)."""
+        self.set_cookie(SESSION_COOKIE, session_id, path="/", secure=True, httponly=True,
+                        samesite="Lax")
+
+    def clear_session_cookie(self) -> None:
+        self.clear_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="Lax")
 
     def on_finish(self) -> None:
         self._release()
@@ -171,6 +285,8 @@ class BaseHandler(RequestHandler):
         """Unregister this request; once, however it ended."""
         if self._registered:
             self._registered = False
+            if self._limit_key is not None:
+                self.application.caller_limits.release(self._limit_key)
             self.application.request_done(self)
 
     @property
@@ -207,6 +323,8 @@ class BaseHandler(RequestHandler):
             message = self._reason
         # A message quoting the client (a path, a key) must still encode: never a traceback here.
         message = message.encode("utf-8", "replace").decode("utf-8")
+        for name, value in (getattr(exc, "headers", None) or {}).items():
+            self.set_header(name, value)
         self.set_header("Content-Type", "application/json")
         self.finish(self.error_body(status_code, message))
 
@@ -222,8 +340,7 @@ class BaseHandler(RequestHandler):
 
 
 class NotFoundHandler(BaseHandler):
-    def prepare(self) -> None:
-        super().prepare()
+    def check_headers(self) -> None:
         raise ClientError(404, f"no such endpoint: {self.request.method} {self.request.path}")
 
 
@@ -235,8 +352,8 @@ class JSONBodyHandler(BaseHandler):
     being held in memory.
     """
 
-    def prepare(self) -> None:
-        super().prepare()
+    def check_headers(self) -> None:
+        super().check_headers()
         self._body = bytearray()
         self._too_large = False
         self._check_framing()
@@ -330,6 +447,8 @@ class Flag:
 
 class UpstreamHandler(JSONBodyHandler):
     """A handler relaying one Ollama call; the call is aborted the moment the client leaves."""
+
+    limited = True
 
     call: Any = None
     client_gone = False

@@ -7,6 +7,8 @@ MAX_NAME = 64
 
 
 class TopHandler(BaseHandler):
+    public = True
+
     def get(self) -> None:
         self.send_json("EECS Reactive chatterd")
 
@@ -29,5 +31,6 @@ class PostChattHandler(JSONBodyHandler):
             raise ClientError(422, f"name is longer than {MAX_NAME} characters")
         valid_text(name, "name")
         valid_text(message, "message")
-        await chatts.post_chatt(self.pool, name, message)
+        # Who posted, when known (always, with --auth required); anonymous posts have no one.
+        await chatts.post_chatt(self.pool, name, message, self.owner_id or None)
         self.send_json({})

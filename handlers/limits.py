@@ -13,8 +13,7 @@ class BodyTooLargeHandler(BaseHandler):
         self.metric_route = route  # counted under the endpoint that was asked for
         self.limit = limit
 
-    def prepare(self) -> None:
-        super().prepare()
+    def check_headers(self) -> None:
         raise ClientError(413, f"{self.request.method} {self.request.path} takes no request body "
                                f"(at most {self.limit} bytes)")
 

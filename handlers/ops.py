@@ -9,6 +9,8 @@ from upstreams.errors import UpstreamError
 
 
 class HealthHandler(BaseHandler):
+    public = True
+
     def get(self) -> None:
         self.send_json({"status": "ok"})
 
@@ -19,6 +21,8 @@ class ReadyHandler(BaseHandler):
     Ollama (and every other upstream) is reported but does not fail readiness: every
     process shares the same upstreams, so taking them all out of rotation would help no one.
     """
+
+    public = True
 
     async def get(self) -> None:
         body: dict = {"status": "ready"}

@@ -1,4 +1,5 @@
-"""Fuzzing every POST endpoint of a real chatterd (real PostgreSQL, the Ollama double).
+"""Fuzzing every POST endpoint of a real chatterd (real PostgreSQL, the Ollama double,
+real password hashing workers), and every endpoint with hostile Cookie and Authorization headers.
 
 Hypothesis writes the request as JSON *text*, because the hostile values live only there:
 NaN, 1e400, 20-digit integers, "\\ud800" escapes, NUL, nesting past any limit.  Bodies are
@@ -17,7 +18,10 @@ from typing import Any, Optional
 from hypothesis import HealthCheck, Phase, event, given, settings, strategies as st
 
 import jsonfmt
-from tests.support import ChatterdTestCase, streams_finished
+from accounts.credentials import credential_hash, new_api_token, new_session_id
+from accounts.policy import SESSION_COOKIE
+from tests.people import PASSWORD, PeopleTestCase
+from tests.support import streams_finished
 
 SCALE = int(os.environ.get("CHATTERD_FUZZ_EXAMPLES", "0"))
 # No shrinking: a failure can leave the server changed (a request stuck in flight), which
@@ -32,7 +36,8 @@ def examples(ci: int) -> settings:
     return settings(FUZZ, max_examples=SCALE or ci)
 
 
-PATHS = ("/llmchat", "/llmtools", "/llmprep", "/llmprompt", "/postchatt")
+PATHS = ("/llmchat", "/llmtools", "/llmprep", "/llmprompt", "/postchatt", "/auth/signup",
+         "/auth/login", "/auth/password", "/auth/tokens")
 MAX_BODY_SIZE = 1 << 20  # FuzzTest's --max-body-size
 
 # -- JSON text with hostile leaves ---------------------------------------------------
@@ -109,6 +114,14 @@ VALID = {
                                          "message": clean_texts}),
 }
 VALID["/llmprep"] = VALID["/llmchat"]
+# Accounts: names and passwords mostly within the rules, so that many get through.
+usernames = st.text(st.characters(categories=("L", "N")) | st.sampled_from("._-@"), min_size=1, max_size=64)
+passwords = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=8, max_size=40)
+VALID["/auth/signup"] = st.fixed_dictionaries({"username": usernames, "password": passwords})
+VALID["/auth/login"] = VALID["/auth/signup"]
+VALID["/auth/password"] = st.fixed_dictionaries({"password": passwords, "new_password": passwords})
+VALID["/auth/tokens"] = st.fixed_dictionaries({"name": clean_texts},
+                                              optional={"expires_in_days": st.integers(-5, 4000)})
 # /llmtools: llmchat's body plus the client's tool schemas.
 tool_schema = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
     {"name": st.text("abcdefgh_", min_size=1, max_size=12), "description": clean_texts},
@@ -221,7 +234,45 @@ async def raw_exchange(port: int, request: bytes) -> tuple[int, dict, bytes]:
     return int(status_line.split(" ")[1]), headers, payload
 
 
-class FuzzTest(ChatterdTestCase):
+# -- credentials: hostile Cookie and Authorization headers on every endpoint ---------------
+
+ENDPOINTS = [("POST", p) for p in PATHS] + [
+    ("GET", "/"), ("GET", "/getchatts"), ("GET", "/auth/me"), ("GET", "/auth/tokens"), ("POST", "/auth/logout"),
+    ("DELETE", "/auth/me"), ("DELETE", "/auth/tokens/1"), ("GET", "/healthz"), ("GET", "/v1/models")]
+# HTTP field values: visible bytes, space, tab and obs-text (0x80-0xff); a control character
+# is malformed HTTP, which Tornado answers with a bare 400 before any handler runs.
+_CONTROL = bytes(c for c in range(32) if c != 9) + b"\x7f"
+
+
+def field_value(raw: bytes) -> bytes:
+    return raw.translate(None, _CONTROL)
+
+
+header_bytes = st.binary(max_size=80).map(field_value)
+header_texts = st.text(max_size=60).map(lambda t: field_value(t.encode("utf-8", "surrogatepass")))
+# The live session and token of the test's user, and forged ones, stand in for these marks.
+LIVE_SESSION, LIVE_TOKEN = "\x01session", "\x01token"
+cookie_values = st.one_of(
+    st.sampled_from((LIVE_SESSION, "", '""', "x", new_session_id(), "A" * 43 + "=", "%41" * 43)),
+    header_texts.map(lambda b: b.decode("latin-1")))
+cookies = st.one_of(
+    header_bytes, header_texts,
+    cookie_values.map(lambda v: f"{SESSION_COOKIE}={v}".encode("latin-1", "replace")),
+    st.tuples(cookie_values, cookie_values).map(
+        lambda vs: f"a=b; {SESSION_COOKIE}={vs[0]}; {SESSION_COOKIE}={vs[1]}".encode("latin-1", "replace")))
+authorizations = st.one_of(
+    header_bytes, header_texts,
+    st.sampled_from(("Bearer " + LIVE_TOKEN, "Bearer sk-none", "Bearer", "Bearer ", "bearer chd_", "Basic chd_x",
+                     "Bearer " + new_api_token(), "Bearer chd_" + "\u00e9" * 43, LIVE_TOKEN,
+                     "Bearer " + LIVE_TOKEN + " extra")).map(lambda v: v.encode("utf-8")),
+    header_texts.map(lambda b: b"Bearer chd_" + b))
+browser_headers = st.dictionaries(st.sampled_from(("Sec-Fetch-Site", "Origin", "X-Forwarded-Proto")),
+                                  st.one_of(st.sampled_from(("same-origin", "none", "cross-site", "http://fuzz",
+                                                             "null", "https")), header_texts), max_size=2)
+
+
+
+class FuzzTest(PeopleTestCase):
     settings_overrides = {"max_messages": 1000, "max_body_size": MAX_BODY_SIZE}
 
     def answer_is_clean(self, status: int, content_type: Optional[str], payload: bytes,
@@ -244,7 +295,11 @@ class FuzzTest(ChatterdTestCase):
             "         WHERE t.status IN ('complete', 'interrupted', 'failed')),"
             " (SELECT max(m.seq) FROM messages m JOIN turns t ON t.id = m.turn_id"
             "   WHERE t.status IN ('complete', 'interrupted', 'failed')),"
-            " (SELECT count(*) FROM chatts), (SELECT max(seq) FROM chatts)")))
+            " (SELECT count(*) FROM chatts), (SELECT max(seq) FROM chatts),"
+            " (SELECT count(*) FROM users), (SELECT max(id) FROM users),"
+            " (SELECT count(*) FROM sessions), (SELECT count(*) FROM api_tokens),"
+            " (SELECT count(*) FROM api_tokens WHERE revoked_at IS NOT NULL),"
+            " (SELECT string_agg(password_hash, ',' ORDER BY id) FROM users)")))
 
     def settle(self) -> None:
         """Let every request finish (and store) before the next example looks at the tables."""
@@ -287,3 +342,50 @@ class FuzzTest(ChatterdTestCase):
                 lambda: raw_exchange(self.get_http_port(), request), timeout=30)
             self.settle()
         self.answer_is_clean(status, headers.get("content-type"), payload, before, request[:2000])
+
+    def live_credentials(self) -> tuple[str, str]:
+        """A fresh session and token of the test's one user (made in SQL: no hash per example)."""
+        session, token = new_session_id(), new_api_token()
+
+        async def make() -> None:
+            user = await self.pool.fetchval("SELECT id FROM users WHERE username = 'fuzz'")
+            if user is None:
+                user = await self.pool.fetchval(
+                    "INSERT INTO users (username, username_key, password_hash) VALUES ('fuzz', 'fuzz', $1)"
+                    " RETURNING id", await self.hasher.hash(PASSWORD))
+            await self.pool.execute("INSERT INTO sessions (id_hash, user_id, expires_at)"
+                                    " VALUES ($1, $2, now() + interval '1 hour')", credential_hash(session), user)
+            await self.pool.execute("INSERT INTO api_tokens (user_id, name, token_hash) VALUES ($1, 'fuzz', $2)",
+                                    user, credential_hash(token))
+
+        self.io_loop.run_sync(make)
+        return session, token
+
+    @given(endpoint=st.sampled_from(ENDPOINTS), cookie=st.one_of(st.none(), cookies),
+           authorization=st.one_of(st.none(), authorizations), browser=browser_headers, data=st.data())
+    @examples(300)
+    def test_credential_headers(self, endpoint: tuple[str, str], cookie: Optional[bytes],
+                                authorization: Optional[bytes], browser: dict, data: Any) -> None:
+        method, path = endpoint
+        session, token = self.live_credentials()
+        headers = []
+        for name, value in (("Cookie", cookie), ("Authorization", authorization)):
+            if value is not None:
+                value = value.replace(LIVE_SESSION.encode(), session.encode()).replace(LIVE_TOKEN.encode(), token.encode())
+                headers.append(name.encode() + b": " + value)
+        headers += [k.encode() + b": " + (v if isinstance(v, bytes) else v.encode("latin-1")) for k, v in browser.items()]
+        body = encode(data.draw(bodies(path))) if path in VALID else b"{}"
+        request = (method.encode() + b" " + path.encode() + b" HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n"
+                   + b"".join(h + b"\r\n" for h in headers)
+                   + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        before = self.stored()
+        with self.assertNoLogs(level="ERROR"):
+            status, answer_headers, payload = self.io_loop.run_sync(
+                lambda: raw_exchange(self.get_http_port(), request), timeout=30)
+            self.settle()
+        if path.startswith("/v1/") and status >= 400:  # OpenAI's error shape: {"error": {...}}
+            self.assertIn("error", jsonfmt.loads(payload))
+            return
+        self.answer_is_clean(status, answer_headers.get("content-type"), payload, before, request[:2000])
+        if status == 401 and authorization is not None and b"chd_" in authorization:
+            self.assertIn("invalid_token", answer_headers.get("www-authenticate", ""))

@@ -38,8 +38,8 @@ RELEASES = Path(__file__).resolve().parent / "releases"
 _checkouts: dict[str, ModuleType] = {}
 
 
-def after(version: int) -> list[int]:
-    """The versions of db/migrations/ above *version*: what an upgrade from it applies."""
+def versions_after(version: int) -> list[int]:
+    """The versioned migrations a database at *version* has still to apply."""
     return [v for v, _, _ in migrate.available() if v > version]
 
 
@@ -193,7 +193,7 @@ def test_a_database_of_the_ten_migrations_upgrades_with_its_data_kept():
             before = await table_rows(con, "chatterd")
             columns = await table_columns(con, "chatterd")
             applied = await upgrade(dsn)
-            assert applied.versions == after(10)
+            assert applied.versions == versions_after(10)
             assert applied.functions == [name for name, _ in migrate.function_files()]
             assert await table_rows(con, "chatterd", columns) == before
             # Every conversation stayed where it was: the anonymous namespace (0021).
@@ -246,13 +246,14 @@ def test_a_database_of_the_first_release_upgrades_with_its_data_kept():
                 await con.execute("INSERT INTO messages (appid, role, content, extra, status, tokens)"
                                   " VALUES ($1, $2, $3, $4::jsonb, $5, $6)", app, role, content,
                                   None if extra is None else jsonfmt.dumps(extra), status, tokens)
-            chatts = await con.fetch("SELECT * FROM public.chatts ORDER BY seq")
+            chatts = await con.fetch("SELECT seq, id, name, message, time FROM public.chatts ORDER BY seq")
             messages = await con.fetch("SELECT * FROM public.messages ORDER BY seq")
 
             applied = await upgrade(dsn)
-            assert applied.versions == after(1)
+            assert applied.versions == versions_after(1)
             assert await con.fetchval("SELECT to_regclass('public.messages')") is None
-            assert await con.fetch("SELECT * FROM chatterd.chatts ORDER BY seq") == chatts
+            assert await con.fetch("SELECT seq, id, name, message, time FROM chatterd.chatts"
+                                   " ORDER BY seq") == chatts
             columns = list(messages[0].keys())
             moved = await con.fetch(f"SELECT {', '.join(columns)} FROM chatterd.messages ORDER BY seq")
             assert moved == messages
@@ -310,7 +311,7 @@ def test_a_database_with_turn_functions_in_public_moves_into_the_schema():
             await con.execute("SELECT end_turn($1, 'complete', NULL, 'hello', NULL, NULL, NULL, true)",
                               turn)
             applied = await upgrade(dsn)
-            assert applied.versions == after(2)
+            assert applied.versions == versions_after(2)
             assert (await upgrade(dsn)) == migrate.Migrated()
             assert await con.fetchval("SELECT to_regclass('public.chatts')") is None
             assert await con.fetchval("SELECT count(*) FROM pg_proc"
