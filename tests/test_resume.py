@@ -25,6 +25,7 @@ from resume import Resumption, reader
 from resume.reader import events_after
 from handlers.chat import LLMChatHandler
 from handlers.resume import TurnEventsHandler, TurnStopHandler
+from tests.people import PeopleTestCase
 from tests.support import ChatterdTestCase, database_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -720,3 +721,25 @@ class LongReplyTest(ChatterdTestCase):
         finally:
             await resume.close()
             await pool.close()
+
+
+class SignedInOwnerTest(PeopleTestCase):
+    def test_a_users_turn_is_resumed_and_stopped_by_that_user_only(self):
+        # Accounts: the owner comes from the request's credentials (an API token here).
+        alice = self.new_token(self.signup("alice"))["token"]
+        bob = self.new_token(self.signup("bob"))["token"]
+        self.double.behave("m40", reply=REPLY)
+        app_id = "edu.umich.shared"
+        done = self.call("POST", "/llmchat", chat(app_id, "hi"), token=alice)
+        self.assertEqual(done.code, 200)
+        turn = int(done.headers["X-Chatterd-Turn"])
+        path = f"/turns/{turn}/events?appID={app_id}"
+        for who in (bob, None):  # another user, and the anonymous namespace
+            self.assertEqual(self.call("GET", path, token=who).code, 404)
+            self.assertEqual(self.call("POST", f"/turns/{turn}/stop?appID={app_id}",
+                                       token=who).code, 404)
+        resumed = self.call("GET", path, token=alice, headers={"Last-Event-ID": f"{turn}:20"})
+        self.assertEqual(resumed.code, 200)
+        events = [e + b"\n\n" for e in resumed.body.split(b"\n\n") if e]
+        self.assertEqual([event_id(e) for e in events], [(turn, n) for n in range(21, 41)])
+        self.assertEqual(text_of(events), "".join(split_tokens(REPLY)[20:]))
