@@ -22,16 +22,15 @@ NOTIFY_MAX = 7000  # bytes per NOTIFY payload (PostgreSQL's limit is 8000)
 # never its stored reply.
 WRITE_CHECKPOINT = """
 WITH s AS (
-    INSERT INTO turn_streams AS s (owner_id, turn_id, appid, last_n, finished_at, keep_until,
+    INSERT INTO turn_streams AS s (owner_id, turn_id, appid, finished_at, keep_until,
                                    detached, end_status, end_event)
-    SELECT u.o, u.t, u.a, u.n, CASE WHEN u.f THEN clock_timestamp() END,
+    SELECT u.o, u.t, u.a, CASE WHEN u.f THEN clock_timestamp() END,
            clock_timestamp() + make_interval(secs => u.k), coalesce(u.d, false), u.es, u.ee
-      FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::integer[], $5::boolean[],
-                  $6::double precision[], $7::boolean[], $8::text[], $9::bytea[])
-           AS u(o, t, a, n, f, k, d, es, ee)
+      FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::boolean[],
+                  $5::double precision[], $6::boolean[], $7::text[], $8::bytea[])
+           AS u(o, t, a, f, k, d, es, ee)
     ON CONFLICT (owner_id, turn_id) DO UPDATE
-       SET last_n = greatest(s.last_n, EXCLUDED.last_n),
-           finished_at = coalesce(s.finished_at, EXCLUDED.finished_at),
+       SET finished_at = coalesce(s.finished_at, EXCLUDED.finished_at),
            keep_until = greatest(s.keep_until, EXCLUDED.keep_until),
            detached = s.detached OR EXCLUDED.detached,
            end_status = coalesce(EXCLUDED.end_status, s.end_status),
@@ -40,14 +39,14 @@ WITH s AS (
     -- A checkpoint retried after a failure whose commit went through anyway holds the same
     -- events from the same first one, and maybe more: it replaces the row it repeats.
     INSERT INTO turn_event_chunks AS c (owner_id, turn_id, first_n, last_n, final, body)
-    SELECT * FROM unnest($10::bigint[], $11::bigint[], $12::integer[], $13::integer[],
-                         $14::boolean[], $15::bytea[])
+    SELECT * FROM unnest($9::bigint[], $10::bigint[], $11::integer[], $12::integer[],
+                         $13::boolean[], $14::bytea[])
     ON CONFLICT (owner_id, turn_id, first_n) DO UPDATE
        SET last_n = EXCLUDED.last_n, final = EXCLUDED.final, body = EXCLUDED.body
        WHERE EXCLUDED.last_n > c.last_n
 )
 SELECT set_config('synchronous_commit', 'off', true),
-       (SELECT count(pg_notify('""" + EVENTS_CHANNEL + """', p)) FROM unnest($16::text[]) p)
+       (SELECT count(pg_notify('""" + EVENTS_CHANNEL + """', p)) FROM unnest($15::text[]) p)
 """
 
 
@@ -68,13 +67,16 @@ def notify_payloads(turn_ids: list[int]) -> list[str]:
 
 async def write_checkpoint(pool: asyncpg.Pool, streams: list[tuple], chunks: list[tuple]) -> None:
     """Store *chunks* (owner_id, turn_id, first_n, last_n, final, body) and upsert *streams*
-    (owner_id, turn_id, appid, last_n, finished, keep_seconds or None, detached, end_status
-    or None, end_event or None), then notify readers of those turns; one round trip."""
-    s = list(zip(*streams)) if streams else [()] * 9
+    (owner_id, turn_id, appid, finished, keep_seconds or None, detached, end_status or None,
+    end_event or None), then notify readers of those turns; one round trip.  A
+    stream's row is written when something about it changes (its start, its client leaving,
+    its end), not with every chunk: the newest chunk says how far it is."""
+    s = list(zip(*streams)) if streams else [()] * 8
     c = list(zip(*chunks)) if chunks else [()] * 6
+    turns = {row[1] for row in streams} | {row[1] for row in chunks}
     async with connection(pool, "checkpoint") as con:
         await con.execute(WRITE_CHECKPOINT, *[list(col) for col in s], *[list(col) for col in c],
-                          notify_payloads(sorted({row[1] for row in streams})))
+                          notify_payloads(sorted(turns)))
 
 
 async def stream_of(pool: asyncpg.Pool, owner_id: int, turn_id: int,
@@ -84,7 +86,9 @@ async def stream_of(pool: asyncpg.Pool, owner_id: int, turn_id: int,
     none, or its turn is gone (its conversation was deleted)."""
     async with connection(pool, "turn_stream") as con:
         return await con.fetchrow(
-            "SELECT s.appid, s.last_n, s.finished_at IS NOT NULL AS finished,"
+            "SELECT s.appid, s.finished_at IS NOT NULL AS finished,"
+            " coalesce((SELECT c.last_n FROM turn_event_chunks c WHERE c.owner_id = s.owner_id"
+            " AND c.turn_id = s.turn_id ORDER BY c.first_n DESC LIMIT 1), 0) AS last_n,"
             " coalesce(s.finished_at < clock_timestamp() - make_interval(secs => $3), false)"
             " AS expired, s.detached,"
             " extract(epoch FROM s.keep_until - clock_timestamp())::float8 AS keep_left"
@@ -120,8 +124,10 @@ async def staged_end(pool: asyncpg.Pool, owner_id: int, turn_id: int) -> Optiona
     """The turn's staged terminal event (end_status, end_event) and last_n."""
     async with connection(pool, "turn_staged_end") as con:
         return await con.fetchrow(
-            "SELECT end_status, end_event, last_n FROM turn_streams"
-            " WHERE owner_id = $1 AND turn_id = $2", owner_id, turn_id)
+            "SELECT s.end_status, s.end_event,"
+            " coalesce((SELECT c.last_n FROM turn_event_chunks c WHERE c.owner_id = s.owner_id"
+            " AND c.turn_id = s.turn_id ORDER BY c.first_n DESC LIMIT 1), 0) AS last_n"
+            " FROM turn_streams s WHERE s.owner_id = $1 AND s.turn_id = $2", owner_id, turn_id)
 
 
 async def extend_keep(pool: asyncpg.Pool, owner_id: int, turn_id: int, seconds: float) -> None:

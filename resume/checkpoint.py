@@ -21,6 +21,9 @@ log = logging.getLogger("chatterd")
 MAX_BYTES = 64 * 1024  # unsaved bytes of one turn that bring its checkpoint forward
 BACKLOG = 256 * 1024  # unsaved bytes of one turn at which its relay waits for a checkpoint
 BATCH_BYTES = 1 << 20  # bytes of events one checkpoint statement carries, at most about
+# An urgent checkpoint (a stream's end) waits this long for others to join it: turns ending
+# together share a statement instead of each starting one.
+SOON = 0.01  # seconds
 
 
 class Checkpointer:
@@ -32,30 +35,41 @@ class Checkpointer:
         self._timer: Optional[asyncio.TimerHandle] = None
         self._flight: Optional[asyncio.Task] = None
         self._soon = False  # a checkpoint is wanted as soon as the one in flight is done
+        self._timer_due = 0.0  # the delay _timer was armed with
+        self._started: Optional[asyncio.Future] = None  # resolved when the next flight starts
         self._failing = False
         self.written = 0  # checkpoints written (for tests and the bench)
 
     def mark(self, record: TurnRecord, at_once: bool = False) -> None:
         self._dirty[record.turn_id] = record
-        if at_once:
-            self._start()
-        elif self._timer is None and self._flight is None:
+        if self._flight is not None:
+            if at_once:
+                self._soon = True  # right after the one in flight
+            return
+        # (While the database is away, every checkpoint waits for the interval.)
+        if at_once and not self._failing and (self._timer is None or self._timer_due > SOON):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._timer_due = asyncio.get_running_loop().call_later(SOON, self._start), SOON
+        elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.interval, self._start)
+            self._timer_due = self.interval
 
     async def sync(self, record: TurnRecord) -> bool:
         """Wait until everything *record* has numbered is checkpointed (or one checkpoint
         failed); True if it is."""
-        while record.dirty or (self._flight is not None and record.turn_id in self._in_flight):
-            if record.dirty and record.turn_id not in self._dirty:
-                self._dirty[record.turn_id] = record
-            self._start()
+        while True:
+            if record.dirty:
+                self.mark(record, at_once=True)
+            elif self._flight is None or record.turn_id not in self._in_flight:
+                return True
+            if self._flight is None:  # armed to start in SOON seconds
+                if self._started is None:
+                    self._started = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._started)
             flight = self._flight
-            if flight is None:
-                return not record.dirty
-            ok = await asyncio.shield(flight)
-            if not ok:
+            if flight is not None and not await asyncio.shield(flight):
                 return False
-        return True
 
     _in_flight: frozenset = frozenset()
 
@@ -73,6 +87,9 @@ class Checkpointer:
             self._timer = None
         if self._dirty:
             self._flight = asyncio.ensure_future(self._write())
+            if self._started is not None:
+                self._started.set_result(None)
+                self._started = None
 
     async def _write(self) -> bool:
         # A bounded statement: turns beyond BATCH_BYTES wait for the next one, at once.
@@ -88,7 +105,7 @@ class Checkpointer:
         taken = [r.take() for r in batch]
         ok = True
         try:
-            await events.write_checkpoint(self.pool, [t[0] for t in taken],
+            await events.write_checkpoint(self.pool, [t[0] for t in taken if t[0] is not None],
                                           [c for t in taken for c in t[1]])
             self.written += 1
             for record, t in zip(batch, taken):
@@ -113,6 +130,7 @@ class Checkpointer:
                 self._start()
             elif self._timer is None:
                 self._timer = asyncio.get_running_loop().call_later(self.interval, self._start)
+                self._timer_due = self.interval
         return ok
 
     async def drain(self) -> None:

@@ -18,7 +18,7 @@ class TurnRecord:
 
     __slots__ = ("turn_id", "app_id", "owner", "_prefix", "n", "unsaved", "unsaved_last",
                  "unsaved_first", "unsaved_bytes", "final", "keep", "keep_seconds", "detached", "opened",
-                 "_checkpointer", "saved_final", "end_status", "end_event")
+                 "_checkpointer", "saved_final", "end_status", "end_event", "row_due")
 
     def __init__(self, checkpointer: Any, turn_id: int, app_id: str, owner: int = 0,
                  keep: float = 0.0) -> None:
@@ -41,10 +41,11 @@ class TurnRecord:
         # The terminal event staged for the next checkpoint (see stage_end), and its status.
         self.end_status: Optional[str] = None
         self.end_event: Optional[bytes] = None
+        self.row_due = True  # the stream's row must be written (first, detached, end)
 
     def open(self) -> None:
-        """The stream started (200 sent): its row is written at once, so a resume that
-        comes right after the first event finds it."""
+        """The stream started (200 sent): its row is written soon (streams starting together
+        share the statement), so a resume right after the first event finds it."""
         self.opened = True
         self._checkpointer.mark(self, at_once=True)
 
@@ -73,7 +74,7 @@ class TurnRecord:
         self.unsaved_last.append(self.n)
         self.unsaved_bytes += len(data)
         if last:
-            self.final = True
+            self.final = self.row_due = True
         self._checkpointer.mark(self, at_once=last or self.unsaved_bytes > self._checkpointer.max_bytes)
 
     def stage_end(self, framed: bytes, status: str) -> None:
@@ -84,6 +85,7 @@ class TurnRecord:
         if self.final:
             return
         self.end_status, self.end_event = status, sse.with_ids(framed, self._prefix, self.n)
+        self.row_due = True
         self._checkpointer.mark(self, at_once=True)
 
     def detach(self) -> None:
@@ -91,11 +93,12 @@ class TurnRecord:
         next checkpoint, made at once)."""
         self.detached = True
         self.keep_seconds = self.keep
+        self.row_due = True
         self._checkpointer.mark(self, at_once=True)
 
     def take(self) -> tuple:
-        """(stream row, chunks) for a checkpoint, the chunks about CHUNK_BYTES each; put
-        back with untake() if it fails."""
+        """(stream row or None, chunks) for a checkpoint, the chunks about CHUNK_BYTES each;
+        put back with untake() if it fails."""
         chunks = []
         first, parts, size = self.unsaved_first, [], 0
         for data, last in zip(self.unsaved, self.unsaved_last):
@@ -108,18 +111,23 @@ class TurnRecord:
                 first, parts, size = last + 1, [], 0
         self.unsaved_first = self.n + 1
         self.unsaved, self.unsaved_last, self.unsaved_bytes = [], [], 0
-        stream = (self.owner, self.turn_id, self.app_id, self.n, self.final and bool(chunks),
-                  self.keep_seconds, self.detached, self.end_status, self.end_event)
-        self.keep_seconds = None
-        self.end_status = self.end_event = None
+        stream = None
+        if self.row_due:
+            stream = (self.owner, self.turn_id, self.app_id, self.final and bool(chunks),
+                      self.keep_seconds, self.detached, self.end_status, self.end_event)
+            self.keep_seconds = None
+            self.end_status = self.end_event = None
+            self.row_due = False
         return stream, chunks
 
     def untake(self, taken: tuple) -> None:
         stream, chunks = taken
-        if stream[5] is not None and self.keep_seconds is None:
-            self.keep_seconds = stream[5]
-        if stream[7] is not None and self.end_status is None:
-            self.end_status, self.end_event = stream[7], stream[8]
+        if stream is not None:
+            self.row_due = True
+            if stream[4] is not None and self.keep_seconds is None:
+                self.keep_seconds = stream[4]
+            if stream[6] is not None and self.end_status is None:
+                self.end_status, self.end_event = stream[6], stream[7]
         if chunks:
             self.unsaved[:0] = [c[5] for c in chunks]
             self.unsaved_last[:0] = [c[3] for c in chunks]
@@ -132,4 +140,4 @@ class TurnRecord:
 
     @property
     def dirty(self) -> bool:
-        return bool(self.unsaved) or self.keep_seconds is not None or self.end_status is not None
+        return bool(self.unsaved) or self.row_due

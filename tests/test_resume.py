@@ -592,9 +592,9 @@ class CheckpointTest(AsyncTestCase):
             turn = -time.time_ns() % (1 << 62)
             first = b"id: %d:1\ndata: a\n\nid: %d:2\ndata: b\n\n" % (turn, turn)
             more = first + b"id: %d:3\ndata: c\n\n" % turn
-            stream = (0, turn, "ckpt", 2, False, None, False, None, None)
+            stream = (0, turn, "ckpt", False, None, False, None, None)
             await db_events.write_checkpoint(pool, [stream], [(0, turn, 1, 2, False, first)])
-            await db_events.write_checkpoint(pool, [stream[:3] + (3, True) + stream[5:]],
+            await db_events.write_checkpoint(pool, [stream[:3] + (True,) + stream[4:]],
                                              [(0, turn, 1, 3, True, more)])
             await db_events.write_checkpoint(pool, [stream], [(0, turn, 1, 2, False, first)])
             rows = await db_events.chunks_after(pool, 0, turn, 0, 8)
@@ -602,10 +602,10 @@ class CheckpointTest(AsyncTestCase):
                              [(1, 3, True, more)])
             self.assertEqual(events_after(more, 1, 2), b"id: %d:3\ndata: c\n\n" % turn)
             async with pool.acquire() as con:  # (a turn row of its own is not needed here)
-                row = await con.fetchrow("SELECT last_n, finished_at IS NOT NULL AS finished"
+                row = await con.fetchrow("SELECT finished_at IS NOT NULL AS finished"
                                          " FROM turn_streams WHERE owner_id = 0 AND turn_id = $1",
                                          turn)
-            self.assertEqual((row["last_n"], row["finished"]), (3, True))
+            self.assertTrue(row["finished"])
         finally:
             await pool.close()
 
@@ -711,7 +711,7 @@ class LongReplyTest(ChatterdTestCase):
             body = b"id: %d:1\ndata: a\n\nid: %d:2\ndata: b\n\n" % (turn, turn)
             end = b"id: %d:3\ndata: {\"done\":true}\n\n" % turn
             await db_events.write_checkpoint(
-                pool, [(0, turn, app_id, 2, False, None, False, "complete", end)],
+                pool, [(0, turn, app_id, False, None, False, "complete", end)],
                 [(0, turn, 1, 2, False, body)])
             await conversations.end_turn(pool, 0, turn, "complete", None,
                                          Reply(content="ab", model="m"))

@@ -142,6 +142,7 @@ class Send:
     leave_after: Optional[int] = None
     attempts: list = field(default_factory=list)
     resumes: list = field(default_factory=list)  # kind "resume": its Resume attempts
+    cut: Optional[Attempt] = None  # kind "resume": the attempt that left, to be resumed
 
     def body(self) -> dict:
         return {"appID": self.app, "model": self.model, "stream": True, "messages": self.messages}
@@ -619,7 +620,10 @@ class Torture:
         a = send.attempts[-1]
         if a.outcome != "left" or a.turn is None:
             return
+        send.cut = a
         events = numbered_events(a.body)
+        if events and terminal(events[-1][1]):
+            return  # the end arrived with the events it read before leaving
         after = events[-1][0] if events else 0
         pause = 0.1
         for _ in range(12):
@@ -628,11 +632,16 @@ class Torture:
             if r.events:
                 after = r.events[-1][0]
                 if terminal(r.events[-1][1]):
+                    if b"stopped before it ended" in r.events[-1][1]:
+                        break  # its process died: the turn was never stored
                     return
             if r.status in (400, 404, 410, 416):
-                return  # the audit says whether that was allowed
+                break  # the audit says whether that was allowed
             await asyncio.sleep(pause * (0.5 + self.rng.random()))
             pause = min(pause * 2, 1.0)
+        # No end stored for it: send the turn again, as any client whose turn was lost.
+        send.leave_after = None
+        await self._send(send)
 
     async def _send(self, send: Send, first: Optional[Chatterd] = None) -> None:
         pause = 0.1
@@ -1003,8 +1012,8 @@ class Torture:
         for s in self.sends:
             if s.kind != "resume":
                 continue
-            a = s.attempts[-1]
-            if a.outcome != "left" or a.turn is None:
+            a = s.cut
+            if a is None:
                 rep.faults["resume: the stream ended before its client left"] += 1
                 continue
             rep.faults["resume: streams cut (X-Chatterd-Keep-Generating)"] += 1
@@ -1030,6 +1039,8 @@ class Torture:
                 why = self._explained(r)
                 if r.error == "timeout":
                     rep.violation("resume waited 60 s: hung stream", ev)
+                elif r.status == 404 and why and status in ("abandoned", "running", None):
+                    pass  # its process died before the stream's first checkpoint
                 elif r.status not in (200, None) and not (r.status == 503 and why):
                     rep.violation(f"resume answered {r.status}", ev + f" {r.error!r}")
                 elif r.status is None and not why:

@@ -3,9 +3,10 @@
 -- Keyed, like every row of a conversation, by its owner first (0021): a turn's events are
 -- read with its owner and appID, never by turn id alone.
 --
--- turn_streams: one row per streamed turn, written with its first checkpoint.  appid says
--- whose conversation it is; last_n is the newest event stored; finished_at is set with the
--- stream's terminal event (the final line or an error), and retention counts from it.
+-- turn_streams: one row per streamed turn, written with its first checkpoint (and again
+-- only when its client leaves and when it ends: how far it is, its newest chunk says).
+-- appid says whose conversation it is; finished_at is set with the stream's terminal event
+-- (the final line or an error), and retention counts from it.
 -- keep_until: how long a turn whose client left keeps generating (a reader extends it while
 -- attached); detached: the client that started it has left.  end_event: the stream's
 -- terminal event, staged just before the turn is stored, for the status end_status: a reader
@@ -16,7 +17,6 @@ CREATE TABLE turn_streams (
     turn_id     bigint NOT NULL,
     appid       text NOT NULL,
     started_at  timestamptz NOT NULL DEFAULT now(),
-    last_n      integer NOT NULL DEFAULT 0,
     finished_at timestamptz,
     keep_until  timestamptz,
     detached    boolean NOT NULL DEFAULT false,
