@@ -214,7 +214,7 @@ class ResumeTest(AsyncTestCase):
         await asyncio.gather(self.a.stop(), self.b.stop())
         for p in (self.a, self.b):  # on a failure, pytest shows what the processes said
             sys.stderr.write(f"--- chatterd {p.name}:\n" + "".join(
-                line for line in p.log if "INFO" not in line or "/turns/" in line or "type" in line))
+                line for line in p.log if "INFO" not in line or "/turns/" in line))
         await self.double.stop()
         await self.pg.close()
 
