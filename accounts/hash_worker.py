@@ -30,7 +30,6 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 
-NICENESS = 10
 
 
 def answer(hasher: PasswordHasher, dummy_hash: str, line: bytes) -> dict:
@@ -79,15 +78,14 @@ def main() -> None:
     parser.add_argument("--parallelism", type=int, required=True)
     parser.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority by N steps")
     args = parser.parse_args()
-    if args.nice:
-        os.nice(args.nice)
     # Ctrl-C in a terminal reaches the whole process group; the server decides when workers end
     # (it closes their input or kills them), and an interrupted worker would only print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A hash can wait a few milliseconds; a relayed token should not.  At a lower priority the
     # kernel runs the server's event loop first whenever both want a core, so a burst of logins
     # takes its CPU from idle time rather than from the streams.
-    os.nice(NICENESS)
+    if args.nice:
+        os.nice(args.nice)
     hasher = PasswordHasher(time_cost=args.time_cost, memory_cost=args.memory_cost,
                             parallelism=args.parallelism, type=Type.ID)
     # dummy_verify checks against this: a real hash of the same parameters, of a secret nobody knows.

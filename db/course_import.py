@@ -59,6 +59,9 @@ async def _import(pool: asyncpg.Pool, *, first_start: bool) -> Optional[dict[str
                 return None
             result = await con.fetchval("SELECT course_import($1::regclass, $2)", COURSE_TABLE,
                                         ANONYMOUS, timeout=IMPORT_TIMEOUT)
+            # A bulk load: the plans of the next turns need the tables' new statistics now,
+            # not when autovacuum gets to them.
+            await con.execute("ANALYZE turns, messages", timeout=IMPORT_TIMEOUT)
     log.info("%s", describe(result))
     return result
 
@@ -78,7 +81,8 @@ def describe(result: dict[str, Any]) -> str:
     skipped = result["skipped"]
     line = (f"imported the course's {result['source']} (import {result['import']}):"
             f" {result['board']} board post(s), {result['messages']} message(s)"
-            f" in {result['appids']} appID(s), tool schemas of {result['tool_schemas']} appID(s);"
+            f" in {result['appids']} appID(s) as {result['turns']} turn(s),"
+            f" tool schemas of {result['tool_schemas']} appID(s);"
             f" skipped {sum(skipped.values())} row(s)")
     if skipped:
         line += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())) + ")"

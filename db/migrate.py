@@ -37,6 +37,9 @@ SCHEMA = "chatterd"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 FUNCTIONS_DIR = Path(__file__).with_name("functions")
 LOCK_KEY = 0x63686174  # "chat"
+# Seconds a versioned migration may take: one that moves data (0015 splits imported
+# conversations) takes longer than --db-timeout on a large database.
+MIGRATION_TIMEOUT = 3600.0
 
 # What chatterd created in `public` before it had its own schema (migrations 0001, 0002).
 # Sequences owned by their columns (identities, turn_ids) move with their tables.
@@ -94,7 +97,7 @@ async def migrate(pool: asyncpg.Pool) -> Migrated:
                 if version in done:
                     continue
                 if re.sub(r"--[^\n]*", "", sql).strip():  # asyncpg fails on comments alone
-                    await con.execute(sql)
+                    await con.execute(sql, timeout=MIGRATION_TIMEOUT)
                 await con.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                                   version, name)
                 log.info("applied migration %04d_%s", version, name)

@@ -11,8 +11,8 @@ as /llmchat does (handlers/chat.py).  When an upstream round ends with tool call
   event (the client sees the whole exchange); chatterd runs each tool (bad arguments, an
   exception, a timeout: the result is an "error: ..." text), and asks the model again with
   the call and its results, in the same turn, until the model answers in text.  At most
-  --tool-rounds rounds: a model that calls again after them gets "not run" results and the
-  turn ends failed with an error event;
+  --tool-rounds rounds: a model that calls again after them ends the turn failed with an
+  error event, those calls not run;
 * a client's tool called: its line goes to the client as `event: tool_calls` (a line with
   resident and client calls is split in two), resident calls of it are run, and the turn
   ends complete with the assistant's `tool_calls` stored.  The client runs its tool and
@@ -22,9 +22,11 @@ as /llmchat does (handlers/chat.py).  When an upstream round ends with tool call
 
 The turn contract holds: the rounds' calls and results are pending until the turn ends
 and enter the conversation with it in one transaction (db/functions/end_turn.sql),
-always as whole call + result pairs: a turn cut short mid-round (the client leaves, the
-upstream fails, a shutdown) keeps the rounds that finished and drops the calls of the
-round that did not.
+always as whole rounds, a call followed by its results and the model's answer to them (so
+the conversation never goes on from a tool result): a turn cut short (the client leaves,
+the upstream fails, a shutdown, the round limit) keeps the rounds that finished and drops
+the calls of the round that did not; one left with no answer text at all ended before any
+answer text, and is a record outside the conversation, its rounds with it.
 """
 
 from typing import Any, Optional
@@ -136,25 +138,30 @@ class LLMToolsHandler(LLMChatHandler):
         if not ours:
             return False  # text, or only the client's tools: the turn ends here
         limit = self.config.tool_rounds
-        over = self.rounds >= limit
-        if over:
-            results = [tool_result(c, f"error: not run: this turn already ran {limit} rounds "
-                                      "of tool calls") for c in ours]
-        else:
-            self.rounds += 1
-            results = [tool_result(c, await registry.call(c)) for c in ours]
+        if self.rounds >= limit:
+            # These calls are not run, and the turn ends without an answer to them: like a
+            # round cut short, they are not stored (_finish_turn).
+            self._end("failed", f"the model called tools in {limit + 1} rounds in a row; "
+                                f"the limit is {limit} (--tool-rounds)")
+            return False
+        self.rounds += 1
+        results = [tool_result(c, await registry.call(c)) for c in ours]
+        # A client that left a turn kept generating (handlers/resumable.py) is not gone.
         gone = self.client_gone and not (self.record is not None and self.record.detached)
-        if over or len(ours) < len(calls) or gone or self.stopped or self.shutting_down:
-            # The turn ends with this reply; its calls keep their results (stored after it).
-            reply.after = [round_message(m) for m in results]
-            if over:
-                self._end("failed", f"the model called tools in {limit + 1} rounds in a row; "
-                                    f"the limit is {limit} (--tool-rounds)")
-            elif gone or self.stopped:
+        if gone or self.stopped or self.shutting_down:
+            # No round follows, so the model never answers these results: the calls are not
+            # stored either (a stored call is followed by its results and the model's answer
+            # to them, so the conversation never goes on from a tool result).
+            if gone or self.stopped:
                 self._end("interrupted", "the client left while tools ran" if gone else
                           "the turn was stopped while tools ran")
-            elif self.shutting_down:
+            else:
                 self._end("failed", "chatterd is shutting down; the reply was cut short")
+            return False
+        if len(ours) < len(calls):
+            # The client's tools were called too: the turn ends here, complete, with the
+            # results of ours stored after the reply; the client's come with its next turn.
+            reply.after = [round_message(m) for m in results]
             return False
         assistant = {"role": "assistant", "content": str(self.text), "tool_calls": calls}
         self.before.append(round_message(assistant, model=reply.model, tokens=reply.tokens))
@@ -169,9 +176,11 @@ class LLMToolsHandler(LLMChatHandler):
 
     async def _finish_turn(self) -> None:
         reply = self.reply
-        if reply.status != "complete" and not reply.after:
-            # Calls of a round cut short were never run nor answered: a call is stored only
-            # with its results.
+        if reply.status != "complete":
+            # The calls of a round cut short were never answered (nor always run): a call is
+            # stored only with its results and the answer to them.  A reply left with no
+            # text either makes the turn one that ended before any answer text: a record
+            # outside the conversation, its finished rounds with it.
             reply.extra.pop("tool_calls", None)
         await super()._finish_turn()
 

@@ -10,8 +10,8 @@ import pytest
 from tests.support import database_url
 
 FAST_MODULES = frozenset({
-    "test_chunked", "test_coarse_timers", "test_layers", "test_redact", "test_reply_text",
-    "test_settings",
+    "test_chunked", "test_coarse_timers", "test_layers", "test_message_shape", "test_redact",
+    "test_reply_text", "test_settings",
     "test_upstream_client", "test_upstream_http",
 })
 

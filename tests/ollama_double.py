@@ -94,6 +94,12 @@ class RecordedRequest:
     truncated: int = 0  # messages the double dropped because the prompt exceeded num_ctx
     lines_sent: list = field(default_factory=list)  # every NDJSON line written, as bytes
 
+    @property
+    def messages(self) -> list | None:
+        """The message list a /api/chat request carried, exactly as sent (None: none)."""
+        messages = self.body.get("messages") if isinstance(self.body, dict) else None
+        return messages if isinstance(messages, list) else None
+
 
 def go_json(obj: Any) -> str:
     """Serialize like Go's encoding/json: compact, and HTML-safe escapes.

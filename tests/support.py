@@ -55,12 +55,14 @@ async def fresh_database(prefix: str, ddl: list[str] = ()) -> str:
     return dsn
 
 
-# How a turn can end and belong to the conversation.
+# How a turn can end and belong to the conversation (unless it ended before any answer
+# text: `unanswered`, a record only).
 ENDED = ("complete", "interrupted", "failed")
 
 # A conversation as the model is sent it all (no context budget): every (owner_id, appid)
-# that has turns, with the Ollama messages of its ended turns, system prompts first, then
-# turn by turn in order; a reply that ended with neither text nor tool calls left out.
+# that has turns, with the Ollama messages of its ended turns bar the unanswered ones,
+# system prompts first, then turn by turn in order; a reply that ended with neither text
+# nor tool calls left out.
 CONVERSATIONS_AS_SENT = """
     SELECT a.owner_id, a.appid, coalesce((
         SELECT jsonb_agg(jsonb_build_object('role', m.role, 'content', m.content)
@@ -70,7 +72,7 @@ CONVERSATIONS_AS_SENT = """
           JOIN chatterd.turns t ON t.owner_id = m.owner_id AND t.id = m.turn_id
          WHERE m.owner_id = a.owner_id AND m.appid = a.appid
            AND t.owner_id = a.owner_id AND t.appid = a.appid
-           AND t.status IN ('complete', 'interrupted', 'failed')
+           AND t.status IN ('complete', 'interrupted', 'failed') AND NOT t.unanswered
            AND (m.status = 'complete' OR m.content <> '' OR m.extra ? 'tool_calls')),
         '[]'::jsonb)::text AS conversation
       FROM (SELECT DISTINCT owner_id, appid FROM chatterd.turns) a"""
@@ -79,19 +81,22 @@ CONVERSATIONS_AS_SENT = """
 async def read_conversation(pool: asyncpg.Pool, app_id: str,
                             owner_id: int = ANONYMOUS) -> list[asyncpg.Record]:
     """The stored conversation of the owner's appID, every row of its ended turns in order
-    (replies with no text included)."""
+    (replies with no text included; the records of turns that ended before any answer
+    text left out: see read_turns)."""
     return await pool.fetch(
         "SELECT m.seq, m.turn_id, m.role, m.content, m.extra, m.status, m.error, m.model,"
         " m.tokens, m.ntokens, m.ntokens_from FROM chatterd.messages m"
         " JOIN chatterd.turns t ON t.owner_id = m.owner_id AND t.id = m.turn_id"
         " WHERE m.owner_id = $1 AND m.appid = $2 AND t.status = ANY($3::text[])"
+        " AND NOT t.unanswered"
         " ORDER BY m.role <> 'system', m.turn_id, m.seq", owner_id, app_id, list(ENDED))
 
 
 async def read_turns(pool: asyncpg.Pool, app_id: str,
                      owner_id: int = ANONYMOUS) -> list[asyncpg.Record]:
-    """Every turn of the owner's appID, ended or not, in order."""
-    return await pool.fetch("SELECT id, status, owner, error FROM chatterd.turns"
+    """Every turn of the owner's appID, ended or not, in order (unanswered: ended before any
+    answer text, a record outside the conversation)."""
+    return await pool.fetch("SELECT id, status, owner, error, unanswered FROM chatterd.turns"
                             " WHERE owner_id = $1 AND appid = $2 ORDER BY id", owner_id, app_id)
 
 

@@ -57,7 +57,10 @@ class HostileCase(ChatterdTestCase):
                        for e in events if e.event == "message")
 
     def stored_reply(self, app_id="hostile"):
-        rows = [r for r in self.rows(app_id) if r["role"] == "assistant"]
+        """The reply row of the appID's one turn (of a turn that ended before any answer
+        text too, which is a record outside the conversation)."""
+        rows = self.io_loop.run_sync(lambda: self.pool.fetch(
+            "SELECT * FROM messages WHERE appid = $1 AND role = 'assistant'", app_id))
         self.assertEqual(len(rows), 1, rows)
         return rows[0]
 
@@ -166,6 +169,7 @@ class LateStatusTest(HostileCase):
         self.assertEqual(json.loads(events[0].data),
                          {"error": "Ollama answered 204 No Content, expected 200"})
         self.assertEqual(self.stored_reply()["status"], "failed")
+        self.assertEqual(self.rows("hostile"), [])  # no answer text: outside the conversation
 
 
 class OddFieldsTest(HostileCase):

@@ -12,6 +12,7 @@ from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port, gen_test
 
 import jsonfmt
+from tests.message_shape import shape_problems
 from tests.ollama_double import default_reply, tool_call
 from tests.sse_parser import parse
 from tests.support import ChatterdTestCase, chat_and_leave, chat_body, streams_finished
@@ -86,7 +87,15 @@ class ToolsTestCase(ChatterdTestCase):
 
     def turn_rows(self, app_id):
         return self.io_loop.run_sync(lambda: self.pool.fetch(
-            "SELECT id, status, continues, error FROM turns WHERE appid = $1 ORDER BY id", app_id))
+            "SELECT id, status, continues, error, unanswered FROM turns WHERE appid = $1 ORDER BY id",
+            app_id))
+
+    def record(self, app_id):
+        """Every message row of the appID's turns, in order (records outside the conversation
+        included)."""
+        return self.io_loop.run_sync(lambda: self.pool.fetch(
+            "SELECT role, content, extra, status FROM messages WHERE appid = $1 ORDER BY turn_id, seq",
+            app_id))
 
     def kept_schemas(self, app_id):
         return self.io_loop.run_sync(lambda: self.pool.fetchval(
@@ -269,7 +278,9 @@ class ResidentToolTest(ToolsTestCase):
         self.assertEqual(self.double.chat_requests(), [])
 
     @gen_test(timeout=20)
-    async def test_client_leaving_while_the_tool_runs_keeps_call_and_result(self):
+    async def test_client_leaving_while_the_tool_runs_leaves_a_record_outside_the_conversation(self):
+        # No round follows, so the model never answers the result: the call is not stored,
+        # and a reply with no text then makes the turn one that ended before any answer text.
         self.meteo.delay = 0.5
         call = tool_call("get_weather", lat=42.28, lon=-83.74)
         self.double.behave("llama3.2", tool_calls=[call])
@@ -277,13 +288,13 @@ class ResidentToolTest(ToolsTestCase):
                              wait_for=b'"tool_calls"', path=b"/llmtools")
         await streams_finished(self._app)
         self.assertEqual(len(self.double.chat_requests()), 1)  # no round after the client left
-        rows = await self.conversation("d")
-        self.assertEqual([(r["role"], r["status"]) for r in rows],
-                         [("user", "complete"), ("assistant", "interrupted"), ("tool", "complete")])
-        self.assertEqual(rows[1]["extra"], {"tool_calls": [call]})
-        self.assertEqual(rows[2]["content"], WEATHER_TEXT)
+        self.assertEqual(len(self.meteo.requests), 1)  # the tool had started: it finished
+        self.assertEqual(await self.conversation("d"), [])
         (turn,) = await self.turns("d")
-        self.assertEqual(turn["status"], "interrupted")
+        self.assertEqual((turn["status"], turn["unanswered"]), ("interrupted", True))
+        rows = await self.pool.fetch("SELECT role, content, extra FROM messages WHERE appid = 'd'"
+                                     " ORDER BY turn_id, seq")
+        self.assertEqual([tuple(r) for r in rows], [("user", "Weather?", None), ("assistant", "", None)])
 
     @gen_test(timeout=20)
     async def test_client_leaving_in_the_next_round_keeps_the_finished_round(self):
@@ -324,18 +335,36 @@ class BoundedRoundsTest(ToolsTestCase):
         self.assertEqual(events[-1].event, "error")
         self.assertIn("the limit is 2 (--tool-rounds)", jsonfmt.loads(events[-1].data)["error"])
         self.assertFalse(any(jsonfmt.loads(e.data).get("done") for e in events[:-1]))
-        stored = self.stored("r")
-        self.assertEqual([r[0] for r in stored],
-                         ["user"] + ["assistant", "tool"] * 3)
-        self.assertEqual(stored[-1][1], "error: not run: this turn already ran 2 rounds of tool calls")
-        self.assertEqual(stored[-2][3], "failed")
+        # The third call is neither run nor stored, and the model never answered in text: the
+        # turn ended before any answer text, a record (with its two rounds) outside the
+        # conversation, so no later turn goes on from a tool result.
+        self.assertEqual([(r["role"], r["status"]) for r in self.record("r")],
+                         [("user", "complete")] + [("assistant", "complete"), ("tool", "complete")] * 2
+                         + [("assistant", "failed")])
+        self.assertEqual(self.stored("r"), [])
         (turn,) = self.turn_rows("r")
-        self.assertEqual(turn["status"], "failed")
-        # Every call is followed by its result, so the next turn sends a coherent conversation.
+        self.assertEqual((turn["status"], turn["unanswered"]), ("failed", True))
         self.double.behave("llama3.2")
         self.assertEqual(self.tools(chat_body("r", "And now?"))[0].code, 200)
         sent = self.double.chat_requests()[3].body["messages"]
-        self.assertEqual([m["role"] for m in sent], ["user"] + ["assistant", "tool"] * 3 + ["user"])
+        self.assertEqual([(m["role"], m["content"]) for m in sent], [("user", "And now?")])
+
+    def test_a_later_round_with_text_keeps_the_finished_rounds_well_formed(self):
+        # The model says something with its third call: that text is its answer, and the two
+        # finished rounds stay, each call followed by its result and an answer.
+        call = tool_call("get_weather", lat=42.28, lon=-83.74)
+        self.double.behave("llama3.2", tool_calls=lambda messages: [call],
+                           reply="Checking again.")
+        response, events = self.tools(chat_body("rt", "Weather?"))
+        self.assertEqual(events[-1].event, "error")
+        self.assertEqual([(r[0], r[3]) for r in self.stored("rt")],
+                         [("user", "complete")] + [("assistant", "complete"), ("tool", "complete")] * 2
+                         + [("assistant", "failed")])
+        self.assertEqual(self.stored("rt")[-1][1:3], ("Checking again.", None))
+        self.double.behave("llama3.2")
+        self.assertEqual(self.tools(chat_body("rt", "And now?"))[0].code, 200)
+        sent = self.double.chat_requests()[-1].body["messages"]
+        self.assertEqual(shape_problems(sent), [])
 
 
 class WeatherOffTest(ToolsTestCase):

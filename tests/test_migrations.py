@@ -196,6 +196,8 @@ def test_a_database_of_the_ten_migrations_upgrades_with_its_data_kept():
             assert applied.versions == versions_after(10)
             assert applied.functions == [name for name, _ in migrate.function_files()]
             assert await table_rows(con, "chatterd", columns) == before
+            # None of these turns ended before any answer text (0016).
+            assert await con.fetchval("SELECT count(*) FROM turns WHERE unanswered") == 0
             # Every conversation stayed where it was: the anonymous namespace (0021).
             for table in ("turns", "messages", "leases", "tool_schemas", "conversation_sizes"):
                 assert await con.fetchval(f"SELECT count(*) FILTER (WHERE owner_id <> 0)"
@@ -257,15 +259,17 @@ def test_a_database_of_the_first_release_upgrades_with_its_data_kept():
             columns = list(messages[0].keys())
             moved = await con.fetch(f"SELECT {', '.join(columns)} FROM chatterd.messages ORDER BY seq")
             assert moved == messages
-            # Each appID's messages became one ended turn, its counts as the functions count.
+            # Each appID's messages became ended turns, split at each user message that follows
+            # another role's (0015), their counts as the functions count.
             await con.execute("SET search_path = chatterd")  # (turn_size has no SET clause)
             turns = await con.fetch("SELECT t.appid, t.status, t.tokens, t.nmessages,"
                                     " s.tokens AS size_tokens, s.nmessages AS size_n"
                                     " FROM chatterd.turns t, chatterd.turn_size(t.owner_id, t.id) s"
-                                    " ORDER BY 1")
-            assert [(t["appid"], t["status"]) for t in turns] == [("a", "complete"), ("b", "complete")]
+                                    " ORDER BY t.appid, t.id")
+            assert [(t["appid"], t["status"]) for t in turns] == [("a", "complete")] * 3 + [("b", "complete")]
             assert all((t["tokens"], t["nmessages"]) == (t["size_tokens"], t["size_n"]) for t in turns)
-            assert [t["nmessages"] for t in turns] == [5, 2]  # a: bar the system and the empty reply
+            # a: hi, hello | look (its empty reply is not sent) | weather?, the call; b: both
+            assert [t["nmessages"] for t in turns] == [2, 1, 2, 2]
             counts = await con.fetch(
                 "SELECT ntokens, ntokens_from, CASE WHEN role = 'assistant' AND tokens IS NOT NULL"
                 " THEN tokens ELSE chatterd.estimate_tokens(content, extra) END AS expected"

@@ -1,7 +1,8 @@
 """No turn-contract violation under faults: two real chatterd processes on one private
 PostgreSQL, the Ollama double scripted with faults, clients that leave mid-stream and type again at once,
 double sends, a SIGTERM, a SIGKILL mid-stream with resends, a PostgreSQL stop/start; then
-an audit from outside of the turn contract (docs/turn-contract.md).
+an audit from outside of the turn contract (docs/turn-contract.md), and of the shape of every
+message list sent upstream (tests/message_shape.py).
 
 CI size by default (a few hundred turns).  Longer runs:
 
@@ -31,4 +32,6 @@ def test_torture_no_contract_violation():
     print(summary, file=sys.stderr)
     assert report.faults["SIGTERM"] and report.faults["SIGKILL mid-stream"] \
         and report.faults["PostgreSQL stop/start"], summary
+    assert report.shape_checked >= report.upstream > 0, summary
+    assert not report.malformed, summary  # every message list sent upstream is well formed
     assert not report.violations, summary

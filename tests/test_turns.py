@@ -12,6 +12,7 @@ import settings
 from turns import CUT_WARNING_EVERY, Turn, TurnKeeper
 from db import conversations
 from db.conversations import ANONYMOUS
+from tests.message_shape import shape_problems
 from tests.ollama_double import default_reply
 from tests.sse_parser import parse
 from tests.support import ChatterdTestCase, chat_and_leave, chat_body, streams_finished
@@ -289,6 +290,56 @@ class ResendTest(ChatterdTestCase):
         self.assertTrue(any("replay of turn" in c for c in comments))
         self.assertEqual(len(self.double.chat_requests()), 1)
         self.assertEqual([r["role"] for r in self.rows("rf")], ["user", "assistant"])
+
+
+class UnansweredTurnTest(ChatterdTestCase):
+    """A turn that ends before any answer text is a record outside the conversation: never
+    sent again, never replayed; sending it again simply works, and is in the conversation once."""
+
+    undeliver = ResendTest.undeliver
+
+    def setUp(self) -> None:
+        super().setUp()
+        # 200, then the body ends before any token and without the done line.
+        self.double.behave("mute", reply="", omit_done=True)
+
+    def test_its_resend_is_answered_and_the_conversation_holds_it_once(self):
+        first = self.post_json("/llmchat", chat_body("un", "hello?", model="mute"))
+        self.assertEqual(first.code, 200)
+        self.assertEqual(parse(first.body)[0][-1].event, "error")
+        again = self.post_json("/llmchat", chat_body("un", "hello?"))
+        self.assertEqual(again.code, 200)
+        self.assertNotIn("X-Chatterd-Replayed", again.headers)
+        self.assertEqual(contents(self.double.chat_requests()[-1].body["messages"]), [("user", "hello?")])
+        self.assertEqual(self.post_json("/llmchat", chat_body("un", "and then?")).code, 200)
+        sent = self.double.chat_requests()[-1].body["messages"]
+        self.assertEqual([m["content"] for m in sent][::2], ["hello?", "and then?"])
+        self.assertEqual(shape_problems(sent), [])
+        turns = self.io_loop.run_sync(lambda: self.turns("un"))
+        self.assertEqual([(t["status"], t["unanswered"]) for t in turns],
+                         [("failed", True), ("complete", False), ("complete", False)])
+        self.assertIn("without its final done message", turns[0]["error"])  # the record keeps why
+        self.assertEqual([r["content"] for r in self.rows("un") if r["role"] == "user"],
+                         ["hello?", "and then?"])
+
+    def test_an_undelivered_one_is_asked_again_not_replayed(self):
+        self.assertEqual(self.post_json("/llmchat", chat_body("uu", "hi", model="mute")).code, 200)
+        self.io_loop.run_sync(lambda: self.undeliver("uu"))
+        again = self.post_json("/llmchat", chat_body("uu", "hi"))
+        self.assertNotIn("X-Chatterd-Replayed", again.headers)
+        self.assertEqual(parse(again.body)[0][-1].event, "message")  # done
+        self.assertEqual(len(self.double.chat_requests()), 2)
+        self.assertEqual([t["status"] for t in self.io_loop.run_sync(lambda: self.turns("uu"))],
+                         ["failed", "complete"])
+
+    def test_one_that_failed_after_answer_text_stays_whole(self):
+        self.double.behave("breaks", error="model crashed", error_after=2)
+        self.assertEqual(self.post_json("/llmchat", chat_body("uw", "go", model="breaks")).code, 200)
+        self.assertEqual(self.post_json("/llmchat", chat_body("uw", "again")).code, 200)
+        sent = self.double.chat_requests()[-1].body["messages"]
+        self.assertEqual([m["role"] for m in sent], ["user", "assistant", "user"])
+        self.assertEqual(sent[1]["content"], self.rows("uw")[1]["content"])  # what was said
+        self.assertTrue(sent[1]["content"])
 
 
 class DeliveryRecordTest(ChatterdTestCase):

@@ -46,6 +46,7 @@ from tornado.testing import bind_unused_port
 import jsonfmt
 import settings
 from db import embedded, migrate, pool as db_pool
+from tests.message_shape import shape_problems
 from tests.ollama_double import Behavior, OllamaDouble, default_reply
 from tests.sse_parser import SSEError, parse
 from tests.support import CONVERSATIONS_AS_SENT
@@ -472,12 +473,23 @@ class Report:
     stored: collections.Counter = field(default_factory=collections.Counter)
     upstream: int = 0
     violations: collections.Counter = field(default_factory=collections.Counter)
+    # The shape of every message list sent upstream (tests/message_shape.py): lists checked,
+    # and the problems found, by kind (a list counts once per kind it breaks).
+    shape_checked: int = 0
+    records: int = 0  # ended turns outside the conversation: they ended before any answer text
+    malformed: collections.Counter = field(default_factory=collections.Counter)
     evidence: dict = field(default_factory=lambda: collections.defaultdict(list))
 
     def violation(self, kind: str, detail: str) -> None:
         self.violations[kind] += 1
         if len(self.evidence[kind]) < 8:
             self.evidence[kind].append(detail)
+
+    def ill_formed(self, kind: str, detail: str) -> None:
+        self.malformed[kind] += 1
+        key = f"ill-formed: {kind}"
+        if len(self.evidence[key]) < 8:
+            self.evidence[key].append(detail)
 
     def summary(self) -> str:
         def fmt(c: collections.Counter) -> str:
@@ -488,7 +500,10 @@ class Report:
                f"  faults injected: {fmt(self.faults)}",
                f"  attempt outcomes: {fmt(self.outcomes)}",
                f"  HTTP statuses: {fmt(self.statuses)}",
-               f"  stored turns by status: {fmt(self.stored)}",
+               f"  stored turns by status: {fmt(self.stored)}; {self.records} of them ended before "
+               "any answer text (records outside the conversation)",
+               f"  well-formedness: {self.shape_checked} upstream message lists checked, "
+               f"{sum(self.malformed.values())} violations ({fmt(self.malformed)})",
                f"  violations: {sum(self.violations.values())} ({fmt(self.violations)})"]
         for kind, details in self.evidence.items():
             out.append(f"  -- {kind}:")
@@ -645,6 +660,7 @@ class Torture:
 
     async def _send(self, send: Send, first: Optional[Chatterd] = None) -> None:
         pause = 0.1
+        resent_after_error = False
         for i in range(12):
             proc = first if (first is not None and i == 0) else self.rng.choice(self.procs)
             a = await http_attempt(proc, send.body(), send.leave_after,
@@ -652,6 +668,11 @@ class Torture:
             send.attempts.append(a)
             again = a.outcome in ("nostatus", "truncated") or (
                 a.outcome == "status" and a.status in RETRY_STATUSES)
+            if a.outcome == "error" and not resent_after_error and send.kind != "probe" \
+                    and self.rng.random() < 0.5:
+                # A person who saw an error often sends the same message again, once.
+                again = resent_after_error = True
+                self.report.faults["client resends after an error event"] += 1
             if not again:
                 return
             # A real client backs off a little before it resends.
@@ -785,8 +806,9 @@ class Torture:
                                                                    "ended": r["ended"]})
             t["rows"].append(r)
         stored_by_tid: dict[str, list[dict]] = collections.defaultdict(list)
+        # Turns that ended before any answer text: kept as records, never in the conversation.
+        records_by_tid: dict[str, list[dict]] = collections.defaultdict(list)
         views: dict[str, list[tuple[str, str]]] = {}
-        turn_pos: dict[int, int] = {}
         for app, turns in by_app_turns.items():
             view: list[tuple[str, str]] = []
             for tid_, t in sorted(turns.items()):
@@ -814,15 +836,19 @@ class Torture:
                         if r["mstatus"] != t["status"]:
                             rep.violation("reply status differs from the turn's", ev)
                     t["tid"], t["users"], t["reply"] = tid, users, replies[0] if replies else None
-                    t["pos"] = len(view)
-                    turn_pos[t["id"]] = len(view)
+                    t["pos"] = len(view)  # it was sent the conversation up to here
+                    if t["status"] != "complete" and not (t["reply"] and t["reply"]["content"]):
+                        records_by_tid[tid].append(t)
+                        continue
                     stored_by_tid[tid].append(t)
                     view += [("user", r["content"]) for r in users]
-                    if replies and (replies[0]["mstatus"] == "complete" or replies[0]["content"]):
+                    if replies:
                         view.append(("assistant", replies[0]["content"]))
                 elif replies:
                     rep.violation("a turn outside the conversation has a reply row", ev)
             views[app] = view
+        rep.records = sum(len(ts) for ts in records_by_tid.values())
+        for app, view in views.items():
             got = [(m.get("role"), m.get("content")) for m in conv_of.get(app, [])]
             if got != view:
                 rep.violation("the conversation as sent differs from the ended turns' rows",
@@ -832,6 +858,30 @@ class Torture:
         # The double: every upstream request, in arrival order.
         upstream = [r for r in self.double.chat_requests() if isinstance(r.body, dict)]
         rep.upstream = len(upstream)
+
+        # Every message list sent upstream is well formed.  The only breaks of the
+        # alternation allowed are a client's: two messages one request sent together (the
+        # "-a", "-b" pairs), adjacent as the client sent them.
+        def client_pair(a: Optional[dict], b: dict) -> bool:
+            if a is None:
+                return False
+            sent = sends_by_tid.get(tid_of(a.get("content")) or "")
+            ours = [(m["role"], m["content"]) for m in sent[0].messages] if sent else []
+            pair = ((a.get("role"), a.get("content")), (b.get("role"), b.get("content")))
+            return any(tuple(ours[k:k + 2]) == pair for k in range(len(ours) - 1))
+
+        for n, u in enumerate(upstream):
+            messages = u.messages
+            rep.shape_checked += 1
+            if messages is None:
+                rep.ill_formed("no message list", f"upstream #{n}")
+                continue
+            problems = shape_problems(messages, client_pair)
+            for kind in sorted({p.split(" at ")[0] for p in problems}):
+                rep.ill_formed(kind, f"upstream #{n} model {u.body.get('model')}: "
+                               + "; ".join(problems[:3]) + " -- "
+                               + repr([(m.get("role"), (m.get("content") or "")[:20])
+                                       for m in messages][-8:]))
         up_index: dict[tuple, list] = collections.defaultdict(list)
         for u in upstream:
             msgs = [(m.get("role"), m.get("content")) for m in u.body.get("messages", [])]
@@ -922,11 +972,16 @@ class Torture:
         # The clients.
         for tid, sends in sends_by_tid.items():
             stored = stored_by_tid.get(tid, [])
+            records = records_by_tid.get(tid, [])
             attempts = [a for s in sends for a in s.attempts]
             ev = (f"{tid} model {sends[0].model} kind {sends[0].kind}: attempts "
                   f"{[(a.proc, a.status, a.outcome) for a in attempts]}; stored "
-                  f"{[(t['id'], t['status']) for t in stored]}")
-            possible = sum(1 for s in sends if any(a.outcome not in ("status",) for a in s.attempts))
+                  f"{[(t['id'], t['status']) for t in stored]}; records {[t['id'] for t in records]}")
+            # Each send is stored at most once, however often it is retried; a resend after an
+            # event: error is a new question when the failed turn had answer text (it is then
+            # in the conversation, with what was said), else the failed turn is a record only.
+            possible = sum(1 for s in sends if any(a.outcome not in ("status",) for a in s.attempts)) \
+                + sum(1 for s in sends for a in s.attempts[:-1] if a.outcome == "error")
             if len(stored) > possible:
                 ends = "; ".join(
                     f"turn {t['id']} owner {t['owner']} ended {t['ended']:.3f}"
@@ -953,14 +1008,14 @@ class Torture:
                                                                      "timeout"))
             if len(unclaimed) > indeterminate:
                 rep.violation("stored complete though its client saw an error, not done", ev)
-            n_failed = sum(1 for t in stored if t["status"] == "failed")
+            n_failed = sum(1 for t in stored + records if t["status"] == "failed")
             if n_failed > indeterminate + sum(1 for a in attempts if a.outcome == "error"):
                 rep.violation("stored failed though no client saw an error event", ev)
             rejected = [t for t in by_app_turns[sends[0].app].values()
                         if t["status"] == "rejected" and t["rows"] and tid_of(t["rows"][0]["content"]) == tid]
             if len(rejected) > indeterminate + sum(1 for a in attempts if a.outcome in ("status", "error")):
                 rep.violation("turn rejected though every client got its answer", ev)
-            if any(t["status"] == "interrupted" for t in stored) and not any(
+            if any(t["status"] == "interrupted" for t in stored + records) and not any(
                     a.outcome in ("left", "timeout") for a in attempts):
                 rep.violation("stored interrupted though no client left", ev)
             model = sends[0].model

@@ -15,6 +15,10 @@
 -- The work done is the system prompts, the turns sent and one more, never the whole
 -- conversation.
 --
+-- The conversation is made of the ended turns (complete, interrupted, failed) but those
+-- that ended before any answer text (`unanswered`, see end_turn): their messages are
+-- never sent again.
+--
 -- * Busy (another live turn holds the lease): one row, turn_id NULL and
 --   replay = {"waiting_for": the running turn's id}.
 -- * p_replace (/llmprep): the appID's earlier turns and its kept tool schemas are deleted
@@ -25,7 +29,8 @@
 --   delivered) or it is the turn this request waited for (p_waited_for: a double send,
 --   the same messages sent again while that turn ran), nothing is stored, the lease is
 --   released, and the row is that turn's id with replay = its stored reply {content,
---   extra, model, tokens, status, error}.
+--   extra, model, tokens, status, error}.  A turn that ended before any answer text is
+--   never replayed: sending it again asks the model again.
 -- * p_delivered, p_delivered_owners: the turns (ids, and the owner of each) whose end
 --   reached their client since the process's last call, marked delivered first, so
 --   marking costs no round trip of its own.
@@ -139,7 +144,7 @@ BEGIN
         -- A resend: the last turn's end never reached its client; or a double send: this
         -- request arrived while that very turn was running (p_waited_for) with the same
         -- messages.  Either way it is answered from storage.
-        IF v_last.status IN ('complete', 'failed')
+        IF v_last.status IN ('complete', 'failed') AND NOT v_last.unanswered
            AND (NOT v_last.delivered OR v_last.id = p_waited_for)
            AND v_last.ended_at > now() - make_interval(secs => p_resend_seconds)
            AND v_last.nincoming = jsonb_array_length(p_messages)
@@ -190,7 +195,8 @@ BEGIN
           INTO v_sys_n, v_sys_tokens
           FROM messages m JOIN turns t ON t.owner_id = m.owner_id AND t.id = m.turn_id
          WHERE m.owner_id = p_owner_id AND m.appid = p_appid AND m.role = 'system'
-           AND m.turn_id < v_turn AND t.status IN ('complete', 'interrupted', 'failed');
+           AND m.turn_id < v_turn AND t.status IN ('complete', 'interrupted', 'failed')
+           AND NOT t.unanswered;
 
         -- The newest whole turns that fit, walking back from the newest (index turns_appid,
         -- backwards); the first that does not fit ends the walk, so what is sent is
@@ -204,7 +210,7 @@ BEGIN
             v_batch := 0;
             FOR r IN SELECT t.id, t.tokens, t.nmessages, t.continues FROM turns t
                       WHERE t.owner_id = p_owner_id AND t.appid = p_appid AND t.id < v_below
-                        AND t.status IN ('complete', 'interrupted', 'failed')
+                        AND t.status IN ('complete', 'interrupted', 'failed') AND NOT t.unanswered
                       ORDER BY t.id DESC LIMIT 32 LOOP
                 v_batch := v_batch + 1;
                 v_below := r.id;
@@ -258,7 +264,7 @@ BEGIN
           FROM messages m JOIN turns t ON t.owner_id = m.owner_id AND t.id = m.turn_id
          WHERE m.owner_id = p_owner_id AND m.appid = p_appid
            AND t.owner_id = p_owner_id AND t.appid = p_appid AND t.id < v_turn
-           AND t.status IN ('complete', 'interrupted', 'failed')
+           AND t.status IN ('complete', 'interrupted', 'failed') AND NOT t.unanswered
            AND is_sent(m.status, m.content, m.extra);
         INSERT INTO conversation_sizes (owner_id, appid, messages, tokens)
         VALUES (p_owner_id, p_appid, v_size_n, v_size_tokens)
@@ -278,6 +284,7 @@ BEGIN
                       FROM messages m JOIN turns t ON t.owner_id = m.owner_id AND t.id = m.turn_id
                      WHERE m.owner_id = p_owner_id AND m.appid = p_appid AND m.role = 'system'
                        AND m.turn_id < v_turn AND t.status IN ('complete', 'interrupted', 'failed')
+                       AND NOT t.unanswered
                     UNION ALL
                     SELECT false, m.turn_id, m.seq, m.role, m.content, m.extra
                       FROM messages m

@@ -10,6 +10,14 @@
 -- 'already' = an earlier attempt did it, 'lost' = the turn was abandoned meanwhile (its
 -- lease expired and another turn took it).
 --
+-- A turn that ended before any answer text -- failed or interrupted with neither text nor a
+-- tool call in its reply -- is kept as a record (`unanswered`: its status, messages, tool
+-- rounds and error stay, for a resend and for the conversations API) but never enters the
+-- conversation: later turns never send its messages, which would leave its user message
+-- (or its last tool results) without a reply, and two user messages in a row are what
+-- many chat templates refuse.  A resend of it is a new turn.  A turn that failed after
+-- answer text enters whole, with what was said.
+--
 -- The reply costs Ollama's eval_count (p_tokens) when complete, else its estimate;
 -- p_prompt_tokens (Ollama's prompt_eval_count for the prompt this turn sent) teaches the
 -- counts of what it sent (learn_tokens).  The turn row is written once.  A released lease
@@ -32,6 +40,9 @@ DECLARE
     v_tokens integer;
     v_n integer;
     v_ended boolean := p_status IN ('complete', 'interrupted', 'failed');
+    v_unanswered boolean := p_status IN ('failed', 'interrupted')
+        AND NOT (p_reply AND (coalesce(p_content, '') <> ''
+                              OR coalesce(p_extra ? 'tool_calls', false)));
 BEGIN
     SELECT status, appid INTO v_status, v_appid FROM turns
      WHERE owner_id = p_owner_id AND id = p_turn FOR UPDATE;
@@ -58,7 +69,10 @@ BEGIN
                 CASE WHEN p_tokens IS NOT NULL AND p_status = 'complete' THEN 'ollama'
                      ELSE 'estimate' END);
     END IF;
-    IF v_ended THEN
+    IF v_unanswered THEN
+        v_tokens := 0;  -- nothing of it is sent, and its conversation does not grow
+        v_n := 0;
+    ELSIF v_ended THEN
         -- turn_size(p_turn), written out: a SQL function that is not inlined is planned
         -- again on every call.
         SELECT coalesce(sum(coalesce(m.ntokens, estimate_tokens(m.content, m.extra))), 0)::integer,
@@ -78,7 +92,8 @@ BEGIN
     END IF;
     UPDATE turns SET status = p_status, error = v_error, ended_at = now(),
                      prompt_tokens = p_prompt_tokens,
-                     tokens = coalesce(v_tokens, tokens), nmessages = coalesce(v_n, nmessages)
+                     tokens = coalesce(v_tokens, tokens), nmessages = coalesce(v_n, nmessages),
+                     unanswered = v_unanswered
      WHERE owner_id = p_owner_id AND id = p_turn;
     UPDATE leases SET expires_at = '-infinity'
      WHERE owner_id = p_owner_id AND appid = v_appid AND turn_id = p_turn;

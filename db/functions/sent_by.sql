@@ -17,7 +17,7 @@ LANGUAGE sql STABLE AS $$
       FROM t0, messages m JOIN turns t ON t.owner_id = m.owner_id AND t.id = m.turn_id
      WHERE m.owner_id = p_owner_id AND m.appid = t0.appid AND m.role = 'system'
        AND m.turn_id < p_turn
-       AND t.status IN ('complete', 'interrupted', 'failed')
+       AND t.status IN ('complete', 'interrupted', 'failed') AND NOT t.unanswered
     UNION ALL
     SELECT m.seq, m.turn_id, coalesce(m.ntokens, estimate_tokens(m.content, m.extra)),
            m.ntokens_from, estimate_tokens(m.content, m.extra)

@@ -4,8 +4,9 @@
 -- this appID.  The title does not change updated_at (when a turn last entered it), so
 -- naming a conversation does not move it in the list.
 --
--- A conversation stored by other means (the course import) has no row until its next turn:
--- it gets one here, counted as begin_turn counts it.
+-- A conversation whose size was never counted (rows written by other means, e.g. a course
+-- import after turns that were never counted) has no row until its next turn: it gets one
+-- here, counted as begin_turn counts it.
 CREATE OR REPLACE FUNCTION set_conversation_title(p_owner_id bigint, p_appid text, p_title text)
 RETURNS TABLE (appid text, title text, model text, messages bigint, updated_at timestamptz)
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
@@ -20,9 +21,10 @@ BEGIN
     END IF;
     RETURN QUERY
     INSERT INTO conversation_sizes AS s (owner_id, appid, messages, tokens, title, model, updated_at)
-    SELECT p_owner_id, p_appid, count(*) FILTER (WHERE is_sent(m.status, m.content, m.extra)),
+    SELECT p_owner_id, p_appid,
+           count(*) FILTER (WHERE is_sent(m.status, m.content, m.extra) AND NOT t.unanswered),
            coalesce(sum(coalesce(m.ntokens, estimate_tokens(m.content, m.extra)))
-                    FILTER (WHERE is_sent(m.status, m.content, m.extra)), 0),
+                    FILTER (WHERE is_sent(m.status, m.content, m.extra) AND NOT t.unanswered), 0),
            p_title,
            (array_agg(m.model ORDER BY m.seq DESC) FILTER (WHERE m.model IS NOT NULL))[1],
            max(t.ended_at)
