@@ -40,6 +40,8 @@ from handlers.llm import LLMPrepHandler, LLMPromptHandler
 from handlers.llmtools import LLMToolsHandler
 from handlers.openai_api import ChatCompletionsHandler, ModelsHandler
 from handlers.ops import HealthHandler, MetricsHandler, ReadyHandler
+from handlers.resume import TurnEventsHandler, TurnStopHandler
+from resume import Resumption
 from handlers.web import ChatRedirectHandler, WebPageHandler
 from runtime.accept_guard import GuardedHTTPServer
 from runtime.gc_schedule import FullCollections
@@ -60,6 +62,8 @@ ROUTES = [
     (r"/llmtools/?", LLMToolsHandler),
     (r"/v1/chat/completions/?", ChatCompletionsHandler),
     (r"/v1/models/?", ModelsHandler),
+    (r"/turns/([0-9]+)/events/?", TurnEventsHandler),
+    (r"/turns/([0-9]+)/stop/?", TurnStopHandler),
     (r"/conversations/?", ConversationsHandler),
     # The appID URL-encoded (a "/" in it as %2F); Tornado decodes it for the handler.
     (r"/conversations/([^/]+)/?", ConversationHandler),
@@ -117,6 +121,9 @@ class Application(tornado.web.Application):
         self.hasher = hasher  # None: the account endpoints answer 503
         self.caller_limits = CallerLimits(streams=config.user_streams, rate=config.user_rate)
         self.turns = TurnKeeper(pool, config)
+        # Resumable streams (resume/): ids, checkpoints, LISTEN/NOTIFY, stop.
+        self.resume = Resumption(pool, config)
+        self.turns.on_busy = self.resume.stop_if_detached
         self.tools = tools.resident(config)  # the resident tools of /llmtools
         self.draining = False
         self.in_flight: set = set()  # every request being handled, streams included
@@ -270,6 +277,7 @@ async def main(config: settings.Settings, new_password: str | None = None) -> No
     upstreams.close()
     await app.turns.flush_delivered()
     app.turns.close()
+    await app.resume.close()
     await asyncio.wait_for(pool.close(), 10)
     full_collections.stop()
     log.info("stopped")

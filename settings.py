@@ -130,6 +130,19 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "unless the request's options.num_ctx says otherwise; history beyond it is left "
                 "out, oldest whole turns first (0: send the whole conversation, no num_ctx)"),
     )),
+    ("Resumable streams", (
+        Setting("resume-window", float, 120.0,
+                "Most seconds a streamed turn keeps generating after its client left, when the "
+                "request asks for it (X-Chatterd-Keep-Generating); a reader resuming it extends "
+                "that (0: the header is ignored and a client that leaves stops its turn)"),
+        Setting("resume-retention", float, 300.0,
+                "Seconds a finished turn's stream events stay resumable (GET /turns/<id>/events); "
+                "then 410"),
+        Setting("resume-checkpoint", float, 0.2,
+                "Seconds between checkpoints of the running streams' events to PostgreSQL (one "
+                "statement per process for all of them); a resume on another process lags the "
+                "live stream by about this much"),
+    )),
     ("Resident tools", (
         Setting("weather-url", str, "https://api.open-meteo.com/v1/forecast",
                 "Open-Meteo forecast API behind the resident tool get_weather(lat, lon) of "

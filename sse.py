@@ -40,6 +40,28 @@ def data_events(lines: list[bytes]) -> bytes:
     return framed
 
 
+def with_ids(framed: bytes, prefix: bytes, n: int) -> bytes:
+    """*framed* (whole events, each ending in a blank line) with an `id:` line on each,
+    *prefix* then its number, counting on from *n* (resume/record.py: `id: <turn>:<n>`).
+    JSON data holds no raw newline, so a blank line only ever ends an event."""
+    if framed.count(b"\n\n") == 1:  # one event (a line per upstream write): no split
+        return b"%s%d\n%s" % (prefix, n + 1, framed)
+    events = framed.split(b"\n\n")
+    events.pop()  # what follows the last blank line: nothing
+    return b"".join([b"%s%d\n%s\n\n" % (prefix, i, event) for i, event in enumerate(events, n + 1)])
+
+
+def data_events_with_ids(lines: list[bytes], prefix: bytes, n: int) -> Optional[bytes]:
+    """with_ids(data_events(lines), ...) in one pass; None when a line needs data_events'
+    escaping (then frame it first)."""
+    if len(lines) == 1:
+        framed = b"%s%d\ndata: %s\n\n" % (prefix, n + 1, lines[0])
+    else:
+        framed = b"".join([b"%s%d\ndata: %s\n\n" % (prefix, i, line)
+                           for i, line in enumerate(lines, n + 1)])
+    return None if b"\r" in framed else framed
+
+
 def comment(text: str) -> bytes:
     """One SSE comment line (parsers skip it); line breaks in *text* become spaces."""
     return b": " + " ".join(text.splitlines()).encode() + b"\n\n"

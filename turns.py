@@ -25,7 +25,7 @@ import os
 import re
 import socket
 import uuid
-from typing import Any, Optional, Protocol
+from typing import Any, Awaitable, Callable, Optional, Protocol
 
 import asyncpg
 
@@ -91,6 +91,10 @@ class TurnKeeper:
         self.delivery_flush = DELIVERY_FLUSH
         self._cut_warned_at: Optional[float] = None  # see warn_cut
         self._cut_unlogged = 0
+        # Called with (owner, appID, the running turn's id) each time a turn finds its
+        # conversation busy (resume/: a turn whose client left is stopped, so the new one
+        # need not wait for it).
+        self.on_busy: Optional[Callable[[int, str, int], Awaitable[None]]] = None
 
     def _start_renewing(self) -> None:
         if self._renewer is None:
@@ -152,6 +156,9 @@ class TurnKeeper:
             waited = True
             if waited_for is None:  # the turn this request arrived behind
                 waited_for = (replay or {}).get("waiting_for")
+            if waited_for is not None and self.on_busy is not None:
+                # Asked at each try: its process may notice only now that its client left.
+                await self.on_busy(owner_id, app_id, waited_for)
             if loop.time() >= deadline:
                 metrics.TURN_WAITS.labels(outcome="busy").inc()
                 raise TurnBusy()

@@ -487,8 +487,12 @@ class UpstreamHandler(JSONBodyHandler):
         self.client_gone = True
         if self._left is not None:
             self._left.set()
-        if self.call is not None:
+        if self.call is not None and not self.keeps_generating():
             self.call.abort(UpstreamAborted("client disconnected"))
+
+    def keeps_generating(self) -> bool:
+        """The client left: True to let the call go on (handlers/resumable.py)."""
+        return False
 
     def end_for_shutdown(self) -> None:
         """The shutdown grace is over: end this request's Ollama call now."""

@@ -31,6 +31,7 @@ from db.pool import DatabaseUnavailable
 from handlers.base import ClientError, UpstreamHandler
 from handlers.llm_request import LLMRequest, parse_llm_request
 from handlers.reply_text import ReplyText, prompt_count, token_count
+from handlers.resumable import ResumableTurn
 from upstreams.errors import UpstreamAborted, UpstreamError
 from turns import ClientLeft, Turn, TurnBusy, TurnNotStored
 
@@ -70,13 +71,13 @@ async def begin_turn(handler: UpstreamHandler, request: LLMRequest, replace: boo
                                "ended") from None
 
 
-class LLMChatHandler(UpstreamHandler):
+class LLMChatHandler(ResumableTurn, UpstreamHandler):
     # The turn's relay state lives in slots: with Tornado's own attributes, a handler's
     # instance dictionary outgrew the one CPython shares between instances (30 keys) and
     # became a private one, 0.5 KiB more per open stream (bench/scale.py).  Each is set
     # before it is read, as an instance attribute would be.
     __slots__ = ("turn", "reply", "failure", "done_line", "answer_started", "text",
-                 "time_to_first_token", "events")
+                 "time_to_first_token", "events", "record", "stopped", "window_timer")
 
     outcome: Optional[str] = None  # for the access log: complete, interrupted, failed, rejected
     context: Optional[str] = None  # for the access log: what the turn sent and left out
@@ -85,6 +86,7 @@ class LLMChatHandler(UpstreamHandler):
         self.refuse_when_draining()
         request = self.parse_request()
         self.app_id = request.app_id
+        keep = self.keep_generating()
         try:
             self.turn = await self.begin(request)
         except ClientLeft:
@@ -93,6 +95,7 @@ class LLMChatHandler(UpstreamHandler):
         if self.turn.replay is not None:
             await self._replay(request, self.turn.replay)
             return
+        self.start_record(request.stream, keep)
         announce_window(self, self.turn)
         self.reply = Reply(model=request.model)
         self.failure: Optional[str] = None
@@ -110,6 +113,7 @@ class LLMChatHandler(UpstreamHandler):
             metrics.ACTIVE_STREAMS.dec()
             if not self.turn.ended:  # an unexpected error: never leave the turn pending here
                 await self.turn.reject("chatterd failed to handle the turn")
+            await self.close_record(self.reply.error or "the turn ended")
 
     # -- streaming ------------------------------------------------------------------
 
@@ -133,7 +137,8 @@ class LLMChatHandler(UpstreamHandler):
                 try:
                     await self.call.finished()
                 except UpstreamAborted as e:
-                    self._end("interrupted" if self.client_gone else "failed", e.message)
+                    self._end("interrupted" if self.client_gone or self.stopped else "failed",
+                              e.message)
                 except UpstreamError as e:
                     self._end("failed", e.message)
                 else:
@@ -164,6 +169,7 @@ class LLMChatHandler(UpstreamHandler):
             # First what the turn sent and left out, as a comment parsers skip; then, if
             # still waiting for Ollama's status, a heartbeat so proxies see a live stream.
             said = sse.comment(f"context {self.context}") if self.context else b""
+            self.open_record()
             await self.events.open(said + (b"" if self.call.status == 200 else sse.KEEPALIVE))
         except StreamClosedError:
             self.on_connection_close()
@@ -205,7 +211,7 @@ class LLMChatHandler(UpstreamHandler):
                 break
         self.text.compact()
         if relayed:
-            return self._send_now(self.frame(relayed))
+            return self.checkpointed(self._send_now(self.framed(relayed)))
         return None
 
     def _send_now(self, data: bytes) -> Optional[Awaitable[None]]:
@@ -255,18 +261,20 @@ class LLMChatHandler(UpstreamHandler):
             await self.turn.reject("the client left before the answer started")
             reply.status = "rejected"
             return
+        # The stream's last event, framed (once) before the turn is stored, for a resume.
+        end = self.stage_end(self.frame([self.done_line]), "complete") if reply.status == "complete" \
+            else self.stage_end(self.frame_error(reply.error), reply.status) if reply.error else b""
         try:
             await self.turn.end(reply.status, reply)
         except (DatabaseUnavailable, TurnNotStored, asyncpg.PostgresError) as e:
             log.warning("storing turn %d of appID %r failed: %s", self.turn.id, self.app_id, e)
             await self.turn.reject(f"storing it failed: {e}")  # its lease is freed, if possible
             reply.status = "failed"
-            await self._send(self.frame_error(f"the reply could not be stored: {e}"))
+            await self._send(self.numbered(self.frame_error(f"the reply could not be stored: {e}"),
+                                           last=True))
             return
-        if reply.status == "complete":
-            await self._send(self.frame([self.done_line]))
-        elif reply.error:
-            await self._send(self.frame_error(reply.error))
+        if end:
+            await self._send(self.numbered(end, last=True))
         if not self.client_gone and reply.status != "interrupted":
             await self.turn.delivered()
 

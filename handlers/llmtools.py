@@ -146,12 +146,15 @@ class LLMToolsHandler(LLMChatHandler):
             return False
         self.rounds += 1
         results = [tool_result(c, await registry.call(c)) for c in ours]
-        if self.client_gone or self.shutting_down:
+        # A client that left a turn kept generating (handlers/resumable.py) is not gone.
+        gone = self.client_gone and not (self.record is not None and self.record.detached)
+        if gone or self.stopped or self.shutting_down:
             # No round follows, so the model never answers these results: the calls are not
             # stored either (a stored call is followed by its results and the model's answer
             # to them, so the conversation never goes on from a tool result).
-            if self.client_gone:
-                self._end("interrupted", "the client left while tools ran")
+            if gone or self.stopped:
+                self._end("interrupted", "the client left while tools ran" if gone else
+                          "the turn was stopped while tools ran")
             else:
                 self._end("failed", "chatterd is shutting down; the reply was cut short")
             return False

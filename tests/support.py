@@ -149,12 +149,14 @@ class ChatterdTestCase(AsyncHTTPTestCase):
             return
         try:
             await con.execute("TRUNCATE chatterd.chatts, chatterd.messages, chatterd.turns,"
-                              " chatterd.leases, chatterd.conversation_sizes, chatterd.tool_schemas")
+                              " chatterd.leases, chatterd.conversation_sizes, chatterd.tool_schemas,"
+                              " chatterd.turn_streams, chatterd.turn_event_chunks")
         finally:
             await con.close()
 
     def tearDown(self) -> None:
         self.io_loop.run_sync(self.double.stop)
+        self.io_loop.run_sync(self._app.resume.close)
         self.io_loop.run_sync(lambda: asyncio.wait_for(self.pool.close(), 10))
         self.upstreams.close()
         self._app.turns.close()

@@ -22,7 +22,7 @@ class CurlTest(ChatterdTestCase):
             first = await asyncio.wait_for(proc.stdout.readuntil(b"\n\n"), 10)
             self.assertTrue(first.startswith(b": context sent="))  # what the turn sends
             first += await asyncio.wait_for(proc.stdout.readuntil(b"\n\n"), 10)
-            self.assertTrue(first.split(b"\n\n")[1].startswith(b"data: {"))
+            self.assertRegex(first.split(b"\n\n")[1], rb"^id: \d+:1\ndata: \{")
             upstream = self.double.chat_requests()[0]
             self.assertIsNone(upstream.finished_at, "the first event reached curl only at the end")
             rest = await asyncio.wait_for(proc.stdout.read(), 20)

@@ -36,7 +36,9 @@ class HostileCase(ChatterdTestCase):
             return response, []
         body = response.body
         for line in LINE_END.split(body):
-            self.assertTrue(line == b"" or line.startswith((b"data: ", b"event: ", b": ")),
+            self.assertTrue(line == b"" or line.startswith((b"data: ", b"event: ", b": "))
+                            or re.fullmatch(rb"id: %s:\d+" % response.headers["X-Chatterd-Turn"]
+                                            .encode(), line),
                             f"a line the framing did not make: {line[:80]!r}")
             self.assertTrue(not line.startswith(b"event: ") or line == b"event: error",
                             f"forged event: {line!r}")

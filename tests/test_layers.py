@@ -21,9 +21,11 @@ ALLOWED = {
     "accounts": LEAVES,
     "turns": LEAVES | {"db"},
     "sse": LEAVES | {"runtime"},
-    "handlers": LEAVES | {"runtime", "upstreams", "db", "tools", "accounts", "turns", "sse"},
+    "resume": LEAVES | {"runtime", "db", "sse"},
+    "handlers": LEAVES | {"runtime", "upstreams", "db", "tools", "accounts", "turns", "sse",
+                          "resume"},
     "chatterd": LEAVES | {"runtime", "upstreams", "db", "tools", "accounts", "turns", "sse",
-                          "handlers"},
+                          "resume", "handlers"},
 }
 PARTS = set(ALLOWED)
 

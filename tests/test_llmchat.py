@@ -53,8 +53,10 @@ class LLMChatTest(ChatterdTestCase):
         self.assertEqual([e.data.encode() for e in events], sent)
         # The stream opens with what the turn sent and left out, as a comment (docs/api.md).
         comment = b": context " + response.headers["X-Chatterd-Context"].encode() + b"\n\n"
-        self.assertEqual(response.body,
-                         comment + b"".join(b"data: " + line + b"\n\n" for line in sent))
+        # Each event names the turn and its place in it (docs/api.md, "Resuming a stream").
+        turn = int(response.headers["X-Chatterd-Turn"])
+        self.assertEqual(response.body, comment + b"".join(
+            b"id: %d:%d\ndata: %s\n\n" % (turn, n, line) for n, line in enumerate(sent, 1)))
         # Go's escaping of < > & survives: we forward bytes, we do not re-encode.
         self.assertIn(b"\\u003c", response.body)
 

@@ -524,6 +524,47 @@ class NginxTest(AsyncTestCase):
                 self.assertEqual(partial, "".join(split_tokens(full)[:2]))
 
     @gen_test(timeout=90)
+    async def test_a_stream_cut_and_resumed_through_nginx(self):
+        # docs/api.md, "Resuming a stream": the client leaves after 3 events, the turn keeps
+        # generating, and a resume through nginx (whichever process it reaches) gets the
+        # rest as it is produced, unbuffered, each event once.
+        async with self.stack() as s:
+            s.double.behave("slow", token_delay=0.2)
+            app_id = new_id("resume")
+            content = "cut me off"
+            stream = await s.stream(app_id, content, "slow", "--http2",
+                                    "-H", "X-Chatterd-Keep-Generating: 30")
+            seen = []
+            while len(seen) < 3:
+                line = await stream.line()
+                if line.startswith(b"id: "):
+                    seen.append(line.split(b" ", 1)[1].strip().decode())
+            turn, k = seen[-1].split(":")
+            await stream.line()  # the third event's data line
+            stream.proc.kill()
+            await stream.proc.wait()
+            upstream = s.upstream_request(content)
+            resumed = Stream(await asyncio.create_subprocess_exec(
+                *s._curl_args(f"/turns/{turn}/events?appID={app_id}",
+                              ("-N", "--http2", "-H", f"Last-Event-ID: {turn}:{k}",
+                               "-w", "%{stderr}%{http_code} %{http_version}"), None),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE))
+            s.curls.append(resumed.proc)
+            await resumed.first_event()
+            self.assertIsNone(upstream.finished_at, "the resumed stream waited for the whole reply")
+            body, report = await resumed.finish()
+            self.assertEqual(report.split()[-2:], ["200", "2"])
+            events, _ = parse(body)
+            ids = re.findall(rb"^id: (\d+):(\d+)$", body, re.M)
+            self.assertEqual([int(n) for _, n in ids], list(range(int(k) + 1, int(k) + 1 + len(events))))
+            self.assertTrue(jsonfmt.loads(events[-1].data)["done"])
+            full = default_reply([{"role": "user", "content": content}])
+            before = parse(stream.received[:stream.received.rindex(b"\n") + 1] + b"\n")[0]
+            self.assertEqual(reply_text(before[:3]) + reply_text(events), full)
+            self.assertEqual(await stored(app_id), [("user", "complete", content),
+                                                    ("assistant", "complete", full)])
+
+    @gen_test(timeout=90)
     async def test_chatterd_logs_the_clients_ip_and_ignores_forged_headers(self):
         async with self.stack() as s:
             forged = ("-H", "X-Real-IP: 6.6.6.6", "-H", "X-Forwarded-For: 7.7.7.7",

@@ -60,6 +60,7 @@ STATUS_GRACE = 0.3
 IDLE_TIMEOUT = 1.5
 OUTAGE_SECONDS = 3.0
 CLIENT_TIMEOUT = 60.0  # an attempt that takes longer is a hung stream (a violation)
+KEEP_GENERATING = b"X-Chatterd-Keep-Generating: 30\r\n"  # the resuming clients' turns
 
 # The double's behaviours, by model name: (weight, Behavior fields, what the turn must end as).
 # "refuse" answers 429 before streaming (a status we can tell apart from chatterd's own).
@@ -112,6 +113,21 @@ class Attempt:
     problem: Optional[str] = None  # SSE framing error
     saw_done: bool = False  # a data event with done: true arrived (whether or not it was last)
     replayed: bool = False  # chatterd answered from storage (a resend of an undelivered turn)
+    turn: Optional[int] = None  # X-Chatterd-Turn
+
+
+@dataclass
+class Resume:
+    """One GET /turns/<id>/events of a client that left its stream (docs/api.md)."""
+
+    proc: str
+    started: float
+    after: int  # the Last-Event-ID's event number
+    ended: float = 0.0
+    status: Optional[int] = None
+    events: list = field(default_factory=list)  # (n, raw event bytes), as received
+    finished: bool = False  # the response ended on an event boundary (connection closed)
+    error: Optional[str] = None
 
 
 @dataclass
@@ -123,9 +139,11 @@ class Send:
     seq: int  # its place in the appID's sequence (the two copies of a double send share it)
     model: str
     messages: list
-    kind: str  # normal, stop, double, resend-after-kill ...
+    kind: str  # normal, stop, double, resume, probe
     leave_after: Optional[int] = None
     attempts: list = field(default_factory=list)
+    resumes: list = field(default_factory=list)  # kind "resume": its Resume attempts
+    cut: Optional[Attempt] = None  # kind "resume": the attempt that left, to be resumed
 
     def body(self) -> dict:
         return {"appID": self.app, "model": self.model, "stream": True, "messages": self.messages}
@@ -248,18 +266,19 @@ class PrivatePostgres:
 # -- one HTTP attempt on a raw socket --------------------------------------------------
 
 
-async def http_attempt(proc: Chatterd, body: dict, leave_after: Optional[int]) -> Attempt:
+async def http_attempt(proc: Chatterd, body: dict, leave_after: Optional[int],
+                       headers: bytes = b"") -> Attempt:
     """POST /llmchat; read the SSE body, leaving after *leave_after* data events if set."""
     a = Attempt(proc=proc.name, started=time.monotonic(), leave_after=leave_after)
     try:
-        await asyncio.wait_for(_exchange(a, proc, body), CLIENT_TIMEOUT)
+        await asyncio.wait_for(_exchange(a, proc, body, headers), CLIENT_TIMEOUT)
     except asyncio.TimeoutError:
         a.outcome = "timeout"
     a.ended = time.monotonic()
     return a
 
 
-async def _exchange(a: Attempt, proc: Chatterd, body: dict) -> None:
+async def _exchange(a: Attempt, proc: Chatterd, body: dict, extra: bytes = b"") -> None:
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
     except OSError:
@@ -267,7 +286,8 @@ async def _exchange(a: Attempt, proc: Chatterd, body: dict) -> None:
     try:
         payload = jsonfmt.dumpb(body)
         writer.write(b"POST /llmchat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+                     b"Connection: close\r\n%sContent-Length: %d\r\n\r\n%s"
+                     % (extra, len(payload), payload))
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -277,6 +297,8 @@ async def _exchange(a: Attempt, proc: Chatterd, body: dict) -> None:
     a.status = int(lines[0].split()[1])
     headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
     a.replayed = "x-chatterd-replayed" in headers
+    if headers.get("x-chatterd-turn", "").isdigit():
+        a.turn = int(headers["x-chatterd-turn"])
     buf = bytearray()
     finished = False
 
@@ -364,6 +386,76 @@ async def _exchange(a: Attempt, proc: Chatterd, body: dict) -> None:
 
 class _Leave(Exception):
     pass
+
+
+EVENT_ID = re.compile(rb"^id: (\d+):(\d+)$", re.M)
+
+
+def numbered_events(body: bytes) -> list[tuple[int, bytes]]:
+    """(n, event) for each whole event of an SSE body, comments left out; n is 0 for an
+    event without an `id: <turn>:<n>` line."""
+    out = []
+    for block in body[:body.rfind(b"\n\n") + 2].split(b"\n\n")[:-1]:
+        if block.startswith(b":"):
+            continue
+        m = EVENT_ID.search(block)
+        out.append((int(m.group(2)) if m else 0, block + b"\n\n"))
+    return out
+
+
+def terminal(event: bytes) -> bool:
+    """The event that ends a stream: an error event or the done line."""
+    return b"\nevent: error\n" in event or b'"done":true' in event
+
+
+def event_text(events: list[tuple[int, bytes]]) -> str:
+    text = ""
+    for _, e in events:
+        if b"\nevent: " in e:
+            continue
+        for line in e.split(b"\n"):
+            if line.startswith(b"data: "):
+                try:
+                    text += jsonfmt.loads(line[6:]).get("message", {}).get("content", "")
+                except (ValueError, AttributeError):
+                    pass
+    return text
+
+
+async def resume_attempt(proc: Chatterd, turn: int, app: str, after: int) -> Resume:
+    """GET /turns/<turn>/events after event *after*, read to the end (HTTP/1.0: until close)."""
+    r = Resume(proc=proc.name, started=time.monotonic(), after=after)
+    try:
+        await asyncio.wait_for(_resume(r, proc, turn, app), CLIENT_TIMEOUT)
+    except asyncio.TimeoutError:
+        r.error = "timeout"
+    r.ended = time.monotonic()
+    return r
+
+
+async def _resume(r: Resume, proc: Chatterd, turn: int, app: str) -> None:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+    except OSError as e:
+        r.error = str(e)
+        return
+    try:
+        writer.write(b"GET /turns/%d/events?appID=%s HTTP/1.0\r\nHost: x\r\n"
+                     b"Last-Event-ID: %d:%d\r\n\r\n" % (turn, app.encode(), turn, r.after))
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        r.status = int(head.split(b" ", 2)[1])
+        body = await reader.read()
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+        r.error = f"{type(e).__name__}: {e}"
+        return
+    finally:
+        writer.transport.abort()
+    if r.status == 200:
+        r.events = numbered_events(body)
+        r.finished = body.endswith(b"\n\n") or not body
+    else:
+        r.error = body[:200].decode(errors="replace")
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -528,16 +620,51 @@ class Torture:
             if roll < 0.25 and model not in ("refuse",):
                 # Stop, then type: leave after k data events and send the next turn at once.
                 send.kind, send.leave_after = "stop", self.rng.randrange(0, 6)
+            elif roll < 0.37 and model not in ("refuse",):
+                # Leave after k events with the turn kept generating, then resume it (on
+                # either process) until its end; a failed resume is retried from the last
+                # event received.
+                send.kind, send.leave_after = "resume", self.rng.randrange(0, 6)
             self.sends.append(send)
             await self._send(send)
+            if send.kind == "resume":
+                await self._resume(send)
             self._turn_finished()
+
+    async def _resume(self, send: Send) -> None:
+        a = send.attempts[-1]
+        if a.outcome != "left" or a.turn is None:
+            return
+        send.cut = a
+        events = numbered_events(a.body)
+        if events and terminal(events[-1][1]):
+            return  # the end arrived with the events it read before leaving
+        after = events[-1][0] if events else 0
+        pause = 0.1
+        for _ in range(12):
+            r = await resume_attempt(self.rng.choice(self.procs), a.turn, send.app, after)
+            send.resumes.append(r)
+            if r.events:
+                after = r.events[-1][0]
+                if terminal(r.events[-1][1]):
+                    if b"stopped before it ended" in r.events[-1][1]:
+                        break  # its process died: the turn was never stored
+                    return
+            if r.status in (400, 404, 410, 416):
+                break  # the audit says whether that was allowed
+            await asyncio.sleep(pause * (0.5 + self.rng.random()))
+            pause = min(pause * 2, 1.0)
+        # No end stored for it: send the turn again, as any client whose turn was lost.
+        send.leave_after = None
+        await self._send(send)
 
     async def _send(self, send: Send, first: Optional[Chatterd] = None) -> None:
         pause = 0.1
         resent_after_error = False
         for i in range(12):
             proc = first if (first is not None and i == 0) else self.rng.choice(self.procs)
-            a = await http_attempt(proc, send.body(), send.leave_after)
+            a = await http_attempt(proc, send.body(), send.leave_after,
+                                   KEEP_GENERATING if send.kind == "resume" else b"")
             send.attempts.append(a)
             again = a.outcome in ("nostatus", "truncated") or (
                 a.outcome == "status" and a.status in RETRY_STATUSES)
@@ -921,6 +1048,8 @@ class Torture:
             if sends[0].kind == "probe" and not dones:
                 rep.violation("probe turn on a quiet system not answered", ev)
 
+        self._audit_resumes(by_app_turns, {r["id"]: r["status"] for r in turn_rows})
+
         # chatterd's own logs: no traceback ever.
         for p in self.procs:
             text = p.log_text()
@@ -929,3 +1058,71 @@ class Torture:
                 i = text.index("Traceback")
                 rep.violation("traceback in chatterd log", f"{p.name}: {n}x, first: "
                               + text[max(0, i - 300):i + 1500].replace("\n", " | "))
+
+    def _audit_resumes(self, by_app_turns: dict, status_of: dict) -> None:
+        """What each resuming client assembled (the events it saw, then those of its
+        resumes) is the turn's stream exactly once: ids 1, 2, 3... with no gap or repeat,
+        the terminal event once and last, and the text what was stored."""
+        rep = self.report
+        for s in self.sends:
+            if s.kind != "resume":
+                continue
+            a = s.cut
+            if a is None:
+                rep.faults["resume: the stream ended before its client left"] += 1
+                continue
+            rep.faults["resume: streams cut (X-Chatterd-Keep-Generating)"] += 1
+            seen = numbered_events(a.body)
+            assembled = list(seen)
+            for r in s.resumes:
+                assembled += r.events
+                rep.faults["resume: GET /turns/<id>/events"] += 1
+                if r.proc != a.proc:
+                    rep.faults["resume: on the other process"] += 1
+            ns = [n for n, _ in assembled]
+            rep.faults["resume: duplicate events"] += len(ns) - len(set(ns))
+            status = status_of.get(a.turn)
+            ev = (f"{s.tid} turn {a.turn} ({status}) cut after {len(seen)} events on {a.proc}; "
+                  f"resumes {[(r.proc, r.after, r.status, len(r.events), r.error) for r in s.resumes]}")
+            if ns != list(range(1, len(ns) + 1)):
+                rep.violation("resumed stream: ids are not 1, 2, 3... (a gap or a repeat)",
+                              ev + f" ids {ns}")
+            ends = [i for i, (_, e) in enumerate(assembled) if terminal(e)]
+            if len(ends) > 1 or (ends and ends[0] != len(assembled) - 1):
+                rep.violation("resumed stream: the terminal event is not once and last", ev)
+            for r in s.resumes:
+                why = self._explained(r)
+                if r.error == "timeout":
+                    rep.violation("resume waited 60 s: hung stream", ev)
+                elif r.status == 404 and why and status in ("abandoned", "running", None):
+                    pass  # its process died before the stream's first checkpoint
+                elif r.status not in (200, None) and not (r.status == 503 and why):
+                    rep.violation(f"resume answered {r.status}", ev + f" {r.error!r}")
+                elif r.status is None and not why:
+                    rep.violation("resume connection failed without a fault to explain it", ev)
+            if not ends:
+                if not any(self._explained(r) for r in s.resumes):
+                    rep.violation("resumes never reached the stream's end", ev)
+                continue
+            rep.faults["resume: streams assembled to their end"] += 1
+            text = event_text(assembled)
+            turn = by_app_turns.get(s.app, {}).get(a.turn)
+            reply = turn.get("reply") if turn else None
+            if b'"done":true' in assembled[-1][1]:
+                if status != "complete" or reply is None or reply["content"] != text:
+                    rep.violation("resumed stream ended done, but the stored reply differs",
+                                  ev + f" assembled {text[:60]!r}")
+            elif status == "complete":
+                # Its process died between storing the turn and checkpointing the stream's
+                # end: the resume says so (and a resend gets the stored answer).
+                lost = b"end of its stream was lost" in assembled[-1][1]
+                if not (lost and any(self._explained(r) for r in s.resumes)):
+                    rep.violation("resumed stream ended with an error, but the turn is complete",
+                                  ev)
+                elif reply is None or not reply["content"].startswith(text):
+                    rep.violation("resumed text is not a prefix of the stored reply", ev)
+                else:
+                    rep.faults["resume: a stream's end lost with its process (turn stored)"] += 1
+            elif status in ENDED and reply is not None and reply["content"] != text:
+                rep.violation("resumed stream's text differs from the stored partial reply",
+                              ev + f" assembled {text[:60]!r} stored {reply['content'][:60]!r}")
