@@ -41,8 +41,8 @@ from handlers.llmtools import LLMToolsHandler
 from handlers.openai_api import ChatCompletionsHandler, ModelsHandler
 from handlers.ops import HealthHandler, MetricsHandler, ReadyHandler
 from handlers.resume import TurnEventsHandler, TurnStopHandler
-from resume import Resumption
 from handlers.web import ChatRedirectHandler, WebPageHandler
+from resume import Resumption
 from runtime.accept_guard import GuardedHTTPServer
 from runtime.gc_schedule import FullCollections
 from turns import TurnKeeper
