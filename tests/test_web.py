@@ -225,23 +225,35 @@ def test_a_reply_that_failed_before_its_first_token(page, stack):
         f"Failed: {stored[1]['error']}"
 
 
-def test_reload_in_the_middle_of_a_stream_and_after_it(page, stack):
+def test_reload_in_the_middle_of_a_stream_continues_the_reply(page, stack):
     sign_up(page, "reload")
     choose_model(page, "slow")
     type_message(page, "A long one, please")
     wait(page, lambda d: len(last_reply_state(d).get("text") or "") > 20, "a few tokens")
     app_id = current_app_id(page)
-    page.refresh()  # the stream's connection goes with the page: chatterd stores what it had
-    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#messages [data-role='user']")
-         and assistants(d) and assistants(d)[0].get_attribute("data-status") == "interrupted",
-         "the stored, interrupted reply after the reload")
-    shown = assistants(page)[0].find_element(By.CSS_SELECTOR, ".body").text
-    assert shown and "word0" in shown
+    running = json.loads(page.execute_script("return sessionStorage.getItem('chatterd.running')"))
+    assert sorted(running) == ["appID", "before", "text", "turn"] and running["appID"] == app_id
+    page.refresh()  # the turn goes on generating; the reloaded page resumes its stream
+    first = wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#messages [data-role='user']")
+                 and len(t := last_reply_state(d).get("text") or "") > 0 and t, "the resumed reply")
+    wait(page, lambda d: len(last_reply_state(d).get("text") or "") > len(first) + 10,
+         "the reply growing after the reload")
+    state = wait_reply_ended(page, 1)
+    assert state["status"] == "complete", state
     assert current_app_id(page) == app_id
-    page.refresh()  # after it: the same again
+    stored = stored_messages(page, app_id)
+    assert [(m["role"], m["status"]) for m in stored] == [
+        ("user", "complete"), ("assistant", "complete")], stored
+    assert stored[1]["content"] == SLOW_REPLY
+    shown = assistants(page)[0].find_element(By.CSS_SELECTOR, ".body").text
+    # The whole reply exactly once: the list's items, and word0 (shown before the reload too).
+    assert shown.count("word0 ") == 1 and shown.count("word59") == 1, shown
+    assert shown.startswith("word0 word1") and "another one" in shown, shown
+    assert page.execute_script("return sessionStorage.getItem('chatterd.running')") is None
+    page.refresh()  # after it: the stored reply, the same, with no mark
     wait(page, lambda d: len(assistants(d)) == 1, "the conversation after a second reload")
-    assert assistants(page)[0].get_attribute("data-status") == "interrupted"
     assert assistants(page)[0].find_element(By.CSS_SELECTOR, ".body").text == shown
+    assert not assistants(page)[0].find_elements(By.CSS_SELECTOR, ".mark")
 
 
 def test_hostile_reply_runs_nothing_and_navigates_nowhere(page, stack):

@@ -109,7 +109,7 @@
   }
 
   function sessionEnded() {
-    if (state.stream) stopStream();
+    if (state.stream) { state.stream.stopped = true; state.stream.controller.abort(); }
     clearConversation();
     state.appID = null;
     state.conversations = [];
@@ -148,7 +148,7 @@
   }
 
   async function logOut() {
-    if (state.stream) stopStream();
+    if (state.stream) await stopStream();
     await api("POST", "/auth/logout");
     // A fresh page: nothing of this user's conversations stays in memory or in the DOM.
     location.assign("/chat/");
@@ -335,15 +335,15 @@
     updateButtons();
   }
 
-  // A reload in the middle of a reply ends that reply's request, and chatterd stores the
-  // reply (interrupted) a moment later, possibly after this page has read the conversation.
-  // So a page that was reloaded reads it once more, a second later, and shows it again if
-  // it has changed (GET /conversations/{appID} shows ended turns only).
+  // A reply that cannot be resumed after a reload (see remember()) is stored by chatterd a
+  // moment later, possibly after this page has read the conversation.  So a page that was
+  // reloaded reads it once more, a second later, and shows it again if it has changed
+  // (GET /conversations/{appID} shows ended turns only).
   let lookAgainAfterReload =
     (performance.getEntriesByType("navigation")[0] || {}).type === "reload";
   const LOOK_AGAIN_MS = 1000;
 
-  async function openConversation(appID, again = false) {
+  async function openConversation(appID, again = false, afterResume = false) {
     if (!again) {
       clearConversation();
       state.appID = appID;
@@ -357,6 +357,18 @@
     const view = state.view;
     const result = await api("GET", `/conversations/${encodeURIComponent(appID)}`);
     if (view !== state.view) return; // the user went elsewhere meanwhile
+    const running = !again && !state.stream ? remembered(appID) : null;
+    if (running && (result.ok || result.status === 404)) {
+      // A reply this tab was streaming before a reload: stored, or still to be resumed.
+      const count = result.ok ? storedMessages(result.data).length : 0;
+      if (count > running.before) remember(null);
+      else {
+        if (result.ok) showConversation(appID, result.data);
+        else { state.appID = appID; els.title.textContent = titleFrom(running.text); }
+        resumeReply(running);
+        return;
+      }
+    }
     if (lookAgain) state.poll = setTimeout(() => openConversation(appID, true), LOOK_AGAIN_MS);
     if (!result.ok) {
       // After a reload, a 404 may be a first turn not stored yet: the second look decides.
@@ -373,19 +385,24 @@
       return;
     }
     const messages = storedMessages(result.data);
-    if (again && (messages.length === state.shown || state.stream)) return;
+    if (again && !afterResume && (messages.length === state.shown || state.stream)) return;
+    showConversation(appID, result.data);
+  }
+
+  function showConversation(appID, data) {
+    const messages = storedMessages(data);
     state.appID = appID;
     state.shown = messages.length;
     els.note.textContent = "";
     els.messages.replaceChildren();
     for (const m of messages) showStoredMessage(m);
     const current = currentConversation();
-    const stored = result.data && typeof result.data.title === "string" ? result.data.title : "";
+    const stored = data && typeof data.title === "string" ? data.title : "";
     const firstUser = messages.find((m) => m && m.role === "user" && typeof m.content === "string");
     els.title.textContent = (current && current.title && conversationTitle(current)) || stored
       || (firstUser && titleFrom(firstUser.content)) || "Conversation";
     const lastModel = messages.map((m) => m && m.model).filter((m) => typeof m === "string").pop();
-    selectModel(lastModel || (result.data && result.data.model) || (current && current.model));
+    selectModel(lastModel || (data && data.model) || (current && current.model));
     scrollToEnd(true);
     renderList();
     updateButtons();
@@ -478,6 +495,29 @@
 
   // ---- sending and streaming -------------------------------------------------------------
 
+  // A running reply survives a reload of its page: /llmchat is asked to keep generating for
+  // a while after its client leaves, and sessionStorage (this tab only) remembers the turn,
+  // so the reloaded page resumes its stream (GET /turns/{id}/events).  What is remembered:
+  // the turn's id and appID, the user's message (the stored conversation shows ended turns
+  // only) and how many stored messages came before it (so a turn that has ended and is
+  // shown from storage is not shown a second time).
+  const KEEP_GENERATING_S = 30;
+  const RUNNING_KEY = "chatterd.running";
+
+  function remember(running) {
+    try {
+      if (running) sessionStorage.setItem(RUNNING_KEY, JSON.stringify(running));
+      else sessionStorage.removeItem(RUNNING_KEY);
+    } catch (e) { /* storage off: a reload then shows the stored reply only */ }
+  }
+
+  function remembered(appID) {
+    try {
+      const running = JSON.parse(sessionStorage.getItem(RUNNING_KEY) || "null");
+      return running && running.appID === appID ? running : null;
+    } catch (e) { return null; }
+  }
+
   function updateButtons() {
     const streaming = Boolean(state.stream);
     els.send.disabled = streaming;
@@ -499,25 +539,15 @@
     els.message.value = "";
     els.note.textContent = "";
 
-    const userItem = addMessage("user");
-    plainText(userItem.body, text);
-    const reply = addMessage("assistant");
-    reply.li.setAttribute("aria-busy", "true");
-    const textBox = document.createElement("div");
-    textBox.className = "plain streaming";
-    reply.body.append(textBox);
-    const stream = { appID, text, reply, userItem, textBox, controller: new AbortController(),
-      answer: "", started: false, done: false, error: null, stopped: false,
-      contextShown: false };
-    state.stream = stream;
-    updateButtons();
-    scrollToEnd(true);
+    const before = els.messages.querySelectorAll("li[data-role]:not([data-status='rejected'])").length;
+    const stream = beginReply(appID, text);
 
     let outcome;
     try {
       const response = await fetch("/llmchat", {
         method: "POST", credentials: "same-origin", signal: stream.controller.signal,
-        headers: { "Content-Type": "application/json" },
+        headers: { "Content-Type": "application/json",
+          "X-Chatterd-Keep-Generating": String(KEEP_GENERATING_S) },
         body: JSON.stringify({ appID, model, stream: true, messages: [{ role: "user", content: text }] }),
       });
       if (!response.ok) {
@@ -527,21 +557,23 @@
         return;
       }
       stream.started = true;
+      stream.turn = response.headers.get("X-Chatterd-Turn");
+      if (stream.turn) remember({ turn: stream.turn, appID, text, before });
+      if (stream.stopped) stopTurn(stream); // Stop was pressed before the turn had an id
       if (isNew && state.appID === appID && !appIDFromLocation()) {
         history.pushState(null, "", conversationURL(appID));
       }
       contextNote(stream, response.headers.get("X-Chatterd-Context"));
       await readEvents(stream, response.body);
-      outcome = stream.done ? "complete" : stream.error ? "failed" : "cut";
+      outcome = streamOutcome(stream);
     } catch (e) {
-      if (stream.stopped) outcome = "interrupted";
-      else if (!stream.started) {
+      if (!stream.started && !stream.stopped) {
         rejected(stream, null, null, "chatterd cannot be reached: " + e.message);
         return;
-      } else outcome = stream.error ? "failed" : "cut";
+      }
+      outcome = streamOutcome(stream);
     } finally {
-      if (state.stream === stream) state.stream = null;
-      updateButtons();
+      endStream(stream);
     }
     finishReply(stream, outcome);
     // A new conversation is titled after its first message (the list shows titles); the
@@ -549,6 +581,70 @@
     if (isNew) await api("PATCH", `/conversations/${encodeURIComponent(appID)}`,
       { title: titleFrom(text) });
     loadConversations();
+  }
+
+  // The user's message and an empty reply that fills as the stream arrives.
+  function beginReply(appID, text) {
+    const userItem = addMessage("user");
+    plainText(userItem.body, text);
+    const reply = addMessage("assistant");
+    reply.li.setAttribute("aria-busy", "true");
+    const textBox = document.createElement("div");
+    textBox.className = "plain streaming";
+    reply.body.append(textBox);
+    const stream = { appID, text, reply, userItem, textBox, controller: new AbortController(),
+      turn: null, answer: "", started: false, done: false, error: null, stopped: false,
+      contextShown: false };
+    state.stream = stream;
+    updateButtons();
+    scrollToEnd(true);
+    return stream;
+  }
+
+  function streamOutcome(stream) {
+    // A stopped turn's stream ends with chatterd's `event: error` saying so: not a failure.
+    if (stream.stopped) return "interrupted";
+    return stream.done ? "complete" : stream.error ? "failed" : "cut";
+  }
+
+  function endStream(stream) {
+    if (state.stream === stream) state.stream = null;
+    // Once its stream has ended here the turn has too (or its client is gone for good).
+    if (stream.turn && (remembered(stream.appID) || {}).turn === stream.turn) remember(null);
+    updateButtons();
+  }
+
+  // After a reload: the remembered turn's reply, from its first event, below what is stored.
+  async function resumeReply(running) {
+    const stream = beginReply(running.appID, running.text);
+    stream.started = true;
+    stream.turn = running.turn;
+    let outcome;
+    try {
+      const response = await fetch(
+        `/turns/${encodeURIComponent(running.turn)}/events?appID=${encodeURIComponent(running.appID)}`,
+        { credentials: "same-origin", signal: stream.controller.signal,
+          headers: { "Last-Event-ID": `${running.turn}:0` } });
+      if (!response.ok) throw new Error(String(response.status));
+      await readEvents(stream, response.body);
+      outcome = streamOutcome(stream);
+    } catch (e) {
+      outcome = stream.stopped ? "interrupted" : null;
+    } finally {
+      endStream(stream);
+    }
+    if (outcome && (stream.answer || outcome !== "cut")) {
+      finishReply(stream, outcome);
+      // A new conversation's first turn: titled here, as send() would have.
+      if (running.before === 0) await api("PATCH", `/conversations/${encodeURIComponent(running.appID)}`,
+        { title: titleFrom(running.text) });
+      loadConversations();
+      return;
+    }
+    // Not resumable (404, 410, 416, no connection): the stored conversation is the truth.
+    stream.userItem.li.remove();
+    stream.reply.li.remove();
+    if (state.appID === running.appID) openConversation(running.appID, true, true);
   }
 
   function titleFrom(text) {
@@ -648,11 +744,20 @@
     scrollToEnd(false);
   }
 
+  // Leaving the stream no longer ends the turn (it keeps generating for a resume): Stop
+  // asks chatterd to stop it, and the stream then ends with what had been written.
   function stopStream() {
     const stream = state.stream;
-    if (!stream) return;
+    if (!stream || stream.stopped) return Promise.resolve();
     stream.stopped = true;
-    stream.controller.abort();
+    return stream.turn ? stopTurn(stream) : Promise.resolve();
+  }
+
+  function stopTurn(stream) {
+    return api("POST", `/turns/${encodeURIComponent(stream.turn)}/stop?appID=` +
+      encodeURIComponent(stream.appID)).then((result) => {
+      if (!result.ok && result.status !== 401) stream.controller.abort();
+    });
   }
 
   // ---- wiring ----------------------------------------------------------------------------
