@@ -256,6 +256,34 @@ def test_reload_in_the_middle_of_a_stream_continues_the_reply(page, stack):
     assert not assistants(page)[0].find_elements(By.CSS_SELECTOR, ".mark")
 
 
+def test_stop_after_a_reload_and_an_unknown_remembered_turn(page, stack):
+    sign_up(page, "reloadstop")
+    choose_model(page, "slow")
+    type_message(page, "A long one, please")
+    wait(page, lambda d: len(last_reply_state(d).get("text") or "") > 20, "a few tokens")
+    app_id = current_app_id(page)
+    page.refresh()
+    wait(page, lambda d: len(last_reply_state(d).get("text") or "") > 40, "the resumed reply")
+    button(page, "Stop").click()  # stops the turn the reloaded page resumed
+    state = wait_reply_ended(page, 1)
+    assert state["status"] == "interrupted", state
+    stored = stored_messages(page, app_id)
+    assert stored[1]["status"] == "interrupted" and SLOW_REPLY.startswith(stored[1]["content"])
+    assert len(stored[1]["content"]) < len(SLOW_REPLY), stored
+
+    # A remembered turn chatterd does not know (404) leaves the stored conversation as it is.
+    page.execute_script("sessionStorage.setItem('chatterd.running', JSON.stringify("
+                        "{turn: '999999999', appID: arguments[0], text: 'ghost', before: 2}))",
+                        app_id)
+    page.refresh()
+    wait(page, lambda d: page.execute_script(
+        "return sessionStorage.getItem('chatterd.running')") is None
+         and len(assistants(d)) == 1 and assistants(d)[0].get_attribute("data-status") == "interrupted",
+         "the stored conversation after a failed resume")
+    assert [e.text for e in page.find_elements(By.CSS_SELECTOR, "#messages [data-role='user'] .body")] \
+        == ["A long one, please"]
+
+
 def test_hostile_reply_runs_nothing_and_navigates_nowhere(page, stack):
     sign_up(page, "hostile")
     choose_model(page, "hostile")
