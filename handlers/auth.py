@@ -13,7 +13,8 @@ from accounts import rules
 from accounts.credentials import credential_hash, new_api_token, new_session_id
 from accounts.passwords import HasherBusy, HasherError, InvalidStoredHash
 from db import accounts
-from handlers.base import NO_CREDENTIALS, BaseHandler, ClientError, JSONBodyHandler, valid_text
+from handlers.base import NO_CREDENTIALS, BaseHandler, JSONBodyHandler
+from handlers.validation import ClientError, valid_text
 
 log = logging.getLogger("chatterd.auth")
 

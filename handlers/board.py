@@ -1,7 +1,8 @@
 """The public board: GET /, POST /postchatt, GET /getchatts."""
 
 from db import chatts
-from handlers.base import BaseHandler, ClientError, JSONBodyHandler, check_json, valid_text
+from handlers.base import BaseHandler, JSONBodyHandler
+from handlers.validation import ClientError, check_json, valid_text
 
 MAX_NAME = 64
 

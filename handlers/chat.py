@@ -28,7 +28,8 @@ import metrics
 import sse
 from db.conversations import Reply
 from db.pool import DatabaseUnavailable
-from handlers.base import ClientError, UpstreamHandler
+from handlers.base import UpstreamHandler
+from handlers.validation import ClientError
 from handlers.llm_request import LLMRequest, parse_llm_request
 from handlers.reply_text import ReplyText, prompt_count, token_count
 from handlers.resumable import ResumableTurn

@@ -19,7 +19,8 @@ from typing import Any, Optional
 import jsonfmt
 from db import conversation_records as records
 from db.conversations import ANONYMOUS
-from handlers.base import BaseHandler, ClientError, JSONBodyHandler, check_json
+from handlers.base import BaseHandler, JSONBodyHandler
+from handlers.validation import ClientError, check_json
 from handlers.llm_request import valid_app_id
 
 DEFAULT_PAGE = 50

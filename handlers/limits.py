@@ -2,7 +2,8 @@
 
 from tornado.web import stream_request_body
 
-from handlers.base import BaseHandler, ClientError
+from handlers.base import BaseHandler
+from handlers.validation import ClientError
 
 
 @stream_request_body

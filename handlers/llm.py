@@ -5,7 +5,8 @@ from tornado.iostream import StreamClosedError
 import jsonfmt
 import metrics
 import sse
-from handlers.base import ClientError, UpstreamHandler, check_json
+from handlers.base import UpstreamHandler
+from handlers.validation import ClientError, check_json
 from handlers.chat import begin_turn
 from handlers.llm_request import parse_llm_request
 from upstreams.errors import UpstreamError

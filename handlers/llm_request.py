@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import jsonfmt
-from handlers.base import ClientError, check_json, valid_text
+from handlers.validation import ClientError, check_json, valid_text
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_APPID = 155

@@ -18,7 +18,8 @@ conversation, exactly as on /llmchat: the client sends only its new messages.
 import time
 from typing import Any, Optional
 
-from handlers.base import BaseHandler, ClientError
+from handlers.base import BaseHandler
+from handlers.validation import ClientError
 from handlers.chat import LLMChatHandler, begin_turn
 from handlers.llm_request import LLMRequest, parse_llm_request
 from turns import Turn

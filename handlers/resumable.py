@@ -17,7 +17,7 @@ from tornado.iostream import StreamClosedError
 import sse
 from db import events
 from db.pool import DatabaseUnavailable
-from handlers.base import ClientError
+from handlers.validation import ClientError
 from resume.checkpoint import BACKLOG
 from upstreams.errors import UpstreamAborted
 

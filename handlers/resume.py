@@ -15,7 +15,8 @@ from tornado.iostream import StreamClosedError
 import sse
 from db import events
 from db.pool import DatabaseUnavailable
-from handlers.base import BaseHandler, ClientError
+from handlers.base import BaseHandler
+from handlers.validation import ClientError
 from resume import reader
 from resume.reader import BadEventId, parse_last_event_id
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from tornado.web import RedirectHandler, StaticFileHandler
 
-from handlers.base import BaseHandler, ClientError
+from handlers.base import BaseHandler
+from handlers.validation import ClientError
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 

@@ -9,7 +9,7 @@ import pytest
 from tornado.testing import gen_test
 
 import jsonfmt
-from handlers.base import ClientError, check_json
+from handlers.validation import ClientError, check_json
 from handlers.llm_request import parse_llm_request
 from tests.support import ChatterdTestCase, chat_body, streams_finished
 

@@ -35,7 +35,7 @@ from handlers.llmtools import LLMToolsHandler
 from handlers.openai_api import ChatCompletionsHandler
 from tests import test_fuzz as fuzz  # its strategies (module attributes: FuzzTest is not collected here)
 from tests.sse_parser import parse
-from tests.support import ChatterdTestCase, chat_body
+from tests.support import ChatterdTestCase, chat_body, streams_finished
 
 ALICE, BOB = 1001, 2002  # owner ids, as accounts would give them
 APP = "edu.umich.shared"  # the appID both use
@@ -578,6 +578,10 @@ if PeopleTestCase is not None:
                 self.assertEqual(self.call("POST", "/llmchat", chat_body(APP, "hi"),
                                            session=session).code, 200)
             self.assertEqual(self.call("POST", "/llmchat", chat_body(APP, "hi")).code, 200)
+            # Every turn ended and its delivery recorded (marks are written in batches), so the
+            # rows compared below change only by the deletion.
+            self.io_loop.run_sync(lambda: streams_finished(self._app))
+            self.io_loop.run_sync(self._app.turns.flush_delivered)
             ids = {r["username"]: r["id"] for r in self.sql("SELECT id, username FROM users")}
             bob_before = self.io_loop.run_sync(lambda: stored_rows(self.pool, ids["bob"]))
             anonymous_before = self.io_loop.run_sync(lambda: stored_rows(self.pool, ANONYMOUS))
@@ -596,7 +600,7 @@ def test_a_turn_reads_its_own_rows_before_any_statistics():
     unanalyzed, and keeps them as the tables grow.  Every key holds the owner, and no index may
     match a statement by its owner alone: such a plan reads every row of the owner, for the
     anonymous owner every row stored (db/migrations/0022_owner_second.sql).  Counted: the
-    messages and turns end_turn reads, with many other conversations stored."""
+    messages end_turn reads, with many other conversations stored."""
     from db import migrate
     from db.pool import _init_connection
     from tests.support import database_url, fresh_database
