@@ -136,12 +136,17 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "request asks for it (X-Chatterd-Keep-Generating); a reader resuming it extends "
                 "that (0: the header is ignored and a client that leaves stops its turn)"),
         Setting("resume-retention", float, 300.0,
-                "Seconds a finished turn's stream events stay resumable (GET /turns/<id>/events); "
-                "then 410"),
+                "Seconds a finished turn's stream events, once written to PostgreSQL, stay "
+                "resumable (GET /turns/<id>/events); then 410"),
         Setting("resume-checkpoint", float, 0.2,
-                "Seconds between checkpoints of the running streams' events to PostgreSQL (one "
-                "statement per process for all of them); a resume on another process lags the "
-                "live stream by about this much"),
+                "Seconds between checkpoints to PostgreSQL of the events of the running streams "
+                "that may be resumed (their client left, or a reader asked for them; one "
+                "statement per process for all of them); a resume lags the live stream by about "
+                "this much"),
+        Setting("resume-linger", float, 60.0,
+                "Seconds a process keeps in memory the stream of a turn whose client received "
+                "all of it, for a client that resumes it anyway (it is written to PostgreSQL "
+                "only then); later such a resume gets 410 (0: not kept)"),
     )),
     ("Resident tools", (
         Setting("weather-url", str, "https://api.open-meteo.com/v1/forecast",

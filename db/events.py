@@ -14,6 +14,7 @@ from db.pool import connection
 
 EVENTS_CHANNEL = "chatterd_turn_events"  # payload: turn ids with new events, comma-separated
 STOP_CHANNEL = "chatterd_turn_stop"  # payload: the id of a turn to stop
+PUBLISH_CHANNEL = "chatterd_turn_publish"  # payload: the id of a turn a reader asks for
 NOTIFY_MAX = 7000  # bytes per NOTIFY payload (PostgreSQL's limit is 8000)
 
 # One statement per checkpoint: the streams' rows (created by their first checkpoint),
@@ -152,6 +153,11 @@ async def detached_turn(pool: asyncpg.Pool, owner_id: int, app_id: str, turn_id:
 async def notify_stop(pool: asyncpg.Pool, turn_id: int) -> None:
     async with connection(pool, "turn_stop") as con:
         await con.execute(f"SELECT pg_notify('{STOP_CHANNEL}', $1::text)", str(turn_id))
+
+
+async def notify_publish(pool: asyncpg.Pool, turn_id: int) -> None:
+    async with connection(pool, "turn_publish") as con:
+        await con.execute(f"SELECT pg_notify('{PUBLISH_CHANNEL}', $1::text)", str(turn_id))
 
 
 async def purge(pool: asyncpg.Pool, retention: float, forget_after: float) -> int:

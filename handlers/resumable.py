@@ -1,6 +1,6 @@
 """What makes a streamed turn resumable (handlers/chat.py mixes this in): its events
-numbered and checkpointed (resume/), X-Chatterd-Turn, X-Chatterd-Keep-Generating, and
-stopping it from any process (POST /turns/<id>/stop, handlers/resume.py).
+numbered and kept for a resume (resume/), X-Chatterd-Turn, X-Chatterd-Keep-Generating,
+and stopping it from any process (POST /turns/<id>/stop, handlers/resume.py).
 
 Without X-Chatterd-Keep-Generating a client that leaves stops its turn, as always.  With
 it, the turn keeps generating (its events checkpointed, for a resume) until it ends, it
@@ -18,7 +18,7 @@ import sse
 from db import events
 from db.pool import DatabaseUnavailable
 from handlers.validation import ClientError
-from resume.checkpoint import BACKLOG
+from resume.record import BACKLOG
 from upstreams.errors import UpstreamAborted
 
 log = logging.getLogger("chatterd")
@@ -57,7 +57,7 @@ class ResumableTurn:
         record = self.record
         if record is not None and not record.opened:
             record.open()
-            self.application.resume.running(record.turn_id, self.stop_turn)
+            self.application.resume.running(record, self.stop_turn)
 
     def numbered(self: Any, framed: bytes, last: bool = False) -> bytes:
         """*framed* events with their ids, kept for a resume; *last*: they end the stream."""
@@ -145,23 +145,26 @@ class ResumableTurn:
         if self.stopped or self.record is None or self.record.final:
             return
         self.stopped = True
+        self.record.publish()  # its stopper waits for the end to be checkpointed
         if self.call is not None:
             self.call.abort(UpstreamAborted(STOPPED.format(self.record.turn_id)))
 
     async def close_record(self: Any, reason: str) -> None:
         """The turn is over: its stream ends (with an error event, *reason*, if it has not
-        ended yet) and is checkpointed before the request ends."""
+        ended yet), and a stream a resume may need is checkpointed before the request ends."""
         record = getattr(self, "record", None)
         if record is None:
             return
         if self.window_timer is not None:
             self.window_timer.cancel()
             self.window_timer = None
-        self.application.resume.ended(record.turn_id)
-        if not record.opened:
-            return
-        if not record.final:
+        # The stream's end reached a client still connected: it has the whole stream.
+        delivered = record.final and not self.client_gone
+        if record.opened and not record.final:
             record.number(self.frame_error(reason), last=True)
+        self.application.resume.ended(record, delivered)
+        if not record.published:
+            return
         events = getattr(self, "events", None)
         if events is not None and events.opened and not self._finished:
             # The client's response ends now, not after the checkpoint below (a graceful

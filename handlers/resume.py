@@ -3,7 +3,8 @@ streamed turn (docs/api.md, "Resuming a stream"), from any chatterd process.
 
 Only the conversation's owner may: the same appID (and, for a signed-in user, the same
 user).  Anything else is 404, as for a turn that does not exist, so turn ids reveal
-nothing.  A finished turn's events are kept --resume-retention seconds, then 410.
+nothing.  A finished turn's events are kept --resume-retention seconds once written to the
+database, then 410 (docs/api.md says when a stream is written).
 """
 
 import asyncio
@@ -20,9 +21,10 @@ from handlers.validation import ClientError
 from resume import reader
 from resume.reader import BadEventId, parse_last_event_id
 
-# Seconds a turn's first checkpoint may take to arrive, when the turn is running or has
-# just ended (a loaded database can hold a checkpoint back that long).
+# Seconds a stream asked for may take to be written by the process holding it, while its
+# turn runs, and once it ended (a loaded database can hold a checkpoint back that long).
 APPEAR_WAIT = 5.0
+APPEAR_WAIT_ENDED = 1.0
 BEYOND_WAIT = 2.0  # seconds a Last-Event-ID ahead of what is stored may wait for it
 
 
@@ -31,29 +33,53 @@ class TurnHandler(BaseHandler):
 
     turn_id = 0
 
-    async def find(self, turn_id: str) -> Any:
-        """The turn's stream row, or ClientError 404/410.  A turn running for a moment whose
-        first checkpoint is not in yet is waited for (briefly)."""
+    async def find_turn(self, turn_id: str) -> Any:
+        """The turn's state (events.turn_state, *recent* meaning within --resume-linger),
+        or ClientError 400/404."""
         self.turn_id = int(turn_id) if len(turn_id) <= 18 else -1
         app_id = self.get_query_argument("appID", None)
         if not app_id:
             raise ClientError(400, "appID (the conversation the turn belongs to) is required")
         self.app_id = app_id
+        state = await events.turn_state(self.pool, self.owner_id, self.turn_id,
+                                        self.application.resume.linger + 1.0)
+        if state is None or state["appid"] != app_id or state["status"] == "rejected":
+            raise self.not_found()  # (a rejected turn never had a stream)
+        return state
+
+    async def find(self, turn_id: str) -> Any:
+        """The turn's stream row, or None for a turn whose process died before its stream
+        was published; ClientError 404/410/503.  A stream not in the database yet is asked
+        for from the process holding it, and waited for (briefly)."""
+        state = await self.find_turn(turn_id)
         resume = self.application.resume
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + APPEAR_WAIT
+        deadline, ended_deadline = loop.time() + APPEAR_WAIT, loop.time() + APPEAR_WAIT_ENDED
+        asked = None  # when the holder was last asked
         while True:
             stream = await events.stream_of(self.pool, self.owner_id, self.turn_id,
                                             resume.retention)
             if stream is not None:
                 break
-            state = await events.turn_state(self.pool, self.owner_id, self.turn_id)
-            if state is None or state["appid"] != app_id or not state["recent"] \
-                    or loop.time() >= deadline:
-                raise self.not_found()
+            if asked is not None:
+                state = await events.turn_state(self.pool, self.owner_id, self.turn_id,
+                                                resume.linger + 1.0)
+                if state is None:  # its conversation was deleted meanwhile
+                    raise self.not_found()
+            if state["status"] in ("running", "abandoned") and not state["leased"]:
+                return None
+            if not state["recent"]:
+                raise self.not_kept()
+            running = state["status"] == "running"
+            if loop.time() >= (deadline if running else ended_deadline):
+                if running:
+                    raise ClientError(503, f"the chatterd process generating turn "
+                                           f"{self.turn_id} does not answer; retry")
+                raise self.not_kept()
+            if asked is None or loop.time() - asked >= 1.0:  # again, should it have missed it
+                await resume.publish(self.turn_id)
+                asked = loop.time()
             await resume.hub.wait(self.turn_id, 0.05)
-        if stream["appid"] != app_id:
-            raise self.not_found()
         if stream["expired"]:
             raise ClientError(410, f"turn {self.turn_id}'s events were kept "
                                    f"{resume.retention:g} s after it ended, and are gone")
@@ -61,6 +87,13 @@ class TurnHandler(BaseHandler):
 
     def not_found(self) -> ClientError:
         return ClientError(404, f"no streamed turn {self.turn_id} in this conversation")
+
+    def not_kept(self) -> ClientError:
+        resume = self.application.resume
+        return ClientError(410, f"turn {self.turn_id} has ended and its events are not kept (a "
+                                f"stream its client received whole is kept {resume.linger:g} s, "
+                                f"one cut short {resume.retention:g} s); its reply is stored in "
+                                f"the conversation")
 
 
 class TurnEventsHandler(TurnHandler):
@@ -78,7 +111,8 @@ class TurnEventsHandler(TurnHandler):
         except BadEventId as e:
             raise ClientError(400, str(e)) from None
         stream = await self.find(turn_id)
-        await self.check_position(stream, after)
+        if stream is not None:
+            await self.check_position(stream, after)
         self.set_header("X-Chatterd-Turn", str(self.turn_id))
         self._left = asyncio.get_running_loop().create_future()
         self.events = sse.EventStream(self, self.config.heartbeat, self.config.write_timeout)
@@ -86,6 +120,9 @@ class TurnEventsHandler(TurnHandler):
         self.outcome = "resumed"
         try:
             await self.events.open()
+            if stream is None:  # nothing of it was published: it ends here
+                await self.events.send(reader.error_event(self.turn_id, after + 1, reader.DIED))
+                return
             async for data in reader.read(self.application.resume, self.owner_id, self.turn_id,
                                           after, self._left):
                 await self.events.send(data)
@@ -139,14 +176,14 @@ class TurnStopHandler(TurnHandler):
     STOP_WAIT = 5.0  # seconds to wait for the stopped turn's end to be stored
 
     async def post(self, turn_id: str) -> None:
-        stream = await self.find(turn_id)
+        state = await self.find_turn(turn_id)
         self.outcome = "stopped"
-        if not stream["finished"]:
+        if state["status"] == "running" and state["leased"]:
             resume = self.application.resume
             await resume.stop(self.turn_id)
-            # 204 once its end (stored interrupted) is checkpointed, so a turn typed right
-            # after sees the interrupted reply; a process that does not answer is waited
-            # for only so long (its lease expires, and the next turn abandons it).
+            # 204 once its end is stored (interrupted), so a turn typed right after sees
+            # the interrupted reply; a process that does not answer is waited for only so
+            # long (its lease expires, and the next turn abandons it).
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.STOP_WAIT
             asked = loop.time()
@@ -154,13 +191,10 @@ class TurnStopHandler(TurnHandler):
                 if loop.time() - asked >= 1.0:  # a process LISTENing again missed the first
                     await resume.stop(self.turn_id)
                     asked = loop.time()
-                stream = await events.stream_of(self.pool, self.owner_id, self.turn_id,
-                                                resume.retention)
-                if stream is None or stream["finished"]:
-                    break
+                # A stopped stream is published: its checkpoints wake this wait.
+                await resume.hub.wait(self.turn_id, min(0.25, max(deadline - loop.time(), 0.01)))
                 state = await events.turn_state(self.pool, self.owner_id, self.turn_id)
                 if state is None or state["status"] != "running" or not state["leased"]:
                     break
-                await resume.hub.wait(self.turn_id, min(0.25, max(deadline - loop.time(), 0.01)))
         self.set_status(204)
         self.finish()

@@ -1,5 +1,5 @@
-"""Writes this process's running turns' new events to PostgreSQL, all in one statement,
-every `interval` seconds (and at once for a stream's first and last event).
+"""Writes this process's published turns' new events to PostgreSQL, all in one statement,
+every `interval` seconds (and at once for a stream's publication and its last event).
 
 The relay only appends bytes to its TurnRecord (resume/record.py) and marks it: no
 statement per token, nothing awaited on the hot path.  A checkpoint that fails (the
@@ -19,7 +19,6 @@ from resume.record import TurnRecord
 log = logging.getLogger("chatterd")
 
 MAX_BYTES = 64 * 1024  # unsaved bytes of one turn that bring its checkpoint forward
-BACKLOG = 256 * 1024  # unsaved bytes of one turn at which its relay waits for a checkpoint
 BATCH_BYTES = 1 << 20  # bytes of events one checkpoint statement carries, at most about
 # An urgent checkpoint (a stream's end) waits this long for others to join it: turns ending
 # together share a statement instead of each starting one.

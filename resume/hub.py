@@ -1,6 +1,6 @@
 """This process's ear on PostgreSQL: LISTEN on a connection of its own, so readers of a
-turn wake when any process checkpoints its events, and a running turn stops when any
-process is asked to stop it.
+turn wake when any process checkpoints its events, a running turn stops when any process
+is asked to stop it, and a stream is published when a reader on any process asks for it.
 
 A lost notification (the connection broke, and is opened again on the next use) costs a
 reader latency, not correctness: readers also look at the table every POLL seconds.
@@ -20,8 +20,9 @@ RETRY = 2.0  # seconds between attempts to LISTEN again after the connection was
 
 
 class Hub:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, publish: Callable[[int], object]) -> None:
         self.pool = pool
+        self._publish = publish  # called with a turn id a reader asked for
         self._con: Any = None
         self._connecting: Optional[asyncio.Task] = None
         self._readers: dict[int, set[asyncio.Future]] = {}
@@ -40,6 +41,7 @@ class Hub:
             con = await events.listen_connection(self.pool)
             await con.add_listener(events.EVENTS_CHANNEL, self._on_events)
             await con.add_listener(events.STOP_CHANNEL, self._on_stop)
+            await con.add_listener(events.PUBLISH_CHANNEL, self._on_publish)
             con.add_termination_listener(self._on_lost)
             if self._closed:
                 await con.close()
@@ -84,6 +86,13 @@ class Hub:
         stop = self.stoppers.get(turn_id)
         if stop is not None:
             stop()
+
+    def _on_publish(self, con: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            turn_id = int(payload)
+        except ValueError:
+            return
+        self._publish(turn_id)
 
     def wake(self, turn_id: int) -> None:
         for waiter in self._readers.pop(turn_id, ()):

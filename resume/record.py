@@ -4,6 +4,12 @@ Every event of a turn's stream gets the SSE line `id: <turn id>:<n>`, n counting
 turn's events from 1.  The numbered bytes are exactly what the client is sent; the same
 bytes are checkpointed (resume/checkpoint.py), so a resumed stream is byte for byte the
 rest of the original.
+
+A record is *published* (checkpointed from then on, everything so far first) only when a
+resume may need it from the database: its client left, a reader asked for it (from any
+process), it was stopped, or it holds more than BACKLOG bytes.  Until then its events stay
+in this process's memory: a stream whose client is there to the end costs PostgreSQL
+nothing (resume/__init__.py keeps it a while after, should its client come back).
 """
 
 from typing import Any, Optional
@@ -11,6 +17,9 @@ from typing import Any, Optional
 import sse
 
 CHUNK_BYTES = 64 * 1024  # a stored chunk holds about this much (a reader's page is 8 of them)
+# Unpublished bytes one record holds in memory; beyond them it is published, and its relay
+# then waits for checkpoints (handlers/resumable.py): memory per stream stays bounded.
+BACKLOG = 256 * 1024
 
 
 class TurnRecord:
@@ -18,7 +27,8 @@ class TurnRecord:
 
     __slots__ = ("turn_id", "app_id", "owner", "_prefix", "n", "unsaved", "unsaved_last",
                  "unsaved_first", "unsaved_bytes", "final", "keep", "keep_seconds", "detached", "opened",
-                 "_checkpointer", "saved_final", "end_status", "end_event", "row_due")
+                 "_checkpointer", "saved_final", "end_status", "end_event", "row_due",
+                 "published")
 
     def __init__(self, checkpointer: Any, turn_id: int, app_id: str, owner: int = 0,
                  keep: float = 0.0) -> None:
@@ -42,11 +52,19 @@ class TurnRecord:
         self.end_status: Optional[str] = None
         self.end_event: Optional[bytes] = None
         self.row_due = True  # the stream's row must be written (first, detached, end)
+        self.published = False  # checkpointed to the database (see the module)
 
     def open(self) -> None:
-        """The stream started (200 sent): its row is written soon (streams starting together
-        share the statement), so a resume right after the first event finds it."""
+        """The stream started (200 sent)."""
         self.opened = True
+
+    def publish(self) -> None:
+        """Checkpoint this stream from now on, starting at once with everything so far
+        (streams published together share the statement)."""
+        if self.published or not self.opened:
+            return
+        self.published = True
+        self.row_due = True
         self._checkpointer.mark(self, at_once=True)
 
     def number(self, framed: bytes, last: bool = False) -> bytes:
@@ -75,26 +93,32 @@ class TurnRecord:
         self.unsaved_bytes += len(data)
         if last:
             self.final = self.row_due = True
-        self._checkpointer.mark(self, at_once=last or self.unsaved_bytes > self._checkpointer.max_bytes)
+        if self.published:
+            self._checkpointer.mark(self, at_once=last or self.unsaved_bytes > self._checkpointer.max_bytes)
+        elif self.unsaved_bytes > BACKLOG:
+            self.publish()
 
     def stage_end(self, framed: bytes, status: str) -> None:
         """*framed*, the stream's terminal event if the turn is stored as *status*, written
         with the next checkpoint (started at once, ahead of storing the turn): should this
         process die after storing the turn but before checkpointing the end, a reader still
         ends the stream as the original would.  Numbered as number() will, not counted."""
-        if self.final:
+        if self.final or not self.published:
             return
         self.end_status, self.end_event = status, sse.with_ids(framed, self._prefix, self.n)
         self.row_due = True
         self._checkpointer.mark(self, at_once=True)
 
     def detach(self) -> None:
-        """The client left; the turn keeps generating for `keep` seconds (stored with the
-        next checkpoint, made at once)."""
+        """The client left; the turn keeps generating for `keep` seconds: published, and
+        that stored with the next checkpoint, made at once."""
         self.detached = True
         self.keep_seconds = self.keep
         self.row_due = True
-        self._checkpointer.mark(self, at_once=True)
+        if self.published:
+            self._checkpointer.mark(self, at_once=True)
+        else:
+            self.publish()
 
     def take(self) -> tuple:
         """(stream row or None, chunks) for a checkpoint, the chunks about CHUNK_BYTES each;

@@ -582,6 +582,168 @@ class ResumeTest(AsyncTestCase):
             await self.teardown_cluster()
 
 
+    # -- what is written to the database, and when ------------------------------------
+
+    async def stream_rows(self, turn: int) -> tuple[int, int]:
+        return (await self.pg.fetchval("SELECT count(*) FROM turn_streams WHERE turn_id = $1", turn),
+                await self.pg.fetchval("SELECT count(*) FROM turn_event_chunks WHERE turn_id = $1",
+                                       turn))
+
+    async def cut_turn(self, process: Process, app_id: str) -> int:
+        """A turn whose client leaves after 3 events: published; waited for until its row
+        is written (a barrier: anything marked before it was written by then too)."""
+        cut = await request(process.port, "POST", "/llmchat", chat(app_id, "hi", "slow"))
+        turn = int(cut.headers["x-chatterd-turn"])
+        [await cut.event() for _ in range(3)]
+        cut.close()
+        await self.until_status(turn, ("interrupted",))
+        deadline = time.monotonic() + 10
+        while (await self.stream_rows(turn))[1] == 0:
+            assert time.monotonic() < deadline, f"turn {turn}'s stream was never written"
+            await asyncio.sleep(0.02)
+        return turn
+
+    @gen_test(timeout=120)
+    async def test_a_stream_received_whole_is_written_only_when_a_reader_asks(self):
+        await self.cluster("--resume-linger", "30")
+        try:
+            app_id = self.app("whole")
+            whole = await request(self.a.port, "POST", "/llmchat", chat(app_id, "hi"))
+            turn = int(whole.headers["x-chatterd-turn"])
+            reference = await whole.rest()
+            self.check_sequence(turn, reference, 1)
+            # A client that left: its stream is written (it is what a resume is for) ...
+            cut = await self.cut_turn(self.a, self.app("cut"))
+            self.assertEqual(await self.stream_rows(cut), (1, 1))
+            # ... and the one received whole was not, by then.
+            self.assertEqual(await self.stream_rows(turn), (0, 0))
+            # A reader on the other process gets it all the same, byte for byte.
+            resumed = await self.resume(self.b.port, turn, app_id, f"{turn}:25")
+            self.assertEqual(resumed.status, 200)
+            self.assertEqual(await resumed.rest(), reference[25:])
+            self.assertEqual(await self.stream_rows(turn), (1, 1))
+            again = await self.resume(self.a.port, turn, app_id)
+            self.assertEqual(await again.rest(), reference)
+        finally:
+            await self.teardown_cluster()
+
+    @gen_test(timeout=120)
+    async def test_a_delivered_stream_is_kept_linger_seconds_then_410(self):
+        await self.cluster(b_args=("--resume-linger", "0.5"))
+        try:
+            app_id = self.app("late")
+            whole = await request(self.b.port, "POST", "/llmchat", chat(app_id, "hi"))
+            turn = int(whole.headers["x-chatterd-turn"])
+            await whole.rest()
+            # Past its linger on b (PostgreSQL's clock, the one turn_state reads).
+            deadline = time.monotonic() + 10
+            while not await self.pg.fetchval(
+                    "SELECT ended_at < clock_timestamp() - interval '0.6 s' FROM turns"
+                    " WHERE id = $1", turn):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            b_late = await self.resume(self.b.port, turn, app_id, f"{turn}:5")
+            self.assertEqual(b_late.status, 410)
+            self.assertIn("not kept", jsonfmt.loads(await b_late.body())["error"])
+            self.assertEqual(await self.stream_rows(turn), (0, 0))
+            # On a (linger 60 s) the same turn's stream is still there to be had.
+            kept = await request(self.a.port, "POST", "/llmchat", chat(self.app("kept"), "hi"))
+            kept_turn = int(kept.headers["x-chatterd-turn"])
+            reference = await kept.rest()
+            resumed = await self.resume(self.b.port, kept_turn, self.app("kept"), f"{kept_turn}:39")
+            self.assertEqual(await resumed.rest(), reference[39:])
+        finally:
+            await self.teardown_cluster()
+
+    @gen_test(timeout=120)
+    async def test_shutdown_writes_the_delivered_streams_it_kept(self):
+        await self.cluster()
+        try:
+            app_id = self.app("drain")
+            whole = await request(self.a.port, "POST", "/llmchat", chat(app_id, "hi"))
+            turn = int(whole.headers["x-chatterd-turn"])
+            reference = await whole.rest()
+            self.assertEqual(await self.stream_rows(turn), (0, 0))
+            await self.a.stop()  # SIGTERM: a graceful shutdown
+            self.assertEqual(self.a.proc.returncode, 0)
+            self.assertEqual(await self.stream_rows(turn), (1, 1))
+            resumed = await self.resume(self.b.port, turn, app_id, f"{turn}:10")
+            self.assertEqual(await resumed.rest(), reference[10:])
+        finally:
+            await self.teardown_cluster()
+
+    @gen_test(timeout=120)
+    async def test_sigkill_before_anything_was_written_ends_the_resume_with_an_error(self):
+        await self.cluster()
+        try:
+            app_id = self.app("unwritten")
+            live = await request(self.a.port, "POST", "/llmchat", chat(app_id, "hi", "slow"))
+            turn = int(live.headers["x-chatterd-turn"])
+            seen = [await live.event() for _ in range(4)]
+            self.a.kill()
+            self.assertEqual(await self.stream_rows(turn), (0, 0))
+            killed_at = time.monotonic()
+            resumed = await self.resume(self.b.port, turn, app_id, f"{turn}:4")
+            self.assertEqual(resumed.status, 200)
+            rest = await resumed.rest(timeout=TURN_LEASE + 10)
+            self.assertLess(time.monotonic() - killed_at, TURN_LEASE + 7)
+            self.check_sequence(turn, seen + rest, 1)
+            self.assertEqual(len(rest), 1)
+            self.assertIn("stopped before it ended", jsonfmt.loads(course_fields(rest[0])[1])["error"])
+        finally:
+            await self.teardown_cluster()
+
+
+class LingerTest(AsyncTestCase):
+    """Resumption's memory of delivered streams, alone (nothing of it reaches the database)."""
+
+    @gen_test(timeout=10)
+    async def test_lingering_streams_are_bounded_by_bytes_and_by_time(self):
+        import resume as resume_module
+        resume = Resumption(None, settings.defaults(resume_linger=60.0))
+        resume.hub._closed = True  # no LISTEN: there is no database here
+        budget = resume_module.LINGER_BYTES
+        resume_module.LINGER_BYTES = 3100
+        try:
+            records = []
+            for turn in range(1, 6):
+                record = resume.record(turn, "app")
+                record.open()
+                resume.running(record, lambda: None)
+                record.number(b"data: " + b"x" * 990 + b"\n\n", last=True)
+                resume.ended(record, delivered=True)
+                records.append(record)
+            # 5 streams of about 1 KB each, 3.1 KB kept: the two oldest are forgotten.
+            self.assertEqual(sorted(resume.records), [3, 4, 5])
+            self.assertLessEqual(resume.lingering_bytes, 3100)
+            self.assertFalse(any(r.published for r in records))
+            # A stream not delivered whole is never kept in memory (it is published).
+            cut = resume.record(9, "app")
+            cut.open()
+            resume.running(cut, lambda: None)
+            cut.number(b"data: y\n\n", last=True)
+            resume.checkpointer.mark = lambda record, at_once=False: None  # no database here
+            resume.ended(cut, delivered=False)
+            self.assertTrue(cut.published)
+            self.assertNotIn(9, resume.records)
+            # Past --resume-linger: forgotten (what is waited for is the time itself).
+            resume.linger = 0.01
+            late = resume.record(10, "app")
+            late.open()
+            resume.running(late, lambda: None)
+            late.number(b"data: z\n\n", last=True)
+            resume.ended(late, delivered=True)
+            self.assertIn(10, resume.records)
+            await asyncio.sleep(0.05)
+            self.assertFalse(resume.publish_here(10))
+            self.assertFalse(late.published)
+            self.assertEqual(sorted(resume.records), [3, 4, 5])
+        finally:
+            resume_module.LINGER_BYTES = budget
+            if resume._purger is not None:
+                resume._purger.cancel()
+
+
 class CheckpointTest(AsyncTestCase):
     @gen_test(timeout=30)
     async def test_a_checkpoint_retried_after_an_ambiguous_failure_is_stored_once(self):
