@@ -34,6 +34,10 @@ STORE_RETRIES = Counter("chatterd_store_retries_total",
 RESENDS_REPLAYED = Counter("chatterd_resends_replayed_total",
                            "Resent turns answered from storage instead of being stored twice",
                            registry=REGISTRY)
+STREAMS_WRITTEN = Counter("chatterd_streams_written_total",
+                          "Streamed turns whose events were written to PostgreSQL for a resume, by "
+                          "why (client_left, asked, stopped, large, shutdown)", ["reason"],
+                          registry=REGISTRY)
 CONTEXT_SENT_TOKENS = Histogram(
     "chatterd_context_sent_tokens", "Tokens of conversation sent to the model per chat turn "
     "(as counted: learned from the upstream, else estimated)",

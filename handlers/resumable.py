@@ -145,7 +145,7 @@ class ResumableTurn:
         if self.stopped or self.record is None or self.record.final:
             return
         self.stopped = True
-        self.record.publish()  # its stopper waits for the end to be checkpointed
+        self.record.publish("stopped")  # its stopper waits for the end to be checkpointed
         if self.call is not None:
             self.call.abort(UpstreamAborted(STOPPED.format(self.record.turn_id)))
 

@@ -89,7 +89,7 @@ class Resumption:
             self._forget_lingering()
         else:
             self.records.pop(turn_id, None)
-            record.publish()
+            record.publish("client_left")
 
     def _forget_lingering(self) -> None:
         """Drop the lingering streams past --resume-linger, and the oldest beyond LINGER_BYTES."""
@@ -107,14 +107,14 @@ class Resumption:
         self.lingering_bytes -= record.unsaved_bytes
         return record
 
-    def publish_here(self, turn_id: int) -> bool:
+    def publish_here(self, turn_id: int, reason: str = "asked") -> bool:
         """Publish *turn_id*'s stream if this process holds it; False if it does not."""
         self._forget_lingering()
         until = self._lingering.get(turn_id)
         record = self._unlinger(turn_id) or self.records.get(turn_id)
         if record is None or (until is not None and until <= asyncio.get_running_loop().time()):
             return False
-        record.publish()
+        record.publish(reason)
         return True
 
     async def publish(self, turn_id: int) -> None:
@@ -155,7 +155,7 @@ class Resumption:
             self._purger.cancel()
             self._purger = None
         for turn_id in list(self._lingering):  # resumable from the other processes
-            self.publish_here(turn_id)
+            self.publish_here(turn_id, "shutdown")
         await self.checkpointer.drain()
         self.checkpointer.close()
         await self.hub.close()

@@ -14,6 +14,7 @@ nothing (resume/__init__.py keeps it a while after, should its client come back)
 
 from typing import Any, Optional
 
+import metrics
 import sse
 
 CHUNK_BYTES = 64 * 1024  # a stored chunk holds about this much (a reader's page is 8 of them)
@@ -58,11 +59,12 @@ class TurnRecord:
         """The stream started (200 sent)."""
         self.opened = True
 
-    def publish(self) -> None:
+    def publish(self, reason: str) -> None:
         """Checkpoint this stream from now on, starting at once with everything so far
-        (streams published together share the statement)."""
+        (streams published together share the statement); *reason*: why (a metric label)."""
         if self.published or not self.opened:
             return
+        metrics.STREAMS_WRITTEN.labels(reason=reason).inc()
         self.published = True
         self.row_due = True
         self._checkpointer.mark(self, at_once=True)
@@ -96,7 +98,7 @@ class TurnRecord:
         if self.published:
             self._checkpointer.mark(self, at_once=last or self.unsaved_bytes > self._checkpointer.max_bytes)
         elif self.unsaved_bytes > BACKLOG:
-            self.publish()
+            self.publish("large")
 
     def stage_end(self, framed: bytes, status: str) -> None:
         """*framed*, the stream's terminal event if the turn is stored as *status*, written
@@ -118,7 +120,7 @@ class TurnRecord:
         if self.published:
             self._checkpointer.mark(self, at_once=True)
         else:
-            self.publish()
+            self.publish("client_left")
 
     def take(self) -> tuple:
         """(stream row or None, chunks) for a checkpoint, the chunks about CHUNK_BYTES each;
