@@ -624,6 +624,10 @@ class ResumeTest(AsyncTestCase):
             self.assertEqual(await self.stream_rows(turn), (1, 1))
             again = await self.resume(self.a.port, turn, app_id)
             self.assertEqual(await again.rest(), reference)
+            # What process a says it wrote, and why: the two streams above, nothing else.
+            text = (await (await request(self.a.port, "GET", "/metrics")).body()).decode()
+            written = dict(re.findall(r'chatterd_streams_written_total\{reason="(\w+)"\} (\S+)', text))
+            self.assertEqual(written, {"client_left": "1.0", "asked": "1.0"})
         finally:
             await self.teardown_cluster()
 
