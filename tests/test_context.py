@@ -4,6 +4,7 @@ what it left out; learns token counts from Ollama; reads what the budget needs, 
 whole conversation."""
 
 import math
+import re
 import time
 
 import asyncpg
@@ -261,6 +262,7 @@ class ContextTest(ChatterdTestCase):
         for i in range(3):
             self.chat("cut", "word " * 30)
         self.double.behave("small", reply="Aye.", max_ctx=100)
+        cut_before = self.upstream_cuts()
         with self.assertLogs("chatterd", "WARNING") as logs:
             self.chat("cut", "word " * 30, model="small", options={"num_ctx": 100000})
         self.assertGreater(self.double.chat_requests()[-1].truncated, 0)
@@ -270,8 +272,13 @@ class ContextTest(ChatterdTestCase):
         turns = self.io_loop.run_sync(lambda: self.turns("cut"))
         self.assertEqual(turns[-1]["status"], "complete")
         self.assertIn("it may have cut the prompt", turns[-1]["error"])
+        self.assertEqual(self.upstream_cuts(), cut_before + 1)  # (the counter is process-wide)
+
+    def upstream_cuts(self) -> float:
         text = self.fetch("/metrics").body.decode()
-        self.assertIn("chatterd_context_upstream_cut_total 1.0", text)
+        found = re.search(r"^chatterd_context_upstream_cut_total (\S+)$", text, re.M)
+        self.assertIsNotNone(found)
+        return float(found.group(1))
 
 
 class BoundedReadTest(ChatterdTestCase):
