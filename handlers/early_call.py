@@ -23,6 +23,9 @@ from upstreams.client import LinesCallback
 from upstreams.errors import UpstreamAborted
 
 REFUTED = "the early request was not confirmed by begin_turn"
+# Sent with every early request: an upstream's logs (and tests/torture.py's audit) can tell
+# them from the others, since a cancelled one may overlap another turn of its appID.
+EARLY_HEADER = {"X-Chatterd-Early": "1"}
 
 
 class EarlyCall:
@@ -37,7 +40,8 @@ class EarlyCall:
         self.opened = self.dropped = False
         self._relay = relay
         self._gate: Optional[asyncio.Future] = None  # made when lines wait for the gate
-        self.call = upstreams.post("/api/chat", body, self._on_lines if relay else None)
+        self.call = upstreams.post("/api/chat", body, self._on_lines if relay else None,
+                                   EARLY_HEADER)
 
     def settle(self, confirmed: bool) -> None:
         """begin_turn has answered (turns.Speculation); a refuted call is dropped now."""
