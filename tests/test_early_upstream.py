@@ -174,7 +174,8 @@ class EarlyUpstreamTest(ChatterdTestCase):
 
     @gen_test(timeout=30)
     async def test_a_direct_write_of_the_conversation_is_seen(self):
-        """A row changed under the process's feet (an ended turn's message edited in SQL):
+        """A row changed under the process's feet (the last turn's message edited in SQL;
+        an older one, which the history cache holds, is sent as cached, early or not):
         the early request carried the old text, so it is cancelled."""
         history = await self.known("e4")
         con = await asyncpg.connect(self.dsn())
