@@ -286,13 +286,10 @@ BEGIN
                        AND m.turn_id < v_turn AND t.status IN ('complete', 'interrupted', 'failed')
                        AND NOT t.unanswered
                     UNION ALL
-                    -- Only the window's turns the caller does not hold, each by its id (index
-                    -- messages_turn_seq; the ids are this appID's, from the walk above): usually
-                    -- the one turn that ended since the caller's last read.
                     SELECT false, m.turn_id, m.seq, m.role, m.content, m.extra
-                      FROM unnest(ARRAY(SELECT unnest(v_ids)
-                                        EXCEPT SELECT unnest(coalesce(p_cached, '{}')))) AS f(id)
-                      JOIN messages m ON m.turn_id = f.id AND m.owner_id = p_owner_id
-                     WHERE m.role <> 'system' AND is_sent(m.status, m.content, m.extra)) h) agg;
+                      FROM messages m
+                     WHERE m.owner_id = p_owner_id AND m.appid = p_appid AND m.turn_id = ANY(v_ids)
+                       AND NOT m.turn_id = ANY(coalesce(p_cached, '{}'))
+                       AND m.role <> 'system' AND is_sent(m.status, m.content, m.extra)) h) agg;
 END
 $$;
