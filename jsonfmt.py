@@ -21,6 +21,13 @@ def dumpb(obj: Any) -> bytes:
     return dumps(obj).encode("utf-8")
 
 
+def canonical(obj: Any) -> str:
+    """*obj* as JSON with every object's keys sorted: equal for equal JSON values only (so
+    True and 1, or 1 and 1.0, differ, as they do on the wire), whatever the key order."""
+    return ujson.dumps(obj, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False,
+                       sort_keys=True)
+
+
 # -- one JSON text per line, whatever the upstream sent ----------------------------------
 #
 # Line-based framings (SSE, NDJSON) trust that a JSON line holds no line break.  Standard

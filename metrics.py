@@ -56,6 +56,10 @@ CONTEXT_UPSTREAM_CUT = Counter(
     "Turns for which the upstream counted fewer prompt tokens than were sent (it cut the prompt)",
     registry=REGISTRY)
 # Per upstream (label "<index>:<URL without credentials>", a fixed set from --upstreams).
+EARLY_UPSTREAM = Counter("chatterd_early_upstream_total",
+                         "Chat turns sent upstream while they began (--early-upstream), by "
+                         "whether begin_turn confirmed the request or it was cancelled",
+                         ["outcome"], registry=REGISTRY)
 UPSTREAM_REQUESTS = Counter("chatterd_upstream_requests_total",
                             "Requests sent to each upstream (failover attempts included)",
                             ["upstream"], registry=REGISTRY)

@@ -125,6 +125,11 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("resend-window", float, 120.0,
                 "Seconds during which a resend of a turn whose answer was stored but never "
                 "delivered gets the stored answer instead of being stored again (0 turns this off)"),
+        Setting("early-upstream", bool, True,
+                "Send a /llmchat turn upstream while it begins when this process knows its "
+                "conversation (its last turn ended here), relaying nothing until begin_turn "
+                "confirms the lease and the very same history; otherwise the request is "
+                "cancelled and sent again after begin_turn (false: always after)"),
         Setting("context-tokens", int, 8192,
                 "Context window (num_ctx) a chat turn is budgeted for and sent upstream with, "
                 "unless the request's options.num_ctx says otherwise; history beyond it is left "

@@ -25,10 +25,13 @@ import os
 import re
 import socket
 import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
 import asyncpg
 
+import jsonfmt
 import metrics
 from settings import Settings
 from db import conversations
@@ -53,6 +56,29 @@ class Signal(Protocol):
     async def wait(self) -> Any: ...
 
 
+class Speculation(Protocol):
+    """An upstream request sent with `history` before its turn began (handlers/early_call.py).
+    `begin` calls settle() once, as soon as begin_turn's first answer is in: True when the
+    turn has begun and the history it means is exactly `history`, else False (the appID
+    was busy, a resend, another history, an error), and then nothing of the request may
+    reach the client or the conversation."""
+
+    history: list[dict]
+
+    def settle(self, confirmed: bool) -> None: ...
+
+
+@dataclass
+class Known:
+    """A conversation as this process last saw it end: what its next turn is sent before
+    its own messages (when nothing else happened meanwhile), and about how many tokens
+    that is (as counted when it was sent, plus estimates)."""
+
+    history: list[dict]
+    tokens: int
+    incoming: list[dict]  # the messages of its last turn, as the client sent them
+
+
 class TurnBusy(Exception):
     """Another turn of the appID kept running for the whole --turn-wait."""
 
@@ -74,6 +100,10 @@ class TurnKeeper:
     def __init__(self, pool: asyncpg.Pool, config: Settings) -> None:
         self.pool = pool
         self.history = HistoryCache(config.history_cache)  # conversations read, by (owner, appID)
+        # Conversations whose last turn ended here, whole in their context, for forecast():
+        # as many as the history cache holds (least recently used out first).
+        self.known: OrderedDict[tuple[int, str], Known] = OrderedDict()
+        self.known_size = config.history_cache if config.early_upstream else 0
         self.resend_window = config.resend_window
         self.lease = config.turn_lease
         self.wait = config.turn_wait
@@ -108,9 +138,34 @@ class TurnKeeper:
             self._renewer.cancel()
             self._renewer = None
 
+    def forecast(self, owner_id: int, app_id: str, messages: list[dict],
+                 budget: Optional[int]) -> Optional[list[dict]]:
+        """What a turn of *messages* would be sent (as `Turn.history`), if this process can
+        tell: the conversation's last turn ended here (or a turn after it was rejected here),
+        nothing of it was left out, and it still fits *budget* with *messages*, with room
+        to spare for counts learned since.  None: ask begin_turn first; so too for the last
+        turn's messages again, likely a resend (answered from storage, not by the model).
+        """
+        known = self.known.get((owner_id, app_id))
+        if known is None or messages == known.incoming:
+            return None
+        if budget is not None and known.tokens + rough_tokens(messages) > budget - budget // 8:
+            return None
+        return with_new_messages(known.history, messages)
+
+    def _remember(self, turn: "Turn", known: Optional[Known]) -> None:
+        key = (turn.owner_id, turn.app_id)
+        self.known.pop(key, None)
+        if known is None or self.known_size <= 0 or turn.window.omitted_messages:
+            return
+        self.known[key] = known
+        while len(self.known) > self.known_size:
+            self.known.popitem(last=False)
+
     async def begin(self, owner_id: int, app_id: str, messages: list[dict], *,
                     left: Optional["Signal"] = None, replace: bool = False,
-                    budget: Optional[int] = None, context: Optional[int] = None) -> "Turn":
+                    budget: Optional[int] = None, context: Optional[int] = None,
+                    speculation: Optional[Speculation] = None) -> "Turn":
         """Store *messages* as a pending turn of *owner_id*'s conversation *app_id* once no
         other turn of it runs.
 
@@ -120,8 +175,11 @@ class TurnKeeper:
 
         Raises TurnBusy after --turn-wait seconds, ClientLeft when *left* is set while
         waiting, DatabaseUnavailable when PostgreSQL is away (nothing is then stored).
+        *speculation* is settled after the first try (see Speculation), whatever its outcome.
         """
         self._start_renewing()
+        if replace:
+            self.known.pop((owner_id, app_id), None)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait
         pause = 0.01
@@ -139,8 +197,16 @@ class TurnKeeper:
                                                        cache=self.history)
             except BaseException:
                 self._delivered[:0] = delivered  # not recorded: keep them for the next try
+                if speculation is not None:
+                    speculation.settle(False)
                 raise
             turn_id, history, window, replay = begun
+            sent = None
+            if turn_id is not None and replay is None:
+                sent = with_new_messages(history, messages)
+            if speculation is not None:
+                speculation.settle(sent is not None and same_messages(sent, speculation.history))
+                speculation = None
             if turn_id is not None:
                 if waited:
                     metrics.TURN_WAITS.labels(outcome="started").inc()
@@ -150,8 +216,12 @@ class TurnKeeper:
                     turn.ended, turn.replay = True, replay
                     return turn
                 self.running.add((owner_id, turn_id))
-                turn = Turn(self, owner_id, app_id, turn_id, with_new_messages(history, messages))
-                turn.window = window
+                # While it runs, its conversation is not forecast (a turn arriving meanwhile
+                # waits for it); its end says what the conversation is then.
+                prior = self.known.pop((owner_id, app_id), None)
+                turn = Turn(self, owner_id, app_id, turn_id, sent)
+                turn.resend_of = prior.incoming if prior is not None else []
+                turn.before, turn.window, turn.incoming = history, window, messages
                 return turn
             waited = True
             if waited_for is None:  # the turn this request arrived behind
@@ -180,6 +250,7 @@ class TurnKeeper:
     def forget(self, owner_id: int, app_id: str) -> None:
         """The conversation was deleted: let its cached history go."""
         self.history.forget(owner_id, app_id)
+        self.known.pop((owner_id, app_id), None)
 
     def note_delivered(self, turn: TurnKey) -> None:
         self._delivered.append(turn)
@@ -242,6 +313,26 @@ class TurnKeeper:
                 failing = True
 
 
+def same_messages(a: list[dict], b: list[dict]) -> bool:
+    """Are *a* and *b* the same messages, as JSON values (the key order aside)?"""
+    return a is b or (len(a) == len(b) and jsonfmt.canonical(a) == jsonfmt.canonical(b))
+
+
+def rough_tokens(messages: list[dict]) -> int:
+    """About what estimate_tokens (db/functions/estimate_tokens.sql) counts for *messages*
+    (characters for bytes): enough to tell whether a forecast history still fits."""
+    total = 0
+    for m in messages:
+        content = m.get("content")
+        total += 4 + (len(content) + 3) // 4 if isinstance(content, str) else 4
+        if m.get("tool_calls"):
+            total += len(jsonfmt.dumps(m["tool_calls"])) // 4 + 1
+        images = m.get("images")
+        if isinstance(images, list):
+            total += 768 * len(images)
+    return total
+
+
 def with_new_messages(history: list[dict], messages: list[dict]) -> list[dict]:
     """What the model is sent: the conversation so far, then the turn's own messages, as
     they are stored (so later turns send exactly the same), system prompts first."""
@@ -263,6 +354,9 @@ class Turn:
         self.app_id = app_id
         self.id = turn_id
         self.history = history  # the conversation before this turn, and its own messages
+        self.before: list[dict] = []  # the conversation before this turn, as sent with it
+        self.incoming: list[dict] = []  # its messages, as the client sent them
+        self.resend_of: list[dict] = []  # the last ended turn's, as far as this process knows
         self.window = Window()  # what of the conversation the history holds, what it leaves out
         self.ended = False
         self.suspect = False  # Ollama reported fewer prompt tokens than were sent
@@ -290,6 +384,7 @@ class Turn:
             if not self.ended:
                 self.ended = True
                 self.keeper._turn_ended(self)
+        self.keeper._remember(self, self._after(status, reply, outcome))
         self.suspect = outcome == "stored-suspect"
         if self.suspect:
             metrics.CONTEXT_UPSTREAM_CUT.inc()
@@ -297,6 +392,22 @@ class Turn:
         if outcome == "lost":
             raise TurnNotStored("the turn was taken over: its lease expired while the "
                                 "database was unreachable")
+
+    def _after(self, status: str, reply: Optional[Reply], outcome: str) -> Optional[Known]:
+        """The conversation once this turn has ended as *status* (stored: *outcome*), for
+        the next turn's forecast, when that is plain: unchanged by a rejected turn, or
+        grown by this turn's messages and a text reply (nothing else is forecast)."""
+        if self.replay is not None or not self.history:
+            return None
+        if status == "rejected":
+            return Known(self.before, self.window.sent_tokens, self.resend_of)
+        if status != "complete" or outcome not in ("stored", "stored-suspect", "already") \
+                or reply is None or not reply.content or reply.extra or reply.before or reply.after:
+            return None
+        answer = {"role": "assistant", "content": reply.content}
+        sent = max(self.window.sent_tokens, reply.prompt_tokens or 0)
+        tokens = reply.tokens if reply.tokens is not None else rough_tokens([answer])
+        return Known(self.history + [answer], sent + tokens, self.incoming)
 
     async def delivered(self) -> None:
         """The client has the turn's end: a later identical turn is a new question, not a

@@ -3,7 +3,9 @@
 The life of a turn (turns.py keeps the rules, db/conversations.py the SQL):
 1. validate the body, then wait until no other turn of the appID runs, store the
    incoming messages as pending and read the conversation: one round trip, and no
-   connection is held while streaming;
+   connection is held while streaming.  When this process knows the conversation, the
+   upstream request is sent meanwhile (handlers/early_call.py) and used only if that
+   round trip confirms it, else cancelled;
 2. start Ollama's /api/chat and wait up to --status-grace for its status.  A non-200
    within the grace becomes that status and the turn is rejected (never part of the
    conversation); otherwise the response commits to 200 and heartbeats cover the
@@ -29,6 +31,7 @@ import sse
 from db.conversations import Reply
 from db.pool import DatabaseUnavailable
 from handlers.base import UpstreamHandler
+from handlers.early_call import EarlyCall
 from handlers.validation import ClientError
 from handlers.llm_request import LLMRequest, parse_llm_request
 from handlers.reply_text import ReplyText, prompt_count, token_count
@@ -54,18 +57,20 @@ def announce_window(handler: UpstreamHandler, turn: Turn) -> None:
         metrics.CONTEXT_OMITTED_TOKENS.inc(window.omitted_tokens)
 
 
-async def begin_turn(handler: UpstreamHandler, request: LLMRequest, replace: bool = False) -> Turn:
+async def begin_turn(handler: UpstreamHandler, request: LLMRequest, replace: bool = False,
+                     early: Optional[EarlyCall] = None) -> Turn:
     """Wait for the appID's turn and start it; every refusal is a real HTTP status.
 
     A chat turn's history is bounded by its context budget (--context-tokens, or the
-    request's options.num_ctx); /llmprep (replace) reads none.
+    request's options.num_ctx); /llmprep (replace) reads none.  *early* is settled by
+    the first answer (see turns.Speculation).
     """
     context, budget = (None, None) if replace else \
         request.context_budget(handler.config.context_tokens)
     try:
         return await handler.application.turns.begin(
             handler.owner_id, request.app_id, request.messages, left=handler.left, replace=replace,
-            budget=budget, context=context)
+            budget=budget, context=context, speculation=early)
     except TurnBusy:
         raise ClientError(409, f"another turn of appID {request.app_id!r} is still running "
                                f"after {handler.application.turns.wait:g} s; retry when it has "
@@ -78,7 +83,11 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
     # became a private one, 0.5 KiB more per open stream (bench/scale.py).  Each is set
     # before it is read, as an instance attribute would be.
     __slots__ = ("turn", "reply", "failure", "done_line", "answer_started", "text",
-                 "time_to_first_token", "events", "record", "stopped", "window_timer")
+                 "time_to_first_token", "events", "record", "stopped", "window_timer", "early")
+
+    # Whether a turn may be sent upstream while it begins: /llmtools and /v1 do not (their
+    # requests hold more than the conversation forecast: kept tool schemas, OpenAI's shapes).
+    sends_early = True
 
     outcome: Optional[str] = None  # for the access log: complete, interrupted, failed, rejected
     context: Optional[str] = None  # for the access log: what the turn sent and left out
@@ -88,8 +97,14 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
         request = self.parse_request()
         self.app_id = request.app_id
         keep = self.keep_generating()
+        self.early: Optional[EarlyCall] = None  # the upstream call sent while the turn begins
+        self._send_early(request)
         try:
-            self.turn = await self.begin(request)
+            try:
+                self.turn = await self.begin(request)
+            finally:
+                if self.early is not None and not self.early.confirmed:
+                    self._drop_early()
         except ClientLeft:
             self.set_status(499, "Client Closed Request")
             return
@@ -112,16 +127,49 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
                 await self._once(request)
         finally:
             metrics.ACTIVE_STREAMS.dec()
+            if self.early is not None:  # confirmed, but the turn ended before it was used
+                self._drop_early()
             if not self.turn.ended:  # an unexpected error: never leave the turn pending here
                 await self.turn.reject("chatterd failed to handle the turn")
             await self.close_record(self.reply.error or "the turn ended")
+
+    # -- the upstream request sent while the turn begins ----------------------------------
+
+    def _send_early(self, request: LLMRequest) -> None:
+        """Send the turn upstream now when this process can forecast its history (see
+        turns.TurnKeeper.forecast); begin() then settles it."""
+        if not self.sends_early or self.client_gone:
+            return
+        keeper = self.application.turns
+        _, budget = request.context_budget(self.config.context_tokens)
+        history = keeper.forecast(self.owner_id, request.app_id, request.messages, budget)
+        if history is None:
+            return
+        self.early = EarlyCall(self.upstreams, request.upstream_body(history), history,
+                               self._on_lines if request.stream else None)
+        self.call = self.early.call  # a client that leaves aborts it, as any call
+
+    def _drop_early(self) -> None:
+        """The early call was not confirmed: it is aborted, and the turn is sent again."""
+        early, self.early = self.early, None
+        if self.call is early.call:  # type: ignore[union-attr]
+            self.call = None
+        early.drop()  # type: ignore[union-attr]
+
+    def _call_upstream(self, request: LLMRequest, on_lines) -> None:  # type: ignore[no-untyped-def]
+        """The turn's upstream call: the early one, now confirmed, or a new one."""
+        early, self.early = self.early, None
+        if early is not None:
+            early.open()
+            return
+        self.start_call("/api/chat", request.upstream_body(self.turn.history), on_lines)
 
     # -- streaming ------------------------------------------------------------------
 
     async def _stream(self, request: LLMRequest) -> None:
         self.events = sse.EventStream(self, self.config.heartbeat, self.config.write_timeout)
         self.events.set_headers()
-        self.start_call("/api/chat", request.upstream_body(self.turn.history), self._on_lines)
+        self._call_upstream(request, self._on_lines)
         # Queued behind --max-streams: the grace starts once Ollama has the request, so a
         # turn that never gets a slot is a real 503, not a 200 that ends in an error.
         await self.call.wait_slot()
@@ -291,7 +339,7 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
 
     async def _once(self, request: LLMRequest) -> None:
         """Ollama's single JSON object, passed through; the turn stored the same way."""
-        self.start_call("/api/chat", request.upstream_body(self.turn.history), None)
+        self._call_upstream(request, None)
         try:
             await self.call.finished()
         except UpstreamError as e:
@@ -326,7 +374,7 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
         return parse_llm_request(self.json_object(), max_messages=self.config.max_messages)
 
     async def begin(self, request: LLMRequest) -> Turn:
-        return await begin_turn(self, request)
+        return await begin_turn(self, request, early=self.early)
 
     async def next_round(self, request: LLMRequest) -> bool:
         """The upstream round ended with its done line (held back, not relayed yet).

@@ -98,6 +98,7 @@ def tool_result(call: dict, text: str) -> dict:
 
 class LLMToolsHandler(LLMChatHandler):
     client_tools: Optional[list] = None
+    sends_early = False  # its request depends on more than the history (see LLMChatHandler)
     rounds = 0  # resident tool rounds run in this turn
     shutting_down = False
 

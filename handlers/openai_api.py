@@ -160,6 +160,7 @@ class ChatCompletionsHandler(LLMChatHandler):
     """/v1/chat/completions: an /llmchat turn (or a stateless one) in OpenAI's dialect."""
 
     translator: Optional[OllamaToOpenAI] = None
+    sends_early = False  # its request depends on more than the history (see LLMChatHandler)
 
     def parse_request(self) -> LLMRequest:
         app_id = self.request.headers.get(APP_HEADER)

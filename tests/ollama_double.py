@@ -93,6 +93,7 @@ class RecordedRequest:
     chunks_sent: int = 0  # content chunks written (the done/error lines do not count)
     truncated: int = 0  # messages the double dropped because the prompt exceeded num_ctx
     lines_sent: list = field(default_factory=list)  # every NDJSON line written, as bytes
+    headers: dict = field(default_factory=dict)  # the request's headers (names as sent)
 
     @property
     def messages(self) -> list | None:
@@ -250,7 +251,8 @@ class _Handler(tornado.web.RequestHandler):
         # Recorded here, not in prepare(), so on_connection_close always finds it.
         self.double = double
         self.rec = RecordedRequest(self.request.path, self.request.method or "", None,
-                                   self.request.body or b"", time.monotonic())
+                                   self.request.body or b"", time.monotonic(),
+                                   headers=dict(self.request.headers.get_all()))
         double.requests.append(self.rec)
         double._arrival.notify_all()
         self._gone = asyncio.Event()  # the connection is closed, for whatever reason

@@ -5,8 +5,11 @@ timer, not on heap growth."""
 import asyncio
 import gc
 
+import asyncpg
+
 from tornado.testing import AsyncTestCase, gen_test
 
+import metrics
 from runtime.gc_schedule import NEVER, FullCollections
 from tests.support import ChatterdTestCase, chat_and_leave, chat_body, streams_finished
 from tests.test_upstreams import UpstreamsTestCase
@@ -15,7 +18,7 @@ from tests.test_upstreams import UpstreamsTestCase
 REQUEST_TYPES = {"LLMChatHandler", "ChatCompletionsHandler", "UpstreamCall", "OpenAICall",
                  "EventStream", "AbortableConnection", "BufferedChunkConnection",
                  "HTTP1Connection", "HTTP1ServerConnection", "IOStream", "HTTPServerRequest",
-                 "HTTPRequest", "Turn", "ReplyText"}
+                 "HTTPRequest", "Turn", "ReplyText", "EarlyCall"}
 
 
 class NoCyclicGarbageTest(ChatterdTestCase):
@@ -57,6 +60,33 @@ class NoCyclicGarbageTest(ChatterdTestCase):
         self.io_loop.run_sync(lambda: asyncio.wait_for(left.closed.wait(), 5))  # Ollama told
         found = self.left_to_the_collector()
         self.assertEqual(found, {})
+
+
+    def test_turns_sent_early_are_freed_by_refcounting_confirmed_or_cancelled(self) -> None:
+        def early(outcome: str) -> float:
+            return metrics.EARLY_UPSTREAM.labels(outcome=outcome)._value.get()
+
+        async def edit_conversation() -> None:  # the last turn (not cached yet): q4 is stale
+            con = await asyncpg.connect(self.dsn())
+            try:
+                await con.execute("UPDATE chatterd.messages SET content = 'edited'"
+                                  " WHERE appid = 'gc-early' AND content = 'q3'")
+            finally:
+                await con.close()
+
+        self.post_json("/llmchat", chat_body("gc-early", "q0"))
+        self.post_json("/llmchat", chat_body("gc-early", "q1"))  # first-use objects aside
+        confirmed, cancelled = early("confirmed"), early("cancelled")
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        for i in range(2, 4):
+            self.assertEqual(self.post_json("/llmchat", chat_body("gc-early", f"q{i}")).code, 200)
+        self.io_loop.run_sync(edit_conversation)
+        self.assertEqual(self.post_json("/llmchat", chat_body("gc-early", "q4")).code, 200)
+        self.assertEqual(self.post_json("/llmchat", chat_body("gc-early", "q5", stream=False)).code, 200)
+        self.io_loop.run_sync(lambda: streams_finished(self._app))
+        self.assertEqual((early("confirmed") - confirmed, early("cancelled") - cancelled), (3, 1))
+        self.assertEqual(self.left_to_the_collector(), {})
 
 
 class FullCollectionsTest(AsyncTestCase):

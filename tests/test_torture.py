@@ -33,5 +33,6 @@ def test_torture_no_contract_violation():
     assert report.faults["SIGTERM"] and report.faults["SIGKILL mid-stream"] \
         and report.faults["PostgreSQL stop/start"], summary
     assert report.shape_checked >= report.upstream > 0, summary
-    assert not report.malformed, summary  # every message list sent upstream is well formed
+    assert not report.malformed, summary
+    assert report.early["confirmed"] > 0, summary  # the early path ran, through the faults  # every message list sent upstream is well formed
     assert not report.violations, summary

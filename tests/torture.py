@@ -195,6 +195,17 @@ class Chatterd:
         await self._drainer
         return code
 
+    async def early_upstream(self) -> collections.Counter:
+        """chatterd_early_upstream_total of this process since its last start, by outcome."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            text = (await asyncio.wait_for(reader.read(), 10)).decode()
+        finally:
+            writer.close()
+        return collections.Counter({m[1]: int(float(m[2])) for m in re.finditer(
+            r'^chatterd_early_upstream_total\{outcome="(\w+)"\} (\S+)$', text, re.M)})
+
     async def kill_quietly(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
@@ -477,6 +488,9 @@ class Report:
     # and the problems found, by kind (a list counts once per kind it breaks).
     shape_checked: int = 0
     records: int = 0  # ended turns outside the conversation: they ended before any answer text
+    # Turns sent upstream while they began (--early-upstream), by outcome, as the processes
+    # alive at the end counted them since their last start.
+    early: collections.Counter = field(default_factory=collections.Counter)
     malformed: collections.Counter = field(default_factory=collections.Counter)
     evidence: dict = field(default_factory=lambda: collections.defaultdict(list))
 
@@ -502,6 +516,7 @@ class Report:
                f"  HTTP statuses: {fmt(self.statuses)}",
                f"  stored turns by status: {fmt(self.stored)}; {self.records} of them ended before "
                "any answer text (records outside the conversation)",
+               f"  sent early (since the last restarts): {fmt(self.early)}",
                f"  well-formedness: {self.shape_checked} upstream message lists checked, "
                f"{sum(self.malformed.values())} violations ({fmt(self.malformed)})",
                f"  violations: {sum(self.violations.values())} ({fmt(self.violations)})"]
@@ -551,6 +566,9 @@ class Torture:
             for p in self.procs:  # one after the other: each migrates at start-up
                 await p.start()
             await self._workload()
+            for p in self.procs:
+                if p.proc is not None and p.proc.returncode is None:
+                    self.report.early.update(await p.early_upstream())
             self.report.seconds = time.monotonic() - started
             await self._audit()
         finally:
@@ -914,6 +932,11 @@ class Torture:
 
         # One turn at a time per appID: its upstream requests never overlap (unless a fault
         # made a lease expire, which the contract allows: the older turn is then abandoned).
+        # A request sent while its turn began (X-Chatterd-Early) may overlap another turn's
+        # until begin_turn cancels it (an unfinished one is left out here), or, confirmed
+        # after a pause for a pool connection, the end of a turn that never entered the
+        # conversation: that nothing of a cancelled one was relayed or stored, and that a
+        # confirmed one had exactly the conversation, the checks below see.
         by_app_up: dict[str, list] = collections.defaultdict(list)
         for u in upstream:
             msgs = u.body.get("messages") or [{}]
@@ -921,9 +944,13 @@ class Torture:
             if t:
                 by_app_up[_APP_OF_TID.match(t).group(1)].append(u)
         for app, ups in by_app_up.items():
+            ups = [u for u in ups if not (u.headers.get("X-Chatterd-Early") and u.finished_at is None)]
             for u1, u2 in zip(ups, ups[1:]):
                 end = u1.finished_at or u1.closed_at
                 if end is None or u2.received_at >= end - 0.02:
+                    continue
+                if u1.headers.get("X-Chatterd-Early") or u2.headers.get("X-Chatterd-Early"):
+                    rep.faults["upstream requests of one appID overlapped: sent early"] += 1
                     continue
                 probe = Attempt("-", u2.received_at, ended=end)
                 why = self._explained(probe)

@@ -73,13 +73,14 @@ class UpstreamClient:
     def base_url(url: str) -> str:
         return api_base(url)
 
-    def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback]) -> "UpstreamCall":
+    def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback],
+             headers: Optional[dict[str, str]] = None) -> "UpstreamCall":
         """Start POST *path*; each chunk's complete lines go to on_lines(lines) (awaited when
-        it returns an awaitable: see LinesCallback).
+        it returns an awaitable: see LinesCallback).  *headers* are sent with it.
 
         With on_lines None the whole body is kept in `call.body` instead.
         """
-        return UpstreamCall(self, path, body, on_lines)
+        return UpstreamCall(self, path, body, on_lines, headers=headers)
 
     async def version(self, timeout: float = 2.0) -> str:
         """Ollama's version string; raises UpstreamError when it does not answer."""
@@ -100,7 +101,8 @@ class UpstreamCall:
     """
 
     def __init__(self, client: UpstreamClient, path: str, body: Optional[bytes],
-                 on_lines: Optional[LinesCallback], timeout: Optional[float] = None) -> None:
+                 on_lines: Optional[LinesCallback], timeout: Optional[float] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
         self.client = client
         self.url = client.base + path
         self.on_lines = on_lines
@@ -131,7 +133,7 @@ class UpstreamCall:
             self.url, method="POST" if body is not None else "GET", body=body,
             headers={"Content-Type": "application/json", "Accept": "application/x-ndjson",
                      "Connection": "keep-alive" if client.keepalive > 0 else "close",
-                     **client.extra_headers},
+                     **client.extra_headers, **(headers or {})},
             header_callback=self._on_header, streaming_callback=self._on_chunk,
             # A redirect is not Ollama's answer: report it (see _http_error), never follow it.
             follow_redirects=False,

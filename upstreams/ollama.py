@@ -26,8 +26,8 @@ class OllamaUpstream(UpstreamClient):
         self.name = api_base(url)
 
     def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback],
-             parsed: Optional[dict] = None) -> UpstreamCall:
-        return UpstreamCall(self, path, body, on_lines)
+             headers: Optional[dict[str, str]] = None, parsed: Optional[dict] = None) -> UpstreamCall:
+        return UpstreamCall(self, path, body, on_lines, headers=headers)
 
     async def models(self, timeout: float = 2.0) -> list[str]:
         call = UpstreamCall(self, "/api/tags", None, None, timeout=timeout)

@@ -114,14 +114,16 @@ class Router:
     def single_ollama(self) -> bool:
         return len(self.members) == 1 and self.members[0].dialect == "ollama"
 
-    def post(self, path: str, body: Optional[bytes], on_lines: Optional[LinesCallback]) -> Any:
+    def post(self, path: str, body: Optional[bytes], on_lines: Optional[LinesCallback],
+             headers: Optional[dict[str, str]] = None) -> Any:
+        """The call of POST *path* (*headers* sent with it, to whichever upstream)."""
         if self.single_ollama:
             member = self.members[0]
             metrics.UPSTREAM_REQUESTS.labels(upstream=member.label).inc()
             member.requests += 1
-            return member.client.post(path, body, on_lines)
+            return member.client.post(path, body, on_lines, headers)
         self.start()
-        return RoutedCall(self, path, body, on_lines)
+        return RoutedCall(self, path, body, on_lines, headers)
 
     async def status(self, timeout: float = 2.0) -> list[dict]:
         """Each upstream's health, for /readyz; also refreshes the model listings."""
@@ -230,11 +232,12 @@ class RoutedCall:
     """UpstreamCall's interface over a sequence of attempts, one upstream each."""
 
     def __init__(self, router: Router, path: str, body: Optional[bytes],
-                 on_lines: Optional[LinesCallback]) -> None:
+                 on_lines: Optional[LinesCallback], headers: Optional[dict[str, str]] = None) -> None:
         self.router = router
         self.path = path
         self.request_body = body
         self.on_lines = on_lines
+        self.headers = headers
         self.attempt: Any = None
         self.member: Optional[Member] = None
         self.error: Optional[UpstreamError] = None  # the router's own answer (404, ...)
@@ -346,8 +349,8 @@ class RoutedCall:
             member.requests += 1
             try:
                 attempt = member.client.post(self.path, self.request_body, self.on_lines,
-                                             parsed) if member.dialect != "ollama" else \
-                    member.client.post(self.path, self.request_body, self.on_lines)
+                                             self.headers, parsed) if member.dialect != "ollama" \
+                    else member.client.post(self.path, self.request_body, self.on_lines, self.headers)
             except (ValueError, TypeError, AttributeError) as e:
                 self.error = UpstreamHTTPError(f"cannot translate the request: {e}", status=400)
                 return

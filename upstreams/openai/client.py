@@ -50,12 +50,13 @@ class OpenAIClient(UpstreamClient):
         return self.base
 
     def post(self, path: str, body: bytes, on_lines: Optional[LinesCallback],
-             parsed: Optional[dict] = None) -> "OpenAICall":
+             headers: Optional[dict[str, str]] = None, parsed: Optional[dict] = None) -> "OpenAICall":
         if parsed is None:
             parsed = jsonfmt.loads(body)
         request = ollama_to_openai_request(path, parsed)
         return OpenAICall(self, "/chat/completions", jsonfmt.dumpb(request), on_lines,
-                          model=str(parsed.get("model") or ""), generate=path == "/api/generate")
+                          model=str(parsed.get("model") or ""), generate=path == "/api/generate",
+                          headers=headers)
 
     async def models(self, timeout: float = 2.0) -> list[str]:
         call = UpstreamCall(self, "/models", None, None, timeout=timeout)
@@ -77,11 +78,12 @@ class OpenAICall(UpstreamCall):
     """One streamed /chat/completions request, delivered as Ollama lines."""
 
     def __init__(self, client: OpenAIClient, path: str, body: bytes,
-                 on_lines: Optional[LinesCallback], *, model: str, generate: bool) -> None:
+                 on_lines: Optional[LinesCallback], *, model: str, generate: bool,
+                 headers: Optional[dict[str, str]] = None) -> None:
         self.translator = ChunkTranslator(model, generate, client.label)
         self._gathered: Optional[dict] = {} if on_lines is None else None
         self._raw_type = "application/json"
-        super().__init__(client, path, body, on_lines)
+        super().__init__(client, path, body, on_lines, headers=headers)
 
     @property  # type: ignore[override]
     def content_type(self) -> str:
