@@ -35,6 +35,8 @@ from db import conversations
 from db.conversations import Reply, TurnKey, Window
 from db.history_cache import HistoryCache
 from db.pool import DatabaseUnavailable
+from db import turn_ends
+from db.turn_ends import TurnEnds
 
 log = logging.getLogger("chatterd")
 
@@ -42,6 +44,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 DELIVERY_FLUSH = 0.2  # seconds
+RESERVED = turn_ends.FLIGHTS + 1  # pool connections begins leave to ends and checkpoints
 CUT_WARNING_EVERY = 60.0  # seconds between "Ollama cut the prompt" warnings
 
 
@@ -74,6 +77,11 @@ class TurnKeeper:
     def __init__(self, pool: asyncpg.Pool, config: Settings) -> None:
         self.pool = pool
         self.history = HistoryCache(config.history_cache)  # conversations read, by (owner, appID)
+        self.ends = TurnEnds(pool)  # turns ending together are stored in one statement
+        # Begins take at most this many of the pool's connections: the rest stay free for
+        # the statements a waiting client's `done` or a stream's checkpoint needs.  (A burst
+        # of begins otherwise fills the pool's queue, and each end waits behind all of it.)
+        self._begin_slots = asyncio.Semaphore(max(1, config.db_pool_size - RESERVED))
         self.resend_window = config.resend_window
         self.lease = config.turn_lease
         self.wait = config.turn_wait
@@ -130,13 +138,11 @@ class TurnKeeper:
         while True:
             delivered, self._delivered = self._delivered, []
             try:
-                begun = await conversations.begin_turn(self.pool, owner_id, app_id, self.owner,
-                                                       self.lease, messages, replace=replace,
-                                                       resend_seconds=self.resend_window,
-                                                       budget=budget, context=context,
-                                                       delivered=delivered,
-                                                       waited_for=waited_for,
-                                                       cache=self.history)
+                async with self._begin_slots:
+                    begun = await conversations.begin_turn(self.pool, owner_id, app_id, self.owner,
+                        self.lease, messages, replace=replace, resend_seconds=self.resend_window,
+                        budget=budget, context=context, delivered=delivered,
+                        waited_for=waited_for, cache=self.history)
             except BaseException:
                 self._delivered[:0] = delivered  # not recorded: keep them for the next try
                 raise
@@ -323,6 +329,9 @@ class Turn:
         pause = 0.1
         while True:
             try:
+                if reply is not None and conversations.batchable(reply):
+                    return await self.keeper.ends.store((self.owner_id, self.id, status, error,
+                                                         reply))
                 return await conversations.end_turn(self.keeper.pool, self.owner_id, self.id,
                                                     status, error, reply)
             except DatabaseUnavailable:
