@@ -107,7 +107,7 @@ def _released(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         # asyncpg has closed the connection; the pool opens a new one when needed.
         log.warning("a database connection could not be returned to the pool: %s",
-                    _describe(task.exception()))  # type: ignore[arg-type]
+                    _describe(task.exception()))
 
 
 async def ping(pool: asyncpg.Pool) -> None:

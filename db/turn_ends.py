@@ -2,16 +2,14 @@
 statement (db/conversations.py end_turns) instead of each waiting for a connection of its own.
 
 Why: a stream's `done` waits for its turn's end to be stored.  When many turns end at once
-(a burst of streams that began together), one statement per turn queues for the pool's
-connections, and each connection's hand-over costs an event-loop iteration, which is long
-while the loop relays thousands of events a second: the last `done` of the burst waited
-hundreds of milliseconds (docs/benchmarks.md, "The worst relay gap").  With one statement
-per group, a burst costs a few round trips.
+(streams that began together), one statement each would queue for the pool's connections,
+each hand-over costing an event-loop iteration, which is long while the loop relays
+thousands of events a second: the last `done` of the burst would wait for all of them.
+With one statement per group, a burst costs a few round trips.
 
 A turn that ends alone runs its statement at once, in its own coroutine: no timer, no
 added hop.  While FLIGHTS statements are running, later ends wait and the next statement
-takes all of them (up to MOST).
-"""
+takes all of them (up to MOST)."""
 
 import asyncio
 from typing import Optional
