@@ -35,7 +35,6 @@ from db import conversations
 from db.conversations import Reply, TurnKey, Window
 from db.history_cache import HistoryCache
 from db.pool import DatabaseUnavailable
-from db import turn_ends
 from db.turn_ends import TurnEnds
 
 log = logging.getLogger("chatterd")
@@ -44,7 +43,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 DELIVERY_FLUSH = 0.2  # seconds
-RESERVED = turn_ends.FLIGHTS + 1  # pool connections begins leave to ends and checkpoints
+RESERVED = 3  # pool connections begins leave to turn ends and checkpoints
 CUT_WARNING_EVERY = 60.0  # seconds between "Ollama cut the prompt" warnings
 
 

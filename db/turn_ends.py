@@ -7,9 +7,11 @@ each hand-over costing an event-loop iteration, which is long while the loop rel
 thousands of events a second: the last `done` of the burst would wait for all of them.
 With one statement per group, a burst costs a few round trips.
 
-A turn that ends alone runs its statement at once, in its own coroutine: no timer, no
-added hop.  While FLIGHTS statements are running, later ends wait and the next statement
-takes all of them (up to MOST)."""
+An end runs its statement at once, in its own coroutine (no timer, no added hop), when the
+pool has a connection free or no other end statement is running: under a light load ends
+go in parallel, as many as connections are free.  Otherwise (the pool is busy) it waits,
+and when a running end statement is done the next one takes all the waiting ends (up to
+MOST)."""
 
 import asyncio
 from typing import Optional
@@ -19,7 +21,7 @@ import asyncpg
 from db import conversations
 from db.conversations import Reply
 
-FLIGHTS = 2  # end statements running at once, at most
+FLIGHTS = 8  # end statements running at once, at most
 MOST = 100  # turns one statement ends, at most
 
 End = tuple[int, int, str, Optional[str], Reply]  # owner_id, turn_id, status, error, reply
@@ -32,11 +34,16 @@ class TurnEnds:
         self._flights = 0
         self.statements = 0  # end statements sent (for tests and the bench)
 
+    @property
+    def waiting(self) -> int:
+        """Ends waiting for a statement."""
+        return len(self._waiting)
+
     async def store(self, end: End) -> str:
         """end_turn(*end*) (its reply batchable()), with whatever else is ending: its outcome."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((end, future))
-        if self._flights < FLIGHTS:
+        if self._flights == 0 or (self._flights < FLIGHTS and self.pool.get_idle_size() > 0):
             await self._fly(future)  # this coroutine carries the statement: no hand-over
         return await future
 

@@ -1,13 +1,15 @@
-"""Turns that end together are stored together (db/turn_ends.py), whole and each with its own
-outcome; begins leave connections for them; lease renewal never waits for an ending turn."""
+"""Turns that end while the pool is busy are stored together (db/turn_ends.py), whole and each
+with its own outcome; begins leave connections for them; lease renewal never waits for an
+ending turn."""
 
 import asyncio
 
 import asyncpg
 from tornado.testing import gen_test
 
-from db import conversations, turn_ends
+from db import conversations
 from db.conversations import ANONYMOUS, Reply
+from db.startup import ready_pool
 from tests.support import ChatterdTestCase
 from turns import RESERVED
 
@@ -18,15 +20,37 @@ class TurnEndsTest(ChatterdTestCase):
         return [await keeper.begin(ANONYMOUS, f"{prefix}{i}", [{"role": "user", "content": f"q{i}"}])
                 for i in range(count)]
 
+    async def while_the_pool_is_busy(self, ends) -> list:
+        """Run the coroutines *ends* (turn ends) while every pooled connection is taken, until
+        all but one wait for a statement; then free the pool: their outcomes."""
+        held = [await self.pool.acquire() for _ in range(self.config.db_pool_size)]
+        ending = asyncio.gather(*ends, return_exceptions=True)
+        while self._app.turns.ends.waiting < len(ends) - 1:
+            await asyncio.sleep(0)
+        for con in held:
+            await self.pool.release(con)
+        return await ending
+
     @gen_test(timeout=30)
-    async def test_turns_ending_together_share_statements_and_each_is_stored_whole(self):
+    async def test_a_turn_ending_while_the_pool_is_free_goes_at_once(self):
+        await ready_pool(self.pool, self.config.db_pool_size, 10)  # as chatterd starts
+        turns = await self.begin(3, "free")
+        ends = self._app.turns.ends
+        before = ends.statements
+        await asyncio.gather(*(turn.end("complete", Reply(content="a")) for turn in turns))
+        self.assertEqual(ends.statements - before, 3)  # in parallel, none waited
+
+    @gen_test(timeout=30)
+    async def test_turns_ending_while_the_pool_is_busy_share_a_statement_and_each_is_stored_whole(self):
         turns = await self.begin(20, "together")
         ends = self._app.turns.ends
         before = ends.statements
-        await asyncio.gather(*(turn.end("complete", Reply(content=f"answer {i}", model="m"))
-                               for i, turn in enumerate(turns)))
-        # The first FLIGHTS ends go at once, one each; the rest wait and go in one statement.
-        self.assertEqual(ends.statements - before, turn_ends.FLIGHTS + 1)
+        outcomes = await self.while_the_pool_is_busy(
+            [turn.end("complete", Reply(content=f"answer {i}", model="m"))
+             for i, turn in enumerate(turns)])
+        self.assertEqual(outcomes, [None] * 20)
+        # The first end waits for a connection; the others wait for it, then go together.
+        self.assertEqual(ends.statements - before, 2)
         for i in range(20):
             rows = await self.conversation(f"together{i}")
             self.assertEqual([(r["role"], r["content"], r["status"]) for r in rows],
@@ -38,11 +62,13 @@ class TurnEndsTest(ChatterdTestCase):
         turns = await self.begin(5, "alone")
         ends = self._app.turns.ends
         bad = turns[3]
-        # PostgreSQL refuses a NUL in text: the batch holding it fails, then each goes alone.
-        outcomes = await asyncio.gather(
-            *(ends.store((ANONYMOUS, turn.id, "complete", None,
-                          Reply(content="bad\x00" if turn is bad else "fine")))
-              for turn in turns), return_exceptions=True)
+        before = ends.statements
+        # PostgreSQL refuses a NUL in text: the statement holding it fails, then each goes alone.
+        outcomes = await self.while_the_pool_is_busy(
+            [ends.store((ANONYMOUS, turn.id, "complete", None,
+                         Reply(content="bad\x00" if turn is bad else "fine")))
+             for turn in turns])
+        self.assertEqual(ends.statements - before, 2)
         self.assertIsInstance(outcomes[3], asyncpg.PostgresError)
         self.assertEqual([o for i, o in enumerate(outcomes) if i != 3], ["stored"] * 4)
         statuses = {turn.app_id: [t["status"] for t in await self.turns(turn.app_id)] for turn in turns}
