@@ -43,7 +43,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 DELIVERY_FLUSH = 0.2  # seconds
-RESERVED = 3  # pool connections begins leave to turn ends and checkpoints
+RESERVED = 3  # pool connections begins leave to turn ends and checkpoints (a third, at most)
 CUT_WARNING_EVERY = 60.0  # seconds between "Ollama cut the prompt" warnings
 
 
@@ -80,7 +80,7 @@ class TurnKeeper:
         # Begins take at most this many of the pool's connections: the rest stay free for
         # the statements a waiting client's `done` or a stream's checkpoint needs.  (A burst
         # of begins otherwise fills the pool's queue, and each end waits behind all of it.)
-        self._begin_slots = asyncio.Semaphore(max(1, config.db_pool_size - RESERVED))
+        self._begin_slots = asyncio.Semaphore(begin_slots(config.db_pool_size))
         self.resend_window = config.resend_window
         self.lease = config.turn_lease
         self.wait = config.turn_wait
@@ -245,6 +245,12 @@ class TurnKeeper:
                 if not failing:  # one line per outage, not one per beat
                     log.warning("cannot renew turn leases: %s", e)
                 failing = True
+
+
+def begin_slots(pool_size: int) -> int:
+    """How many of *pool_size* connections begins may hold at once: all but a third of them
+    (RESERVED at most), so that a small pool still begins turns in parallel."""
+    return max(1, pool_size - min(RESERVED, pool_size // 3))
 
 
 def with_new_messages(history: list[dict], messages: list[dict]) -> list[dict]:

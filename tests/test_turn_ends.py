@@ -11,7 +11,7 @@ from db import conversations
 from db.conversations import ANONYMOUS, Reply
 from db.startup import ready_pool
 from tests.support import ChatterdTestCase
-from turns import RESERVED
+from turns import begin_slots
 
 
 class TurnEndsTest(ChatterdTestCase):
@@ -96,6 +96,10 @@ class TurnEndsTest(ChatterdTestCase):
             await turn.end("complete", Reply(content="a"))
 
 
+def test_begins_leave_a_third_of_the_pool_and_at_most_three_connections():
+    assert [begin_slots(n) for n in (1, 2, 3, 4, 6, 10, 20)] == [1, 2, 2, 3, 4, 7, 17]
+
+
 class BeginSlotsTest(ChatterdTestCase):
     settings_overrides = {"db_pool_size": 6}
 
@@ -121,6 +125,6 @@ class BeginSlotsTest(ChatterdTestCase):
                 for i in range(30)))
         finally:
             conversations.begin_turn = begin_turn
-        self.assertEqual(peak, 6 - RESERVED)
+        self.assertEqual(peak, 4)  # begin_slots(6): two stay free
         self.assertEqual(len({t.id for t in turns}), 30)
         await asyncio.gather(*(t.end("complete", Reply(content="a")) for t in turns))
