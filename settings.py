@@ -74,7 +74,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("data-dir", str, "./var", "Directory for the embedded PostgreSQL's data"),
         Setting("db-pool-size", int, 10,
                 "PostgreSQL connections per process: all are opened and readied for turns at "
-                "start, more are never opened"),
+                "start, more are never opened; turn begins take at most all but a third of them "
+                "(all but 3 at most), which stay free for turn ends and stream checkpoints"),
         Setting("db-idle-timeout", float, 600.0,
                 "Seconds an unused PostgreSQL connection stays open (0: until chatterd stops); "
                 "a reopened connection costs PostgreSQL extra CPU on its first turn"),

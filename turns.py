@@ -38,6 +38,7 @@ from db import conversations
 from db.conversations import Reply, TurnKey, Window
 from db.history_cache import HistoryCache
 from db.pool import DatabaseUnavailable
+from db.turn_ends import TurnEnds
 
 log = logging.getLogger("chatterd")
 
@@ -45,6 +46,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 DELIVERY_FLUSH = 0.2  # seconds
+RESERVED = 3  # pool connections begins leave to turn ends and checkpoints (a third, at most)
 CUT_WARNING_EVERY = 60.0  # seconds between "Ollama cut the prompt" warnings
 
 
@@ -104,6 +106,11 @@ class TurnKeeper:
         # as many as the history cache holds (least recently used out first).
         self.known: OrderedDict[tuple[int, str], Known] = OrderedDict()
         self.known_size = config.history_cache if config.early_upstream else 0
+        self.ends = TurnEnds(pool)  # turns ending together are stored in one statement
+        # Begins take at most this many of the pool's connections: the rest stay free for
+        # the statements a waiting client's `done` or a stream's checkpoint needs.  (A burst
+        # of begins otherwise fills the pool's queue, and each end waits behind all of it.)
+        self._begin_slots = asyncio.Semaphore(begin_slots(config.db_pool_size))
         self.resend_window = config.resend_window
         self.lease = config.turn_lease
         self.wait = config.turn_wait
@@ -188,13 +195,11 @@ class TurnKeeper:
         while True:
             delivered, self._delivered = self._delivered, []
             try:
-                begun = await conversations.begin_turn(self.pool, owner_id, app_id, self.owner,
-                                                       self.lease, messages, replace=replace,
-                                                       resend_seconds=self.resend_window,
-                                                       budget=budget, context=context,
-                                                       delivered=delivered,
-                                                       waited_for=waited_for,
-                                                       cache=self.history)
+                async with self._begin_slots:
+                    begun = await conversations.begin_turn(self.pool, owner_id, app_id, self.owner,
+                        self.lease, messages, replace=replace, resend_seconds=self.resend_window,
+                        budget=budget, context=context, delivered=delivered,
+                        waited_for=waited_for, cache=self.history)
             except BaseException:
                 self._delivered[:0] = delivered  # not recorded: keep them for the next try
                 if speculation is not None:
@@ -333,6 +338,12 @@ def rough_tokens(messages: list[dict]) -> int:
     return total
 
 
+def begin_slots(pool_size: int) -> int:
+    """How many of *pool_size* connections begins may hold at once: all but a third of them
+    (RESERVED at most), so that a small pool still begins turns in parallel."""
+    return max(1, pool_size - min(RESERVED, pool_size // 3))
+
+
 def with_new_messages(history: list[dict], messages: list[dict]) -> list[dict]:
     """What the model is sent: the conversation so far, then the turn's own messages, as
     they are stored (so later turns send exactly the same), system prompts first."""
@@ -434,6 +445,9 @@ class Turn:
         pause = 0.1
         while True:
             try:
+                if reply is not None and conversations.batchable(reply):
+                    return await self.keeper.ends.store((self.owner_id, self.id, status, error,
+                                                         reply))
                 return await conversations.end_turn(self.keeper.pool, self.owner_id, self.id,
                                                     status, error, reply)
             except DatabaseUnavailable:

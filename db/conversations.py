@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import asyncpg
 
+import jsonfmt
 from db.history_cache import HistoryCache
 from db.pool import connection
 
@@ -102,6 +103,12 @@ BEGIN_TURN = ("SELECT turn_id, history, sent_messages, sent_tokens, omitted_mess
               " omitted_tokens, replay, window_turns, history_turns"
               " FROM begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)")
 END_TURN = "SELECT end_turn($1, $2, $3, $4, $5, $6, $7, $8, true, $9)"
+# Several turns' END_TURN in one statement and one transaction, each row's outcome by its
+# position (1-based) in the arrays.
+END_TURNS = ("SELECT n, end_turn(o, t, s, e, c, x::jsonb, m, k, true, p)"
+             " FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],"
+             " $6::text[], $7::text[], $8::integer[], $9::integer[])"
+             " WITH ORDINALITY AS u(o, t, s, e, c, x, m, k, p, n)")
 
 
 def _split(turns: Optional[list[TurnKey]]) -> tuple[Optional[list[int]], Optional[list[int]]]:
@@ -171,8 +178,12 @@ async def ready_connection(con: asyncpg.Connection) -> None:
                                      _pending([{"role": "user", "content": f"ready {n}"}]),
                                      False, 120.0, 8192, 8192, delivered, delivered and [ANONYMOUS],
                                      None, None)
-            await con.fetchval(END_TURN, ANONYMOUS, row["turn_id"], "complete", None, "ready",
-                               None, "ready", 1, row["sent_tokens"] + 1)
+            if n == 1:
+                await con.fetchval(END_TURN, ANONYMOUS, row["turn_id"], "complete", None, "ready",
+                                   None, "ready", 1, row["sent_tokens"] + 1)
+            else:
+                await con.fetch(END_TURNS, [ANONYMOUS], [row["turn_id"]], ["complete"], [None],
+                                ["ready"], [None], ["ready"], [1], [row["sent_tokens"] + 1])
             delivered = [row["turn_id"]]
     finally:
         await transaction.rollback()
@@ -217,6 +228,29 @@ async def end_turn(pool: asyncpg.Pool, owner_id: int, turn_id: int, status: str,
                                   reply.prompt_tokens)
 
 
+def batchable(reply: Reply) -> bool:
+    """end_turns can store this reply (one without tool rounds; end_turn stores any)."""
+    return not reply.before and not reply.after
+
+
+async def end_turns(pool: asyncpg.Pool, ends: list[tuple[int, int, str, Optional[str], Reply]]
+                    ) -> list[str]:
+    """end_turn for each of *ends* (owner_id, turn_id, status, error, reply), in one
+    statement and one transaction: their outcomes, in order.  Every reply must be
+    batchable().  One turn's error fails them all (nothing is stored)."""
+    columns: list[list[Any]] = [[] for _ in range(9)]
+    for owner_id, turn_id, status, error, reply in ends:
+        for column, value in zip(columns, (
+                owner_id, turn_id, status, error, reply.content,
+                jsonfmt.dumps(reply.extra) if reply.extra else None, reply.model,
+                reply.tokens, reply.prompt_tokens)):
+            column.append(value)
+    async with connection(pool, "end_turns") as con:
+        rows = await con.fetch(END_TURNS, *columns)
+    outcomes = dict(rows)
+    return [outcomes[n] for n in range(1, len(ends) + 1)]
+
+
 async def tool_schemas(pool: asyncpg.Pool, owner_id: int, app_id: str,
                        replace: Optional[list] = None) -> list:
     """The client tool schemas (Ollama `tools`) kept with *owner_id*'s conversation *app_id*.
@@ -240,14 +274,20 @@ async def tool_schemas(pool: asyncpg.Pool, owner_id: int, app_id: str,
 async def renew_leases(pool: asyncpg.Pool, process: str, lease_seconds: float,
                        turns: list[TurnKey]) -> int:
     """Extend the leases *process* holds for its running *turns*; return how many.
-    (A turn whose end could not be stored is not running: its lease is left to expire.)"""
+    (A turn whose end could not be stored is not running: its lease is left to expire.)
+    A lease locked meanwhile is skipped: its turn is ending (end_turns locks several
+    leases in its own order, so waiting for it could deadlock), and a lease is renewed
+    three times within its length anyway."""
     owner_ids, turn_ids = _split(turns)
     async with connection(pool, "renew_leases") as con:
         result = await con.execute(
-            "UPDATE leases l SET expires_at = clock_timestamp() + make_interval(secs => $2)"
-            " FROM unnest($3::bigint[], $4::bigint[]) AS r(owner_id, turn_id)"
-            " WHERE l.owner = $1 AND l.owner_id = r.owner_id AND l.turn_id = r.turn_id"
-            " AND l.expires_at > '-infinity'",  # never a released one
+            "UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => $2)"
+            " WHERE (owner_id, appid) IN ("
+            " SELECT l.owner_id, l.appid FROM leases l"
+            " JOIN unnest($3::bigint[], $4::bigint[]) AS r(owner_id, turn_id)"
+            " ON l.owner_id = r.owner_id AND l.turn_id = r.turn_id"
+            " WHERE l.owner = $1 AND l.expires_at > '-infinity'"  # never a released one
+            " FOR UPDATE OF l SKIP LOCKED)",
             process, lease_seconds, owner_ids, turn_ids)
     return int(result.split()[-1])
 
