@@ -480,6 +480,12 @@ class ConversationsEndpointTest(OwnedHTTPTestCase):
         running = asyncio.ensure_future(self.call("POST", "/llmchat",
                                                   chat_body(APP, "four", model="slow")))
         await self.double.wait_for_chats(4)
+        # The model may have the request before the turn has begun (--early-upstream): the
+        # rows are compared from its beginning on, "three"'s delivery recorded.
+        while not await self.pool.fetchval("SELECT count(*) FROM turns WHERE owner_id = 0"
+                                           " AND appid = $1 AND status = 'running'", APP):
+            await asyncio.sleep(0.01)
+        await self._app.turns.flush_delivered()
         before = await stored_rows(self.pool, ANONYMOUS)
         response = await self.call("DELETE", path(APP))
         self.assertEqual(response.code, 409)
