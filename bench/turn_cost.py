@@ -13,7 +13,7 @@ and full_page_writes off) and autovacuum off, so that nothing re-plans a stateme
 middle of a run.  Each --code checkout gets a worker process that imports `db/` from that
 checkout, creates its own database, migrates it with that checkout's migrations and
 functions, and then, on ONE pooled connection, calls db/conversations.py's begin_turn and
-end_turn as turns.py does (the history cache, the delivered turns handed to the next
+end_turn as turns/ does (the history cache, the delivered turns handed to the next
 begin_turn, context 8192 with a 6144-token budget, the resend window).  Before measuring, each
 worker stores --filler one-turn conversations (the tables' other rows), gives --conversations
 conversations --history turns each, runs ANALYZE (as autovacuum would; --no-analyze: not, so

@@ -1,6 +1,6 @@
 """POST /llmchat: one turn of an appID's conversation, the reply relayed as SSE.
 
-The life of a turn (turns.py keeps the rules, db/conversations.py the SQL):
+The life of a turn (turns/ keeps the rules, db/conversations.py the SQL):
 1. validate the body, then wait until no other turn of the appID runs, store the
    incoming messages as pending and read the conversation: one round trip, and no
    connection is held while streaming.  When this process knows the conversation, the
@@ -142,7 +142,7 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
             return
         keeper = self.application.turns
         _, budget = request.context_budget(self.config.context_tokens)
-        history = keeper.forecast(self.owner_id, request.app_id, request.messages, budget)
+        history = keeper.forecasts.forecast(self.owner_id, request.app_id, request.messages, budget)
         if history is None:
             return
         self.early = EarlyCall(self.upstreams, request.upstream_body(history), history,

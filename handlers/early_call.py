@@ -1,7 +1,7 @@
 """A chat turn's upstream request sent while the turn begins (--early-upstream).
 
 The model's first token then waits for begin_turn's round trip or the model, whichever
-is slower, not both.  The request is built from the history turns.py forecasts; nothing
+is slower, not both.  The request is built from the history turns/forecast.py forecasts; nothing
 of its answer is relayed until the turn has begun (lease taken, not a resend) with exactly
 that history (`settle`, from TurnKeeper.begin) and the handler is ready (`open`): until
 then each chunk's lines are held, and the upstream read waits for them (back-pressure).

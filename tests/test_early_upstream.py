@@ -356,6 +356,6 @@ class EarlyUpstreamOffTest(ChatterdTestCase):
             await AsyncHTTPClient().fetch(self.get_url("/llmchat"), method="POST",
                                           body=jsonfmt.dumps(chat_body("off", f"q{n}")))
         await streams_finished(self._app)
-        self.assertEqual(self._app.turns.known_size, 0)
-        self.assertFalse(self._app.turns.known)
+        self.assertEqual(self._app.turns.forecasts.size, 0)
+        self.assertFalse(self._app.turns.forecasts.known)
         self.assertEqual(len(self.double.chat_requests()), 3)

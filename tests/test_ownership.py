@@ -63,7 +63,7 @@ async def stored_rows(pool: asyncpg.Pool, owner_id: int) -> dict[str, list[tuple
 
 
 class OwnedTurnsTest(ChatterdTestCase):
-    """The turn layer (db/conversations.py, turns.py) with explicit owners."""
+    """The turn layer (db/conversations.py, turns/) with explicit owners."""
 
     async def turn(self, owner_id: int, app_id: str, content: str, reply: str,
                    **kwargs: Any) -> tuple[int, list[dict]]:

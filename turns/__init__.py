@@ -25,13 +25,10 @@ import os
 import re
 import socket
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
 import asyncpg
 
-import jsonfmt
 import metrics
 from settings import Settings
 from db import conversations
@@ -39,6 +36,7 @@ from db.conversations import Reply, TurnKey, Window
 from db.history_cache import HistoryCache
 from db.pool import DatabaseUnavailable
 from db.turn_ends import TurnEnds
+from turns.forecast import Forecasts, Speculation, after_turn, same_messages, with_new_messages
 
 log = logging.getLogger("chatterd")
 
@@ -56,29 +54,6 @@ class Signal(Protocol):
     def is_set(self) -> bool: ...
 
     async def wait(self) -> Any: ...
-
-
-class Speculation(Protocol):
-    """An upstream request sent with `history` before its turn began (handlers/early_call.py).
-    `begin` calls settle() once, as soon as begin_turn's first answer is in: True when the
-    turn has begun and the history it means is exactly `history`, else False (the appID
-    was busy, a resend, another history, an error), and then nothing of the request may
-    reach the client or the conversation."""
-
-    history: list[dict]
-
-    def settle(self, confirmed: bool) -> None: ...
-
-
-@dataclass
-class Known:
-    """A conversation as this process last saw it end: what its next turn is sent before
-    its own messages (when nothing else happened meanwhile), and about how many tokens
-    that is (as counted when it was sent, plus estimates)."""
-
-    history: list[dict]
-    tokens: int
-    incoming: list[dict]  # the messages of its last turn, as the client sent them
 
 
 class TurnBusy(Exception):
@@ -102,10 +77,8 @@ class TurnKeeper:
     def __init__(self, pool: asyncpg.Pool, config: Settings) -> None:
         self.pool = pool
         self.history = HistoryCache(config.history_cache)  # conversations read, by (owner, appID)
-        # Conversations whose last turn ended here, whole in their context, for forecast():
-        # as many as the history cache holds (least recently used out first).
-        self.known: OrderedDict[tuple[int, str], Known] = OrderedDict()
-        self.known_size = config.history_cache if config.early_upstream else 0
+        # What the next turn of a conversation that ended here will be sent (--early-upstream)
+        self.forecasts = Forecasts(config.history_cache if config.early_upstream else 0)
         self.ends = TurnEnds(pool)  # turns ending together are stored in one statement
         # Begins take at most this many of the pool's connections: the rest stay free for
         # the statements a waiting client's `done` or a stream's checkpoint needs.  (A burst
@@ -145,30 +118,6 @@ class TurnKeeper:
             self._renewer.cancel()
             self._renewer = None
 
-    def forecast(self, owner_id: int, app_id: str, messages: list[dict],
-                 budget: Optional[int]) -> Optional[list[dict]]:
-        """What a turn of *messages* would be sent (as `Turn.history`), if this process can
-        tell: the conversation's last turn ended here (or a turn after it was rejected here),
-        nothing of it was left out, and it still fits *budget* with *messages*, with room
-        to spare for counts learned since.  None: ask begin_turn first; so too for the last
-        turn's messages again, likely a resend (answered from storage, not by the model).
-        """
-        known = self.known.get((owner_id, app_id))
-        if known is None or messages == known.incoming:
-            return None
-        if budget is not None and known.tokens + rough_tokens(messages) > budget - budget // 8:
-            return None
-        return with_new_messages(known.history, messages)
-
-    def _remember(self, turn: "Turn", known: Optional[Known]) -> None:
-        key = (turn.owner_id, turn.app_id)
-        self.known.pop(key, None)
-        if known is None or self.known_size <= 0 or turn.window.omitted_messages:
-            return
-        self.known[key] = known
-        while len(self.known) > self.known_size:
-            self.known.popitem(last=False)
-
     async def begin(self, owner_id: int, app_id: str, messages: list[dict], *,
                     left: Optional["Signal"] = None, replace: bool = False,
                     budget: Optional[int] = None, context: Optional[int] = None,
@@ -186,7 +135,7 @@ class TurnKeeper:
         """
         self._start_renewing()
         if replace:
-            self.known.pop((owner_id, app_id), None)
+            self.forecasts.forget(owner_id, app_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait
         pause = 0.01
@@ -223,7 +172,7 @@ class TurnKeeper:
                 self.running.add((owner_id, turn_id))
                 # While it runs, its conversation is not forecast (a turn arriving meanwhile
                 # waits for it); its end says what the conversation is then.
-                prior = self.known.pop((owner_id, app_id), None)
+                prior = self.forecasts.forget(owner_id, app_id)
                 turn = Turn(self, owner_id, app_id, turn_id, sent)
                 turn.resend_of = prior.incoming if prior is not None else []
                 turn.before, turn.window, turn.incoming = history, window, messages
@@ -255,7 +204,7 @@ class TurnKeeper:
     def forget(self, owner_id: int, app_id: str) -> None:
         """The conversation was deleted: let its cached history go."""
         self.history.forget(owner_id, app_id)
-        self.known.pop((owner_id, app_id), None)
+        self.forecasts.forget(owner_id, app_id)
 
     def note_delivered(self, turn: TurnKey) -> None:
         self._delivered.append(turn)
@@ -318,41 +267,10 @@ class TurnKeeper:
                 failing = True
 
 
-def same_messages(a: list[dict], b: list[dict]) -> bool:
-    """Are *a* and *b* the same messages, as JSON values (the key order aside)?"""
-    return a is b or (len(a) == len(b) and jsonfmt.canonical(a) == jsonfmt.canonical(b))
-
-
-def rough_tokens(messages: list[dict]) -> int:
-    """About what estimate_tokens (db/functions/estimate_tokens.sql) counts for *messages*
-    (characters for bytes): enough to tell whether a forecast history still fits."""
-    total = 0
-    for m in messages:
-        content = m.get("content")
-        total += 4 + (len(content) + 3) // 4 if isinstance(content, str) else 4
-        if m.get("tool_calls"):
-            total += len(jsonfmt.dumps(m["tool_calls"])) // 4 + 1
-        images = m.get("images")
-        if isinstance(images, list):
-            total += 768 * len(images)
-    return total
-
-
 def begin_slots(pool_size: int) -> int:
     """How many of *pool_size* connections begins may hold at once: all but a third of them
     (RESERVED at most), so that a small pool still begins turns in parallel."""
     return max(1, pool_size - min(RESERVED, pool_size // 3))
-
-
-def with_new_messages(history: list[dict], messages: list[dict]) -> list[dict]:
-    """What the model is sent: the conversation so far, then the turn's own messages, as
-    they are stored (so later turns send exactly the same), system prompts first."""
-    new = [conversations.as_stored(m) for m in messages]
-    if not any(m["role"] == "system" for m in new):
-        return history + new
-    ordered = [m for m in history if m["role"] == "system"] + [m for m in new if m["role"] == "system"]
-    return ordered + [m for m in history if m["role"] != "system"] + \
-        [m for m in new if m["role"] != "system"]
 
 
 class Turn:
@@ -395,7 +313,7 @@ class Turn:
             if not self.ended:
                 self.ended = True
                 self.keeper._turn_ended(self)
-        self.keeper._remember(self, self._after(status, reply, outcome))
+        self.keeper.forecasts.remember(self, after_turn(self, status, reply, outcome))
         self.suspect = outcome == "stored-suspect"
         if self.suspect:
             metrics.CONTEXT_UPSTREAM_CUT.inc()
@@ -403,22 +321,6 @@ class Turn:
         if outcome == "lost":
             raise TurnNotStored("the turn was taken over: its lease expired while the "
                                 "database was unreachable")
-
-    def _after(self, status: str, reply: Optional[Reply], outcome: str) -> Optional[Known]:
-        """The conversation once this turn has ended as *status* (stored: *outcome*), for
-        the next turn's forecast, when that is plain: unchanged by a rejected turn, or
-        grown by this turn's messages and a text reply (nothing else is forecast)."""
-        if self.replay is not None or not self.history:
-            return None
-        if status == "rejected":
-            return Known(self.before, self.window.sent_tokens, self.resend_of)
-        if status != "complete" or outcome not in ("stored", "stored-suspect", "already") \
-                or reply is None or not reply.content or reply.extra or reply.before or reply.after:
-            return None
-        answer = {"role": "assistant", "content": reply.content}
-        sent = max(self.window.sent_tokens, reply.prompt_tokens or 0)
-        tokens = reply.tokens if reply.tokens is not None else rough_tokens([answer])
-        return Known(self.history + [answer], sent + tokens, self.incoming)
 
     async def delivered(self) -> None:
         """The client has the turn's end: a later identical turn is a new question, not a
