@@ -152,7 +152,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("resume-linger", float, 60.0,
                 "Seconds a process keeps in memory the stream of a turn whose client received "
                 "all of it, for a client that resumes it anyway (it is written to PostgreSQL "
-                "only then); later such a resume gets 410 (0: not kept)"),
+                "only then); later such a resume gets 410 (0: not kept; set it alike on every "
+                "process: a reader asks the others for streams that ended this recently)"),
     )),
     ("Resident tools", (
         Setting("weather-url", str, "https://api.open-meteo.com/v1/forecast",

@@ -31,53 +31,19 @@ import sse
 from db.conversations import Reply
 from db.pool import DatabaseUnavailable
 from handlers.base import UpstreamHandler
-from handlers.early_call import EarlyCall
+from handlers.early_call import EarlyCall, EarlyUpstream
 from handlers.validation import ClientError
 from handlers.llm_request import LLMRequest, parse_llm_request
 from handlers.reply_text import ReplyText, prompt_count, token_count
 from handlers.resumable import ResumableTurn
+from handlers.turn_start import announce_window, begin_turn
 from upstreams.errors import UpstreamAborted, UpstreamError
-from turns import ClientLeft, Turn, TurnBusy, TurnNotStored
+from turns import ClientLeft, Turn, TurnNotStored
 
 log = logging.getLogger("chatterd")
 
 
-def announce_window(handler: UpstreamHandler, turn: Turn) -> None:
-    """Say what of the conversation the turn sends and leaves out: a response header (the
-    SSE stream also starts with it as a comment), the access log, /metrics."""
-    window = turn.window
-    if window is None:  # a stateless turn (/v1 without an appID)
-        return
-    handler.context = window.describe()
-    handler.set_header("X-Chatterd-Context", handler.context)
-    metrics.CONTEXT_SENT_TOKENS.observe(window.sent_tokens)
-    if window.omitted_messages:
-        metrics.CONTEXT_CUT_TURNS.inc()
-        metrics.CONTEXT_OMITTED_MESSAGES.inc(window.omitted_messages)
-        metrics.CONTEXT_OMITTED_TOKENS.inc(window.omitted_tokens)
-
-
-async def begin_turn(handler: UpstreamHandler, request: LLMRequest, replace: bool = False,
-                     early: Optional[EarlyCall] = None) -> Turn:
-    """Wait for the appID's turn and start it; every refusal is a real HTTP status.
-
-    A chat turn's history is bounded by its context budget (--context-tokens, or the
-    request's options.num_ctx); /llmprep (replace) reads none.  *early* is settled by
-    the first answer (see turns.Speculation).
-    """
-    context, budget = (None, None) if replace else \
-        request.context_budget(handler.config.context_tokens)
-    try:
-        return await handler.application.turns.begin(
-            handler.owner_id, request.app_id, request.messages, left=handler.left, replace=replace,
-            budget=budget, context=context, speculation=early)
-    except TurnBusy:
-        raise ClientError(409, f"another turn of appID {request.app_id!r} is still running "
-                               f"after {handler.application.turns.wait:g} s; retry when it has "
-                               "ended") from None
-
-
-class LLMChatHandler(ResumableTurn, UpstreamHandler):
+class LLMChatHandler(EarlyUpstream, ResumableTurn, UpstreamHandler):
     # The turn's relay state lives in slots: with Tornado's own attributes, a handler's
     # instance dictionary outgrew the one CPython shares between instances (30 keys) and
     # became a private one, 0.5 KiB more per open stream (bench/scale.py).  Each is set
@@ -98,13 +64,13 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
         self.app_id = request.app_id
         keep = self.keep_generating()
         self.early: Optional[EarlyCall] = None  # the upstream call sent while the turn begins
-        self._send_early(request)
+        self.send_early(request)
         try:
             try:
                 self.turn = await self.begin(request)
             finally:
                 if self.early is not None and not self.early.confirmed:
-                    self._drop_early()
+                    self.drop_early()
         except ClientLeft:
             self.set_status(499, "Client Closed Request")
             return
@@ -128,48 +94,17 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
         finally:
             metrics.ACTIVE_STREAMS.dec()
             if self.early is not None:  # confirmed, but the turn ended before it was used
-                self._drop_early()
+                self.drop_early()
             if not self.turn.ended:  # an unexpected error: never leave the turn pending here
                 await self.turn.reject("chatterd failed to handle the turn")
             await self.close_record(self.reply.error or "the turn ended")
-
-    # -- the upstream request sent while the turn begins ----------------------------------
-
-    def _send_early(self, request: LLMRequest) -> None:
-        """Send the turn upstream now when this process can forecast its history (see
-        turns.TurnKeeper.forecast); begin() then settles it."""
-        if not self.sends_early or self.client_gone:
-            return
-        keeper = self.application.turns
-        _, budget = request.context_budget(self.config.context_tokens)
-        history = keeper.forecasts.forecast(self.owner_id, request.app_id, request.messages, budget)
-        if history is None:
-            return
-        self.early = EarlyCall(self.upstreams, request.upstream_body(history), history,
-                               self._on_lines if request.stream else None)
-        self.call = self.early.call  # a client that leaves aborts it, as any call
-
-    def _drop_early(self) -> None:
-        """The early call was not confirmed: it is aborted, and the turn is sent again."""
-        early, self.early = self.early, None
-        if self.call is early.call:  # type: ignore[union-attr]
-            self.call = None
-        early.drop()  # type: ignore[union-attr]
-
-    def _call_upstream(self, request: LLMRequest, on_lines) -> None:  # type: ignore[no-untyped-def]
-        """The turn's upstream call: the early one, now confirmed, or a new one."""
-        early, self.early = self.early, None
-        if early is not None:
-            early.open()
-            return
-        self.start_call("/api/chat", request.upstream_body(self.turn.history), on_lines)
 
     # -- streaming ------------------------------------------------------------------
 
     async def _stream(self, request: LLMRequest) -> None:
         self.events = sse.EventStream(self, self.config.heartbeat, self.config.write_timeout)
         self.events.set_headers()
-        self._call_upstream(request, self._on_lines)
+        self.call_upstream(request, self._on_lines)
         # Queued behind --max-streams: the grace starts once Ollama has the request, so a
         # turn that never gets a slot is a real 503, not a 200 that ends in an error.
         await self.call.wait_slot()
@@ -339,7 +274,7 @@ class LLMChatHandler(ResumableTurn, UpstreamHandler):
 
     async def _once(self, request: LLMRequest) -> None:
         """Ollama's single JSON object, passed through; the turn stored the same way."""
-        self._call_upstream(request, None)
+        self.call_upstream(request, None)
         try:
             await self.call.finished()
         except UpstreamError as e:

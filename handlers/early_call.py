@@ -89,3 +89,39 @@ class EarlyCall:
         pending = self._relay(lines)
         if pending is not None:
             await pending
+
+
+class EarlyUpstream:
+    """Mixed into LLMChatHandler (whose slots hold `early`): the turn's upstream call sent
+    while it begins, then either used (call_upstream) or dropped."""
+
+    __slots__ = ()
+
+    def send_early(self: Any, request: Any) -> None:
+        """Send the turn upstream now when this process can forecast its history (see
+        turns/forecast.py); begin() then settles it."""
+        if not self.sends_early or self.client_gone:
+            return
+        keeper = self.application.turns
+        _, budget = request.context_budget(self.config.context_tokens)
+        history = keeper.forecasts.forecast(self.owner_id, request.app_id, request.messages, budget)
+        if history is None:
+            return
+        self.early = EarlyCall(self.upstreams, request.upstream_body(history), history,
+                               self._on_lines if request.stream else None)
+        self.call = self.early.call  # a client that leaves aborts it, as any call
+
+    def drop_early(self: Any) -> None:
+        """The early call was not confirmed: it is aborted, and the turn is sent again."""
+        early, self.early = self.early, None
+        if self.call is early.call:  # type: ignore[union-attr]
+            self.call = None
+        early.drop()  # type: ignore[union-attr]
+
+    def call_upstream(self: Any, request: Any, on_lines: Optional[LinesCallback]) -> None:
+        """The turn's upstream call: the early one, now confirmed, or a new one."""
+        early, self.early = self.early, None
+        if early is not None:
+            early.open()
+            return
+        self.start_call("/api/chat", request.upstream_body(self.turn.history), on_lines)

@@ -7,7 +7,7 @@ import metrics
 import sse
 from handlers.base import UpstreamHandler
 from handlers.validation import ClientError, check_json
-from handlers.chat import begin_turn
+from handlers.turn_start import begin_turn
 from handlers.llm_request import parse_llm_request
 from upstreams.errors import UpstreamError
 from turns import ClientLeft, TurnNotStored

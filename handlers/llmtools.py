@@ -35,7 +35,8 @@ import jsonfmt
 import sse
 from db import conversations
 from db.conversations import Reply, round_message
-from handlers.chat import LLMChatHandler, begin_turn
+from handlers.chat import LLMChatHandler
+from handlers.turn_start import begin_turn
 from handlers.reply_text import ReplyText
 from handlers.llm_request import LLMRequest, invalid, parse_llm_request
 from tools.registry import call_name

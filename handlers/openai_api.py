@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 from handlers.base import BaseHandler
 from handlers.validation import ClientError
-from handlers.chat import LLMChatHandler, begin_turn
+from handlers.chat import LLMChatHandler
+from handlers.turn_start import begin_turn
 from handlers.llm_request import LLMRequest, parse_llm_request
 from turns import Turn
 import jsonfmt

@@ -646,15 +646,19 @@ class ResumeTest(AsyncTestCase):
                     " WHERE id = $1", turn):
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
-            b_late = await self.resume(self.b.port, turn, app_id, f"{turn}:5")
-            self.assertEqual(b_late.status, 410)
-            self.assertIn("not kept", jsonfmt.loads(await b_late.body())["error"])
+            # Asked from a (linger 60 s: to a, the turn is recent enough to ask b for it), b
+            # no longer has it.
+            late = await self.resume(self.a.port, turn, app_id, f"{turn}:5")
+            self.assertEqual(late.status, 410)
+            self.assertIn("not kept", jsonfmt.loads(await late.body())["error"])
             self.assertEqual(await self.stream_rows(turn), (0, 0))
-            # On a (linger 60 s) the same turn's stream is still there to be had.
+            # On a the same kind of turn's stream is still there to be had.  (Asked here:
+            # each process judges "recent" by its own --resume-linger, which a deployment
+            # sets alike on all of them.)
             kept = await request(self.a.port, "POST", "/llmchat", chat(self.app("kept"), "hi"))
             kept_turn = int(kept.headers["x-chatterd-turn"])
             reference = await kept.rest()
-            resumed = await self.resume(self.b.port, kept_turn, self.app("kept"), f"{kept_turn}:39")
+            resumed = await self.resume(self.a.port, kept_turn, self.app("kept"), f"{kept_turn}:39")
             self.assertEqual(await resumed.rest(), reference[39:])
         finally:
             await self.teardown_cluster()
