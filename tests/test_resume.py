@@ -866,6 +866,39 @@ class LongReplyTest(ChatterdTestCase):
         self.assertTrue(all(c["size"] < 140 * 1024 for c in chunks), [c["size"] for c in chunks])
         self.assertEqual([c["first_n"] for c in chunks[1:]], [c["last_n"] + 1 for c in chunks[:-1]])
 
+    @gen_test(timeout=60)
+    async def test_a_long_reply_read_whole_is_written_as_it_goes(self):
+        # Past 256 KiB a stream is written even though its client stays: the memory it holds
+        # is bounded (resume/record.py, BACKLOG), and its resume comes from the database.
+        import metrics
+
+        def large() -> float:
+            return metrics.REGISTRY.get_sample_value("chatterd_streams_written_total",
+                                                     {"reason": "large"}) or 0.0
+
+        before = large()
+        text = "".join(f" word{i}" for i in range(6000))
+        self.double.behave("long", reply=text)
+        app_id = "long-read-whole"
+        whole = await request(self.get_http_port(), "POST", "/llmchat", chat(app_id, "go", "long"))
+        turn = int(whole.headers["x-chatterd-turn"])
+        reference = await whole.rest()
+        self.assertEqual(len(reference), 6001)
+        self.assertEqual(large(), before + 1)
+        # (Its last checkpoint is written once the response has ended.)
+        deadline = time.monotonic() + 10
+        while not (chunks := await self.pool.fetch(
+                "SELECT first_n, last_n, final FROM turn_event_chunks WHERE owner_id = 0"
+                " AND turn_id = $1 ORDER BY first_n", turn))[-1]["final"]:
+            self.assertLess(time.monotonic(), deadline)
+            await asyncio.sleep(0.02)
+        self.assertGreater(len(chunks), 4)
+        self.assertEqual(chunks[0]["first_n"], 1)
+        self.assertEqual((chunks[-1]["last_n"], chunks[-1]["final"]), (6001, True))
+        resumed = await request(self.get_http_port(), "GET", f"/turns/{turn}/events?appID={app_id}",
+                                headers={"Last-Event-ID": f"{turn}:3000"})
+        self.assertEqual(await resumed.rest(), reference[3000:])
+
     @gen_test(timeout=30)
     async def test_a_turn_stored_before_its_end_was_checkpointed_ends_with_the_staged_end(self):
         # Its process died after storing the turn complete but before checkpointing the
